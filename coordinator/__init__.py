@@ -1,0 +1,1 @@
+"""The coordinator (`starling coordinator`): built by the coordinator issue on the core."""

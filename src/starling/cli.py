@@ -1,0 +1,366 @@
+"""The `starling` command line: one sub-app per group, top-level commands for the rest.
+
+Bad input ends with one `error: ...` line on stderr and exit code 2, never a traceback.
+Environment variables are read here (and only here), never deep in the library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from . import __version__
+from .checkpoint import CheckpointError
+from .data import (
+    DataSourceError,
+    PrepareConfig,
+    ShardIntegrityError,
+    TokenDataset,
+    prepare,
+)
+from .data.shards import TOKENIZER_FILE
+from .progress import PrepareProgress, TrainProgress
+
+app = typer.Typer(
+    name="starling",
+    help="Pretrain one language model together over the ordinary internet.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Prepare and check training data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+err_console = Console(stderr=True)
+
+EXIT_BAD_INPUT = 2
+
+
+class UsageError(ValueError):
+    """Bad input found by the CLI itself."""
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "starling"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"starling {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print version.")
+    ] = False,
+) -> None:
+    pass
+
+
+# --------------------------------------------------------------------------- data
+
+
+@data_app.command("prepare")
+def data_prepare(
+    source: Annotated[
+        str,
+        typer.Option(
+            help="embedded (King James Bible), embedded:pydoc, a file / directory / glob "
+            "of .txt .jsonl .parquet, or hf:DATASET[:CONFIG]."
+        ),
+    ],
+    out: Annotated[Path, typer.Option(help="Output directory (created).")],
+    tokenizer: Annotated[
+        str, typer.Option(help="bpe:N trains a byte-level BPE of N tokens; bytes: raw bytes.")
+    ] = "bpe:8192",
+    seed: Annotated[int, typer.Option(help="Seed of the train/validation split.")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="Documents held out.")] = 0.02,
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per shard file.")] = 262_144,
+    text_field: Annotated[str, typer.Option(help="Field / column of jsonl, parquet, hf.")] = "text",
+    max_documents: Annotated[
+        int | None, typer.Option(help="hf: stop after this many documents.")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier prepared dataset.")] = False,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the manifest summary as JSON.")
+    ] = False,
+) -> None:
+    """Tokenize a text source into fixed-size token shards with a manifest."""
+    cfg = PrepareConfig(
+        source=source,
+        tokenizer=tokenizer,
+        seed=seed,
+        val_fraction=val_fraction,
+        shard_tokens=shard_tokens,
+        text_field=text_field,
+        hf_max_documents=max_documents,
+    )
+    with PrepareProgress(err_console) as progress:
+        manifest = prepare(cfg, out, progress=progress.update, overwrite=overwrite)
+    train_tokens, val_tokens = manifest.tokens("train"), manifest.tokens("val")
+    summary: dict[str, Any] = {
+        "out": str(out),
+        "tokenizer": cfg.tokenizer,
+        "vocab_size": manifest.vocab_size,
+        "tokenizer_sha256": manifest.tokenizer_sha256,
+        "documents": manifest.documents,
+        "tokens": {split: manifest.tokens(split) for split in ("train", "val")},
+        "shards": {split: len(manifest.shards[split]) for split in ("train", "val")},
+    }
+    if json_output:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"prepared {out}: {train_tokens:,} train tokens in "
+            f"{len(manifest.shards['train'])} shards, {val_tokens:,} validation "
+            f"tokens; vocabulary {manifest.vocab_size:,} ({manifest.tokenizer_sha256[:12]}…)"
+        )
+
+
+@data_app.command("verify")
+def data_verify(
+    data_dir: Annotated[Path, typer.Argument(help="A prepared data directory.")],
+) -> None:
+    """Check every shard and the tokenizer against the manifest's SHA-256."""
+    dataset = TokenDataset(data_dir, verify=True)
+    m = dataset.manifest
+    n = len(m.shards["train"]) + len(m.shards["val"])
+    print(f"ok: {n} shards, {m.tokens('train') + m.tokens('val'):,} tokens, tokenizer verified")
+
+
+def resolve_data(data: str, cache_dir: Path, tokenizer: str, seed: int) -> Path:
+    """A prepared directory as given, or the embedded corpus prepared once into the cache."""
+    if data.startswith("embedded"):
+        key = f"{data.replace(':', '-')}-{tokenizer.replace(':', '')}-seed{seed}"
+        target = cache_dir / "data" / key
+        if not (target / "manifest.json").is_file():
+            err_console.print(f"preparing {data} corpus into {target} (once)")
+            with PrepareProgress(err_console) as progress:
+                prepare(
+                    PrepareConfig(source=data, tokenizer=tokenizer, seed=seed),
+                    target,
+                    progress=progress.update,
+                    overwrite=True,
+                )
+        return target
+    path = Path(data)
+    if not path.is_dir():
+        raise UsageError(
+            f"--data {data!r} is neither a prepared directory nor 'embedded': "
+            "run `starling data prepare` first"
+        )
+    return path
+
+
+# -------------------------------------------------------------------------- train
+
+
+def _load_toml(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"config file {path}: {err}") from None
+    unknown = set(data) - {"model", "train", "data"}
+    if unknown:
+        raise UsageError(f"config file {path}: unknown sections {sorted(unknown)}")
+    return data
+
+
+def _merged(toml_section: dict[str, Any], cli: dict[str, Any]) -> dict[str, Any]:
+    """TOML values, overridden by the options given on the command line."""
+    return {**toml_section, **{k: v for k, v in cli.items() if v is not None}}
+
+
+@app.command("train")
+def train_command(
+    data: Annotated[
+        str | None, typer.Option(help="Prepared data directory, or 'embedded'.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Preset: tiny small 125m 350m 1b.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps.")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file with [model] [train] [data]; options override.")
+    ] = None,
+    dim: Annotated[int | None, typer.Option(help="Override the preset's width.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Override the preset's depth.")] = None,
+    heads: Annotated[int | None, typer.Option(help="Override the attention heads.")] = None,
+    kv_heads: Annotated[int | None, typer.Option(help="Key/value heads (GQA).")] = None,
+    ffn_dim: Annotated[int | None, typer.Option(help="SwiGLU hidden width.")] = None,
+    batch_tokens: Annotated[int | None, typer.Option(help="Tokens per optimizer step.")] = None,
+    micro_batch_size: Annotated[int | None, typer.Option(help="Sequences per pass.")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Tokens per sequence.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.")] = None,
+    schedule: Annotated[str | None, typer.Option(help="cosine, wsd or constant.")] = None,
+    weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
+    grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm (0: off).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Steps between evaluations.")] = None,
+    eval_batches: Annotated[int | None, typer.Option(help="Validation batches.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of weights and data order.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or mps.")] = None,
+    precision: Annotated[str | None, typer.Option(help="auto, fp32 or bf16.")] = None,
+    compile_model: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
+    ] = None,
+    activation_checkpointing: Annotated[
+        bool | None,
+        typer.Option(
+            "--activation-checkpointing/--no-activation-checkpointing",
+            help="Recompute activations in backward to save memory.",
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Checkpoint directory.")] = Path("runs/train"),
+    cache_dir: Annotated[
+        Path | None, typer.Option(help="Where 'embedded' data is prepared once.")
+    ] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Last output line: a JSON summary.")
+    ] = False,
+) -> None:
+    """Train on one machine: the single-node baseline that distributed runs are compared with."""
+    import torch
+
+    from .checkpoint import save_checkpoint
+    from .data import SequenceBatcher, evaluation_batches
+    from .model import build_model, model_config
+    from .train import TrainConfig, select_device, train
+
+    file_cfg = _load_toml(config)
+    model_section = _merged(
+        file_cfg.get("model", {}),
+        {
+            "preset": model,
+            "dim": dim,
+            "n_layers": layers,
+            "n_heads": heads,
+            "n_kv_heads": kv_heads,
+            "ffn_dim": ffn_dim,
+            "activation_checkpointing": activation_checkpointing,
+        },
+    )
+    train_section = _merged(
+        file_cfg.get("train", {}),
+        {
+            "steps": steps,
+            "batch_tokens": batch_tokens,
+            "micro_batch_size": micro_batch_size,
+            "seq_len": seq_len,
+            "lr": lr,
+            "warmup_steps": warmup_steps,
+            "schedule": schedule,
+            "weight_decay": weight_decay,
+            "grad_clip": grad_clip,
+            "eval_every": eval_every,
+            "eval_batches": eval_batches,
+            "seed": seed,
+            "device": device,
+            "precision": precision,
+            "compile": compile_model,
+        },
+    )
+    data_section = _merged(file_cfg.get("data", {}), {"path": data})
+    try:
+        train_cfg = TrainConfig(**train_section)
+    except TypeError as err:
+        raise UsageError(f"[train] config: {err}") from None
+    data_spec = str(data_section.get("path", "embedded"))
+    tokenizer_spec = str(data_section.get("tokenizer", "bpe:8192"))
+
+    data_dir = resolve_data(data_spec, cache_dir or default_cache_dir(), tokenizer_spec, 0)
+    dataset = TokenDataset(data_dir)
+    preset = str(model_section.pop("preset", "tiny"))
+    # The model's vocabulary is the tokenizer's; its context at least the training length.
+    model_section["vocab_size"] = dataset.manifest.vocab_size
+    try:
+        mcfg = model_config(preset, **model_section)
+    except TypeError as err:
+        raise UsageError(f"[model] config: {err}") from None
+    if train_cfg.seq_len > mcfg.max_seq_len:
+        mcfg = dataclasses.replace(mcfg, max_seq_len=train_cfg.seq_len)
+
+    torch_device = select_device(train_cfg.device)
+    torch.manual_seed(train_cfg.seed)
+    net = build_model(mcfg, seed=train_cfg.seed, device=torch_device)
+    batches = SequenceBatcher(
+        dataset.split("train"), train_cfg.seq_len, train_cfg.micro_batch_size, train_cfg.seed
+    )
+    val = evaluation_batches(
+        dataset.split("val"), train_cfg.seq_len, train_cfg.micro_batch_size, train_cfg.eval_batches
+    )
+    err_console.print(
+        f"model {preset}: {net.num_parameters():,} parameters on {torch_device}; "
+        f"{train_cfg.steps} steps × {train_cfg.batch_tokens:,} tokens "
+        f"({train_cfg.accumulation_steps} micro-batches of {train_cfg.micro_batch_size}×"
+        f"{train_cfg.seq_len}); data {data_dir}"
+    )
+    with TrainProgress(err_console, train_cfg.steps) as progress:
+        result = train(net, train_cfg, batches, val, torch_device, on_step=progress.update)
+
+    sha = save_checkpoint(
+        out,
+        net,
+        {
+            "kind": "train",
+            "preset": preset,
+            "step": result.steps,
+            "tokens": result.tokens,
+            "train": train_cfg.to_dict(),
+            "data": {"dir": str(data_dir), "tokenizer_sha256": dataset.manifest.tokenizer_sha256},
+            "val_history": result.val_history,
+        },
+    )
+    shutil.copyfile(data_dir / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    summary = {
+        **{k: v for k, v in result.to_dict().items() if k != "val_history"},
+        "model": preset,
+        "parameters": net.num_parameters(),
+        "device": str(torch_device),
+        "checkpoint": str(out),
+        "checkpoint_sha256": sha,
+    }
+    err_console.print(
+        f"validation loss {result.initial_val_loss:.4f} → {result.final_val_loss:.4f} "
+        f"after {result.tokens:,} tokens ({result.tokens_per_s:,.0f} tokens/s); "
+        f"checkpoint {out}"
+    )
+    if json_output:
+        print(json.dumps(summary))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    try:
+        app()
+    except (
+        UsageError,
+        DataSourceError,
+        ShardIntegrityError,
+        CheckpointError,
+        ValueError,
+        OSError,
+    ) as err:
+        # One plain line (no rich wrapping or markup): scripts and people both read it.
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,271 @@
+"""Inner training: AdamW, warmup + cosine / WSD schedules, clipping, gradient accumulation.
+
+`InnerTrainer.step()` is one optimizer step; `train()` is the plain single-machine loop
+(`starling train`, the baseline every distributed run is compared with). DiLoCo wraps
+the same `step()` in rounds: `for round: for h in range(H): trainer.step(); outer.step()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # inputs, targets: (B, T) int64 each
+
+SCHEDULES = ("cosine", "wsd", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_tokens: int = 8192  # tokens per optimizer step (all micro-batches together)
+    micro_batch_size: int = 8  # sequences per forward/backward pass
+    seq_len: int = 256
+    lr: float = 3e-3  # peak AdamW learning rate
+    min_lr_ratio: float = 0.1  # the schedule ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    schedule: str = "cosine"
+    decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
+    eval_every: int = 100  # steps between validation evaluations; 0: only at the end
+    eval_batches: int = 8
+    seed: int = 0
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast on CUDA when supported, else fp32
+    compile: bool = False  # torch.compile the model (GPU speed-up; slow start)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.steps > 0, f"steps must be positive, got {self.steps}"),
+            (self.seq_len > 0, f"seq len must be positive, got {self.seq_len}"),
+            (self.micro_batch_size > 0, "micro batch size must be positive"),
+            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (0 <= self.min_lr_ratio <= 1, "min lr ratio must be in [0, 1]"),
+            (self.warmup_steps >= 0, "warmup steps must be ≥ 0"),
+            (0 < self.decay_fraction <= 1, "decay fraction must be in (0, 1]"),
+            (self.weight_decay >= 0, "weight decay must be ≥ 0"),
+            (self.grad_clip >= 0, "grad clip must be ≥ 0"),
+            (self.eval_every >= 0, "eval every must be ≥ 0"),
+            (self.eval_batches > 0, "eval batches must be positive"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        sequence_tokens = self.micro_batch_size * self.seq_len
+        if self.batch_tokens <= 0 or self.batch_tokens % sequence_tokens:
+            nearest = max(1, round(self.batch_tokens / sequence_tokens)) * sequence_tokens
+            raise ValueError(
+                f"batch tokens {self.batch_tokens} must be a positive multiple of "
+                f"micro batch size × seq len = {sequence_tokens}; "
+                f"try --batch-tokens {nearest}"
+            )
+
+    @property
+    def accumulation_steps(self) -> int:
+        return self.batch_tokens // (self.micro_batch_size * self.seq_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lr_multiplier(step: int, cfg: TrainConfig) -> float:
+    """Learning-rate factor for optimizer step `step` (0-based), in [0, 1]."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    # WSD (warmup-stable-decay): flat at the peak, then a linear decay over the tail.
+    decay_start = cfg.steps - max(1, round(cfg.decay_fraction * cfg.steps))
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, cfg.steps - decay_start)
+    return 1.0 - (1 - floor) * min(1.0, progress)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is visible to PyTorch")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("--device mps asked for, but Apple's MPS backend is not available")
+    return torch.device(name)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 autocast on CUDA (weights and optimizer stay fp32); None means plain fp32."""
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices (and the embedding); never norms' gains."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    step: int  # optimizer steps done, including this one
+    loss: float  # mean training loss over the step's micro-batches
+    tokens: int  # tokens this step consumed
+    grad_norm: float  # global L2 norm before clipping
+    lr: float
+
+
+class InnerTrainer:
+    """Owns the inner optimizer of one replica; one call to `step()` is one AdamW step."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+        self.model = model
+        self.cfg = cfg
+        self.device = device
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay),
+            lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2),
+            fused=device.type == "cuda",
+        )
+        self.steps_done = 0
+        self.amp_dtype = autocast_dtype(device, cfg.precision)
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = (
+            torch.compile(model) if cfg.compile else model
+        )
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            logits = self.forward(inputs)  # (B, T, V)
+        # Cross-entropy in fp32 whatever the autocast dtype: stable for large vocabularies.
+        return nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), reduction="mean"
+        )
+
+    def step(self, batches: Iterator[Batch]) -> StepStats:
+        """Accumulate gradients over `accumulation_steps` micro-batches, clip, step."""
+        self.model.train()
+        lr = self.cfg.lr * lr_multiplier(self.steps_done, self.cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accumulation = self.cfg.accumulation_steps
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for _ in range(accumulation):
+            inputs, targets = next(batches)
+            inputs = inputs.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            loss = self._loss(inputs, targets)
+            (loss / accumulation).backward()
+            loss_sum += loss.detach()
+            tokens += targets.numel()
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_done += 1
+        # .item() is a host-device sync point: once per optimizer step, not per micro-batch.
+        return StepStats(
+            step=self.steps_done,
+            loss=(loss_sum / accumulation).item(),
+            tokens=tokens,
+            grad_norm=float(grad_norm),
+            lr=lr,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        """Mean cross-entropy (nats/token) over fixed validation batches."""
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in batches:
+            total += self._loss(inputs.to(self.device), targets.to(self.device))
+        return (total / len(batches)).item()
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    initial_val_loss: float
+    final_val_loss: float
+    wall_s: float
+    tokens_per_s: float
+    val_history: list[tuple[int, int, float]] = field(default_factory=list)  # step, tokens, loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Called after every step with (stats, tokens so far, latest validation loss or None).
+StepCallback = Callable[[StepStats, int, float | None], None]
+
+
+def train(
+    model: nn.Module,
+    cfg: TrainConfig,
+    train_batches: Iterator[Batch],
+    val_batches: list[Batch],
+    device: torch.device,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Single-replica training: the loop that DiLoCo runs inside every round."""
+    trainer = InnerTrainer(model, cfg, device)
+    initial_val = trainer.evaluate(val_batches)
+    history = [(0, 0, initial_val)]
+    tokens = 0
+    start = time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        stats = trainer.step(train_batches)
+        tokens += stats.tokens
+        val_loss = None
+        if step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0):
+            val_loss = trainer.evaluate(val_batches)
+            history.append((step, tokens, val_loss))
+        if on_step is not None:
+            on_step(stats, tokens, val_loss)
+    wall = time.perf_counter() - start
+    return TrainResult(
+        steps=cfg.steps,
+        tokens=tokens,
+        initial_val_loss=initial_val,
+        final_val_loss=history[-1][2],
+        wall_s=wall,
+        tokens_per_s=tokens / wall if wall > 0 else 0.0,
+        val_history=history,
+    )

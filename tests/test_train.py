@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from starling.checkpoint import load_checkpoint
+from starling.data import SequenceBatcher, TokenDataset, evaluation_batches
+from starling.model import build_model, model_config
+from starling.train import InnerTrainer, TrainConfig, lr_multiplier, train
+
+from .conftest import run_cli
+
+CPU = torch.device("cpu")
+
+
+def test_warmup_then_cosine_to_the_floor() -> None:
+    cfg = TrainConfig(steps=110, warmup_steps=10, min_lr_ratio=0.1, schedule="cosine")
+    assert lr_multiplier(0, cfg) == pytest.approx(0.1)
+    assert lr_multiplier(9, cfg) == pytest.approx(1.0)
+    assert lr_multiplier(60, cfg) == pytest.approx(0.55)  # halfway: mean of peak and floor
+    assert lr_multiplier(110, cfg) == pytest.approx(0.1)
+    values = [lr_multiplier(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+
+
+def test_wsd_is_flat_then_decays_over_its_tail() -> None:
+    cfg = TrainConfig(
+        steps=100, warmup_steps=5, schedule="wsd", decay_fraction=0.2, min_lr_ratio=0.0
+    )
+    assert [lr_multiplier(s, cfg) for s in (5, 50, 79)] == [1.0, 1.0, 1.0]
+    assert lr_multiplier(90, cfg) == pytest.approx(0.5)
+    assert lr_multiplier(100, cfg) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_tokens": 1000}, "multiple of micro batch size"),
+        ({"schedule": "linear"}, "schedule must be one of"),
+        ({"steps": 0}, "steps must be positive"),
+        ({"device": "tpu"}, "device must be one of"),
+    ],
+)
+def test_bad_train_configs_say_what_to_do(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+def test_gradient_accumulation_equals_one_large_batch() -> None:
+    """Two micro-batches of 4 must give the same step as one batch of 8."""
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 256, (8, 33), generator=gen)
+    results = []
+    for micro in (4, 8):
+        model = build_model(model_config("tiny", vocab_size=256), seed=0)
+        cfg = TrainConfig(
+            batch_tokens=8 * 32, micro_batch_size=micro, seq_len=32, steps=1, warmup_steps=0
+        )
+        trainer = InnerTrainer(model, cfg, CPU)
+        chunks = iter([(c[:, :-1], c[:, 1:]) for c in data.split(micro)])
+        stats = trainer.step(chunks)
+        results.append((stats, [p.detach().clone() for p in model.parameters()]))
+    (s4, p4), (s8, p8) = results
+    assert s4.tokens == s8.tokens == 256
+    assert s4.loss == pytest.approx(s8.loss, rel=1e-5)
+    assert s4.grad_norm == pytest.approx(s8.grad_norm, rel=1e-4)
+    for a, b in zip(p4, p8, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_trainer_matches_plain_torch_adamw() -> None:
+    """Our step (no clipping, constant lr) is exactly torch.optim.AdamW on the same loss."""
+    gen = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (2, 17), generator=gen) for _ in range(3)]
+    cfg = TrainConfig(
+        batch_tokens=32,
+        micro_batch_size=2,
+        seq_len=16,
+        steps=3,
+        lr=1e-2,
+        warmup_steps=0,
+        schedule="constant",
+        grad_clip=0.0,
+        weight_decay=0.0,
+    )
+    ours = build_model(model_config("tiny", vocab_size=256), seed=2)
+    trainer = InnerTrainer(ours, cfg, CPU)
+    for b in batches:
+        trainer.step(iter([(b[:, :-1], b[:, 1:])]))
+
+    reference = build_model(model_config("tiny", vocab_size=256), seed=2)
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    for b in batches:
+        logits = reference(b[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten()).backward()
+        opt.step()
+        opt.zero_grad()
+    for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_training_on_the_embedded_corpus_lowers_validation_loss(kjv_dir: Path) -> None:
+    dataset = TokenDataset(kjv_dir)
+    cfg = TrainConfig(
+        steps=40,
+        batch_tokens=2048,
+        micro_batch_size=16,
+        seq_len=64,
+        lr=3e-3,
+        warmup_steps=5,
+        eval_every=20,
+        eval_batches=4,
+    )
+    model = build_model(model_config("tiny", vocab_size=dataset.manifest.vocab_size), seed=0)
+    batches = SequenceBatcher(dataset.split("train"), cfg.seq_len, cfg.micro_batch_size, seed=0)
+    val = evaluation_batches(dataset.split("val"), cfg.seq_len, cfg.micro_batch_size, 4)
+    result = train(model, cfg, batches, val, CPU)
+    assert result.initial_val_loss == pytest.approx(math.log(8192), abs=0.3)  # uniform start
+    assert result.final_val_loss < result.initial_val_loss - 2.0
+    losses = [loss for _, _, loss in result.val_history]
+    assert losses == sorted(losses, reverse=True)  # falls at every evaluation
+    assert result.tokens == 40 * 2048
+
+
+def test_cli_train_saves_a_loadable_checkpoint(pydoc_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('[train]\nlr = 0.004\nsteps = 999\n[model]\npreset = "tiny"\ndim = 64\n')
+    out = tmp_path / "ckpt"
+    result = run_cli(
+        "train",
+        "--data",
+        str(pydoc_dir),
+        "--config",
+        str(config),
+        "--steps",
+        "12",
+        "--batch-tokens",
+        "1024",
+        "--micro-batch-size",
+        "8",
+        "--seq-len",
+        "64",
+        "--eval-every",
+        "6",
+        "--out",
+        str(out),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 12  # the command line overrides the file's 999
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
+    model, manifest = load_checkpoint(out)
+    assert model.config.dim == 64 and model.config.vocab_size == 1024
+    assert manifest["train"]["lr"] == 0.004 and manifest["step"] == 12
+    assert (out / "tokenizer.json").read_bytes() == (pydoc_dir / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "huge"], "unknown model preset"),
+        (["--data", "/nonexistent/dir"], "neither a prepared directory"),
+        (["--batch-tokens", "1000"], "multiple of micro batch size"),
+        (["--device", "cuda"], "no CUDA GPU"),
+        (["--heads", "5"], "divisible by n_heads"),
+    ],
+)
+def test_cli_train_bad_input_exits_2(pydoc_dir: Path, tmp_path: Path, args, message) -> None:
+    base = ["train", "--data", str(pydoc_dir), "--steps", "1", "--out", str(tmp_path / "o")]
+    if args[0] == "--data":
+        base = ["train", "--steps", "1"]
+    result = run_cli(*base, *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_train_bad_config_file_exits_2(pydoc_dir: Path, tmp_path: Path) -> None:
+    for text, message in [
+        ("[train]\nsteps = \n", "config file"),
+        ("[train]\nstepz = 3\n", "stepz"),
+        ("[optimizer]\n", "unknown sections"),
+    ]:
+        config = tmp_path / "bad.toml"
+        config.write_text(text)
+        result = run_cli("train", "--data", str(pydoc_dir), "--config", str(config))
+        assert result.returncode == 2 and message in result.stderr, result.stderr
