@@ -7,6 +7,7 @@ Environment variables are read here (and only here), never deep in the library.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from .data import (
     prepare,
 )
 from .data.shards import TOKENIZER_FILE
-from .progress import PrepareProgress, TrainProgress
+from .progress import PrepareProgress, SimProgress, TrainProgress
 
 app = typer.Typer(
     name="starling",
@@ -140,13 +141,31 @@ def data_verify(
     print(f"ok: {n} shards, {m.tokens('train') + m.tokens('val'):,} tokens, tokenizer verified")
 
 
-def resolve_data(data: str, cache_dir: Path, tokenizer: str, seed: int) -> Path:
-    """A prepared directory as given, or the embedded corpus prepared once into the cache."""
-    if data.startswith("embedded"):
-        key = f"{data.replace(':', '-')}-{tokenizer.replace(':', '')}-seed{seed}"
-        target = cache_dir / "data" / key
+def _source_key(data: str, tokenizer: str, seed: int) -> str:
+    """Cache key of a source: its spec, and for local files their names, sizes and times."""
+    stamp = data
+    if not data.startswith("embedded"):
+        from .data.sources import resolve_paths
+
+        stamp += "".join(
+            f"|{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in resolve_paths(data)
+        )
+    digest = hashlib.sha256(f"{stamp}|{tokenizer}|{seed}".encode()).hexdigest()[:16]
+    name = data.replace(":", "-") if data.startswith("embedded") else Path(data).name or "data"
+    return f"{name}-{tokenizer.replace(':', '')}-{digest}"
+
+
+def resolve_data(
+    data: str, cache_dir: Path, tokenizer: str, seed: int, sources: bool = False
+) -> Path:
+    """A prepared directory as given; else the embedded corpus (or, with `sources`, a
+    text file / directory / glob) prepared once into the cache."""
+    if (Path(data) / "manifest.json").is_file():
+        return Path(data)
+    if data.startswith("embedded") or sources:
+        target = cache_dir / "data" / _source_key(data, tokenizer, seed)
         if not (target / "manifest.json").is_file():
-            err_console.print(f"preparing {data} corpus into {target} (once)")
+            err_console.print(f"preparing {data} into {target} (once)")
             with PrepareProgress(err_console) as progress:
                 prepare(
                     PrepareConfig(source=data, tokenizer=tokenizer, seed=seed),
@@ -155,13 +174,10 @@ def resolve_data(data: str, cache_dir: Path, tokenizer: str, seed: int) -> Path:
                     overwrite=True,
                 )
         return target
-    path = Path(data)
-    if not path.is_dir():
-        raise UsageError(
-            f"--data {data!r} is neither a prepared directory nor 'embedded': "
-            "run `starling data prepare` first"
-        )
-    return path
+    raise UsageError(
+        f"--data {data!r} is neither a prepared directory nor 'embedded': "
+        "run `starling data prepare` first"
+    )
 
 
 # -------------------------------------------------------------------------- train
@@ -342,6 +358,110 @@ def train_command(
     )
     if json_output:
         print(json.dumps(summary))
+
+
+# ----------------------------------------------------------------------- simulate
+
+
+@app.command("simulate")
+def simulate_command(
+    strategy: Annotated[str, typer.Option(help="ddp or diloco.")] = "diloco",
+    workers: Annotated[int, typer.Option(help="Virtual workers (K).")] = 4,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per worker.")] = 500,
+    inner_steps: Annotated[
+        int | None, typer.Option(help="DiLoCo H: inner steps per round.")
+    ] = None,
+    codec: Annotated[
+        str | None,
+        typer.Option(
+            help="fp32 bf16 int8[:B] int4[:B] topk[:K/CHUNK] hivemind-fp16 hivemind-uint8"
+        ),
+    ] = None,
+    model: Annotated[str, typer.Option(help="Model preset.")] = "tiny",
+    data: Annotated[
+        str, typer.Option(help="Text file, directory, prepared dir, or embedded.")
+    ] = "embedded",
+    tokenizer: Annotated[str, typer.Option(help="Tokenizer when --data is text.")] = "bpe:8192",
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Sequences per worker step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Inner AdamW peak learning rate.")] = 3e-3,
+    warmup_steps: Annotated[int, typer.Option(help="Inner warmup steps.")] = 50,
+    outer_lr: Annotated[float | None, typer.Option(help="Outer learning rate.")] = None,
+    outer_momentum: Annotated[float | None, typer.Option(help="Outer Nesterov momentum.")] = None,
+    speeds: Annotated[
+        str | None, typer.Option(help="Relative worker speeds, e.g. 1,1,0.5,0.25.")
+    ] = None,
+    dropout: Annotated[float, typer.Option(help="Chance a worker misses a round.")] = 0.0,
+    overlap: Annotated[
+        bool, typer.Option("--overlap/--no-overlap", help="One-round-delayed outer update.")
+    ] = False,
+    eval_every: Annotated[int, typer.Option(help="Rounds (ddp: steps) between evals.")] = 0,
+    eval_batches: Annotated[int, typer.Option(help="Validation batches.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed of weights, data and dropouts.")] = 0,
+    plot_path: Annotated[
+        Path | None, typer.Option("--plot", help="Write a PNG of loss vs tokens and bytes.")
+    ] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where text data is prepared.")] = None,
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Last output line: a JSON summary.")
+    ] = False,
+) -> None:
+    """Compare strategies (DDP, DiLoCo, codecs, H, speeds, dropouts) on this machine."""
+    from .diloco import OuterConfig
+    from .simulate import DEFAULT_CODEC, DEFAULT_INNER_STEPS, SimConfig, Simulation, plot
+    from .train import TrainConfig
+
+    try:
+        speed_values = tuple(float(x) for x in speeds.split(",")) if speeds else ()
+    except ValueError:
+        raise UsageError(f"--speeds {speeds!r}: give comma-separated numbers") from None
+    defaults = OuterConfig()
+    sim_cfg = SimConfig(
+        strategy=strategy,
+        workers=workers,
+        steps=steps,
+        inner_steps=inner_steps or DEFAULT_INNER_STEPS,
+        codec=codec or DEFAULT_CODEC,
+        outer=OuterConfig(
+            lr=defaults.lr if outer_lr is None else outer_lr,
+            momentum=defaults.momentum if outer_momentum is None else outer_momentum,
+        ),
+        speeds=speed_values,
+        dropout=dropout,
+        overlap=overlap,
+        eval_every=eval_every,
+        model=model,
+    )
+    train_cfg = TrainConfig(
+        steps=steps,
+        batch_tokens=batch_size * seq_len,
+        micro_batch_size=batch_size,
+        seq_len=seq_len,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        eval_batches=eval_batches,
+        seed=seed,
+        device="cpu",
+    )
+    data_dir = resolve_data(data, cache_dir or default_cache_dir(), tokenizer, 0, sources=True)
+    simulation = Simulation(sim_cfg, train_cfg, TokenDataset(data_dir))
+    err_console.print(
+        f"simulating {strategy} with {workers} workers"
+        + (f", H={sim_cfg.inner_steps}, codec {sim_cfg.codec}" if strategy == "diloco" else "")
+        + f": {steps} steps × {train_cfg.batch_tokens:,} tokens per worker, "
+        f"model {model} ({simulation.n_params:,} parameters)"
+    )
+    with SimProgress(err_console, steps) as progress:
+        result = simulation.run(progress.update)
+    if plot_path is not None:
+        plot([result], str(plot_path))
+    err_console.print(
+        f"validation loss {result.initial_val_loss:.4f} → {result.final_val_loss:.4f}; "
+        f"{result.bytes_per_worker:,} bytes per worker over {result.rounds} rounds "
+        f"in {result.wall_s:.0f} s"
+    )
+    if json_output:
+        print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}))
 
 
 # --------------------------------------------------------------------------- main

@@ -107,3 +107,24 @@ class TrainProgress(_Display):
                 self.progress.console.print(f"step {stats.step}: validation loss {val_loss:.4f}")
             return
         self.plain(f"step {stats.step}/{self.steps}  {info}", force=val_loss is not None)
+
+
+class SimProgress(_Display):
+    """Steps per worker, with the latest validation loss of the global weights."""
+
+    def __init__(self, console: Console, steps: int) -> None:
+        super().__init__(console)
+        self.steps = steps
+        self.val: float | None = None
+        self.task: TaskID | None = None
+
+    def update(self, done: int, total: int, val_loss: float | None) -> None:
+        if val_loss is not None:
+            self.val = val_loss
+        info = f"val {self.val:.4f}" if self.val is not None else ""
+        if self.progress is not None:
+            if self.task is None:
+                self.task = self.progress.add_task("simulate", total=total, info=info)
+            self.progress.update(self.task, completed=done, info=info)
+            return
+        self.plain(f"step {done}/{total}  {info}", force=val_loss is not None)

@@ -1,0 +1,120 @@
+"""Convergence per byte: DDP against DiLoCo with each codec, same seed, data and tokens.
+
+Prints one JSON line per finished run as it goes (so a cut-off run still reports), then
+a last line: {"config": {...}, "results": [{"strategy", "codec", "final_val_loss",
+"loss_ratio_to_ddp", "bytes_per_worker", "ddp_bytes_ratio", "wall_s", ...}, ...]}.
+
+    python bench/convergence.py --workers 4 --steps 600 --inner-steps 30 --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from starling.data import PrepareConfig, TokenDataset, prepare
+from starling.diloco import OuterConfig
+from starling.simulate import SimConfig, Simulation, plot
+from starling.train import TrainConfig
+
+ALL_CODECS = "fp32,bf16,int8,int4,topk,hivemind-fp16,hivemind-uint8"
+
+
+def dataset_for(source: str, cache: Path) -> TokenDataset:
+    if (Path(source) / "manifest.json").is_file():
+        return TokenDataset(Path(source))
+    target = cache / f"bench-{source.replace(':', '-').replace('/', '_')}"
+    if not (target / "manifest.json").is_file():
+        prepare(PrepareConfig(source=source), target, overwrite=True)
+    return TokenDataset(target)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=600, help="optimizer steps per worker")
+    parser.add_argument("--inner-steps", type=int, default=30, help="DiLoCo H")
+    parser.add_argument("--codecs", default=ALL_CODECS)
+    parser.add_argument("--data", default="embedded")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per worker step")
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--warmup-steps", type=int, default=30)
+    parser.add_argument("--outer-lr", type=float, default=0.7)
+    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "starling"))
+    parser.add_argument("--plot", default=None, help="PNG of loss vs tokens and vs bytes")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    dataset = dataset_for(args.data, Path(args.cache_dir))
+    train_cfg = TrainConfig(
+        steps=args.steps,
+        batch_tokens=args.batch_size * args.seq_len,
+        micro_batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+        device="cpu",
+    )
+    outer = OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum)
+    runs = [SimConfig(strategy="ddp", workers=args.workers, steps=args.steps, model=args.model)]
+    runs += [
+        SimConfig(
+            strategy="diloco",
+            workers=args.workers,
+            steps=args.steps,
+            inner_steps=args.inner_steps,
+            codec=codec,
+            outer=outer,
+            model=args.model,
+        )
+        for codec in args.codecs.split(",")
+    ]
+    results = []
+    for sim_cfg in runs:
+        result = Simulation(sim_cfg, train_cfg, dataset).run()
+        results.append(result)
+        row = {k: v for k, v in result.to_dict().items() if k != "history"}
+        print(json.dumps(row), flush=True)
+        print(
+            f"# {result.strategy} {result.codec}: val {result.final_val_loss:.4f}, "
+            f"{result.bytes_per_worker:,} B/worker, {result.wall_s:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    ddp = results[0]
+    table = [
+        {
+            "strategy": r.strategy,
+            "codec": r.codec,
+            "inner_steps": r.inner_steps,
+            "rounds": r.rounds,
+            "tokens": r.tokens,
+            "final_val_loss": round(r.final_val_loss, 4),
+            "loss_ratio_to_ddp": round(r.final_val_loss / ddp.final_val_loss, 4),
+            "bytes_per_worker": r.bytes_per_worker,
+            "ddp_bytes_ratio": round(ddp.bytes_per_worker / r.bytes_per_worker, 1),
+            "wall_s": round(r.wall_s, 1),
+        }
+        for r in results
+    ]
+    if args.plot:
+        plot(results, args.plot)
+    config = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "cache_dir")}
+    print(json.dumps({"config": config, "results": table}))
+
+
+if __name__ == "__main__":
+    main()

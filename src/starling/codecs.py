@@ -1,0 +1,470 @@
+"""Codecs: a flat fp32 tensor (a shard of a pseudo-gradient) ⇄ the bytes put on the wire.
+
+A codec is a small object with `encode`, `decode` and `encoded_size` (exact bytes for n
+values, header included) — the bytes it returns are what the exchange sends, so wire
+bytes are counted, never estimated. Every payload starts with a fixed header:
+
+    magic b"SLC" | codec id (u8) | numel (u64 LE) | param (u32 LE: block or chunk size)
+
+`decode` validates header, length and values and raises `CodecError` on anything
+malformed: never a crash, never a silently wrong tensor.
+
+Lossy codecs are used through `ErrorFeedback`, which carries each round's quantisation
+residual into the next, so that Σ decoded messages + final residual = Σ inputs.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+from typing import ClassVar, Protocol
+
+import numpy as np
+import torch
+
+MAGIC = b"SLC"
+HEADER = struct.Struct("<3sBQI")  # magic, codec id, numel, param
+HEADER_BYTES = HEADER.size  # 16
+MAX_NUMEL = 1 << 40  # refuses absurd declared sizes before allocating anything
+
+
+class CodecError(ValueError):
+    """Malformed or mismatched codec payload."""
+
+
+class Codec(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def codec_id(self) -> int:
+        """The id byte in the payload header."""
+        ...
+
+    @property
+    def lossy(self) -> bool: ...
+
+    def encode(self, values: torch.Tensor) -> bytes:
+        """values: 1-D float32 on the CPU."""
+        ...
+
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        """Exactly `numel` float32 values, or CodecError."""
+        ...
+
+    def encoded_size(self, numel: int) -> int: ...
+
+    def error_bound(self, values: torch.Tensor) -> float:
+        """Largest absolute per-element error that encode→decode may introduce."""
+        ...
+
+
+def _header(codec_id: int, numel: int, param: int) -> bytes:
+    return HEADER.pack(MAGIC, codec_id, numel, param)
+
+
+def _check_header(payload: bytes, codec_id: int, numel: int, param: int, size: int) -> None:
+    if len(payload) < HEADER_BYTES:
+        raise CodecError(f"payload of {len(payload)} bytes is shorter than the header")
+    magic, got_id, got_numel, got_param = HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise CodecError("bad magic: not a Starling codec payload")
+    if got_id != codec_id:
+        raise CodecError(f"payload is codec {got_id}, expected {codec_id}")
+    if got_numel != numel or got_numel > MAX_NUMEL:
+        raise CodecError(f"payload declares {got_numel} values, expected {numel}")
+    if got_param != param:
+        raise CodecError(f"payload block/chunk size {got_param}, expected {param}")
+    if len(payload) != size:
+        raise CodecError(f"payload has {len(payload)} bytes, expected {size} for {numel} values")
+
+
+def _flat_f32(values: torch.Tensor) -> torch.Tensor:
+    if values.dim() != 1:
+        raise ValueError(f"codecs take 1-D tensors, got shape {tuple(values.shape)}")
+    return values.detach().to("cpu", torch.float32).contiguous()
+
+
+def _finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(values).all():
+        raise CodecError(f"{what} contains NaN or Inf")
+    return values
+
+
+@dataclass(frozen=True)
+class Float32Codec:
+    name: ClassVar[str] = "fp32"
+    codec_id: ClassVar[int] = 1
+    lossy: ClassVar[bool] = False
+
+    def encoded_size(self, numel: int) -> int:
+        return HEADER_BYTES + 4 * numel
+
+    def encode(self, values: torch.Tensor) -> bytes:
+        v = _flat_f32(values)
+        return _header(self.codec_id, v.numel(), 0) + v.numpy().astype("<f4").tobytes()
+
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        _check_header(payload, self.codec_id, numel, 0, self.encoded_size(numel))
+        out = np.frombuffer(payload, dtype="<f4", offset=HEADER_BYTES, count=numel)
+        return _finite(torch.from_numpy(out.astype(np.float32)), "fp32 payload")
+
+    def error_bound(self, values: torch.Tensor) -> float:
+        return 0.0
+
+
+@dataclass(frozen=True)
+class BFloat16Codec:
+    """Round-to-nearest-even to bfloat16: 8 exponent bits, 7 mantissa bits."""
+
+    name: ClassVar[str] = "bf16"
+    codec_id: ClassVar[int] = 2
+    lossy: ClassVar[bool] = True
+
+    def encoded_size(self, numel: int) -> int:
+        return HEADER_BYTES + 2 * numel
+
+    def encode(self, values: torch.Tensor) -> bytes:
+        v = _flat_f32(values).to(torch.bfloat16).view(torch.int16)
+        return _header(self.codec_id, v.numel(), 0) + v.numpy().astype("<i2").tobytes()
+
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        _check_header(payload, self.codec_id, numel, 0, self.encoded_size(numel))
+        raw = np.frombuffer(payload, dtype="<i2", offset=HEADER_BYTES, count=numel).copy()
+        out = torch.from_numpy(raw).view(torch.bfloat16).float()
+        return _finite(out, "bf16 payload")
+
+    def error_bound(self, values: torch.Tensor) -> float:
+        # Half an ulp of bf16 (2^-8 relative), plus slack for the smallest normals.
+        return float(values.abs().max()) * 2.0**-8 + 1e-38
+
+
+@dataclass(frozen=True)
+class BlockQuantCodec:
+    """Per-block absmax quantisation to signed `bits` integers with an fp16 scale per block.
+
+    Layout after the header: fp16 scales (one per block), then the codes (int8: one byte
+    each; int4: two per byte, low nibble first, offset by 8 into 0..15).
+    """
+
+    bits: int = 8
+    block: int = 64
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def codec_id(self) -> int:
+        return {8: 3, 4: 4}[self.bits]
+
+    lossy: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError("block quantisation supports 8 or 4 bits")
+        if not 8 <= self.block <= 1 << 20 or self.block % 2:
+            raise ValueError(f"block size must be even and in [8, 2^20], got {self.block}")
+
+    @property
+    def levels(self) -> int:
+        return 2 ** (self.bits - 1) - 1  # 127 for int8, 7 for int4 (symmetric)
+
+    def _n_blocks(self, numel: int) -> int:
+        return math.ceil(numel / self.block)
+
+    def _code_bytes(self, numel: int) -> int:
+        return numel if self.bits == 8 else (numel + 1) // 2
+
+    def encoded_size(self, numel: int) -> int:
+        return HEADER_BYTES + 2 * self._n_blocks(numel) + self._code_bytes(numel)
+
+    def _blocks(self, v: torch.Tensor) -> torch.Tensor:
+        pad = self._n_blocks(v.numel()) * self.block - v.numel()
+        return torch.nn.functional.pad(v, (0, pad)).view(-1, self.block)  # (blocks, block)
+
+    def encode(self, values: torch.Tensor) -> bytes:
+        v = _flat_f32(values)
+        blocks = self._blocks(v)
+        # fp16 scale, rounded up so that |x| / scale never exceeds `levels`.
+        scale = (blocks.abs().amax(dim=1) / self.levels).to(torch.float16)
+        too_small = scale.float() * self.levels < blocks.abs().amax(dim=1)
+        scale = torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, 65504)), scale)
+        safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+        rounded = torch.round(blocks / safe[:, None]).clamp_(-self.levels, self.levels)
+        codes = rounded.to(torch.int8).flatten()[: v.numel()].numpy()
+        if self.bits == 4:
+            nibbles = (codes.astype(np.int16) + 8).astype(np.uint8)
+            if len(nibbles) % 2:
+                nibbles = np.append(nibbles, np.uint8(8))
+            packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+        else:
+            packed = codes.tobytes()
+        return (
+            _header(self.codec_id, v.numel(), self.block)
+            + scale.numpy().astype("<f2").tobytes()
+            + packed
+        )
+
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        _check_header(payload, self.codec_id, numel, self.block, self.encoded_size(numel))
+        n_blocks = self._n_blocks(numel)
+        scales = np.frombuffer(payload, dtype="<f2", offset=HEADER_BYTES, count=n_blocks)
+        scales32 = torch.from_numpy(scales.astype(np.float32))
+        _finite(scales32, f"{self.name} scales")
+        if (scales32 < 0).any():
+            raise CodecError(f"{self.name} payload has negative scales")
+        offset = HEADER_BYTES + 2 * n_blocks
+        if self.bits == 8:
+            codes = np.frombuffer(payload, dtype=np.int8, offset=offset, count=numel)
+            if (codes == -128).any():
+                raise CodecError("int8 payload has code -128, outside the symmetric range")
+            values = codes.astype(np.float32)
+        else:
+            packed = np.frombuffer(payload, dtype=np.uint8, offset=offset)
+            nibbles = np.empty(2 * len(packed), dtype=np.int16)
+            nibbles[0::2] = packed & 0x0F
+            nibbles[1::2] = packed >> 4
+            codes4 = nibbles[:numel] - 8
+            if (codes4 < -7).any():
+                raise CodecError("int4 payload has code -8, outside the symmetric range")
+            values = codes4.astype(np.float32)
+        padded = np.zeros(n_blocks * self.block, dtype=np.float32)
+        padded[:numel] = values
+        out = torch.from_numpy(padded).view(n_blocks, self.block) * scales32[:, None]
+        return out.flatten()[:numel].contiguous()
+
+    def error_bound(self, values: torch.Tensor) -> float:
+        # Rounding to the grid costs ≤ half a step; the fp16 scale's own rounding (2^-11
+        # relative, applied to ≤ `levels` steps) adds a little more.
+        v = _flat_f32(values)
+        if v.numel() == 0:
+            return 0.0
+        step = self._blocks(v).abs().amax(dim=1) / self.levels
+        return float((step * (0.5 + self.levels * 2.0**-10)).max()) + 1e-7
+
+
+@dataclass(frozen=True)
+class TopKCodec:
+    """Chunked top-k (SparseLoCo-style): in every chunk of `chunk` values keep the k of
+    largest magnitude, values quantised to int8 with one fp16 scale per chunk, indices as
+    u16 offsets within their chunk (hence chunk ≤ 65536). A last partial chunk keeps
+    min(k, its length) entries.
+
+    Layout after the header: u32 k | fp16 scale per chunk | u16 indices (each chunk's
+    strictly increasing) | int8 values.
+    """
+
+    chunk: int = 4096
+    k: int = 64
+
+    name: ClassVar[str] = "topk"
+    codec_id: ClassVar[int] = 5
+    lossy: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.chunk <= 65536:
+            raise ValueError(f"top-k chunk must be in [2, 65536], got {self.chunk}")
+        if not 1 <= self.k <= self.chunk:
+            raise ValueError(f"top-k k must be in [1, chunk], got {self.k}")
+
+    def _layout(self, numel: int) -> tuple[int, int, int]:
+        """(full chunks, length of the partial last chunk, entries it keeps)."""
+        full, rest = divmod(numel, self.chunk)
+        return full, rest, min(self.k, rest)
+
+    def encoded_size(self, numel: int) -> int:
+        full, rest, tail_k = self._layout(numel)
+        n_chunks = full + (1 if rest else 0)
+        return HEADER_BYTES + 4 + 2 * n_chunks + 3 * (full * self.k + tail_k)
+
+    def _select(self, chunks: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        """chunks (C, L) → scales (C,) fp16, indices (C, k) sorted, codes (C, k) int8."""
+        idx = chunks.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        kept = chunks.gather(1, idx)
+        peak = kept.abs().amax(dim=1)
+        scale = (peak / 127).to(torch.float16)
+        # Round the fp16 scale up where rounding made it too small for the peak.
+        short = scale.float() * 127 < peak
+        scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, 65504)), scale)
+        safe = torch.where(scale > 0, scale.float(), torch.ones_like(peak))
+        codes = torch.round(kept / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        return scale, idx, codes
+
+    def encode(self, values: torch.Tensor) -> bytes:
+        v = _flat_f32(values)
+        full, rest, tail_k = self._layout(v.numel())
+        groups = [self._select(v[: full * self.chunk].view(full, self.chunk), self.k)]
+        if rest:
+            groups.append(self._select(v[full * self.chunk :].view(1, rest), tail_k))
+        scales = torch.cat([g[0] for g in groups])
+        idx = torch.cat([g[1].flatten() for g in groups])
+        codes = torch.cat([g[2].flatten() for g in groups])
+        return b"".join(
+            (
+                _header(self.codec_id, v.numel(), self.chunk),
+                struct.pack("<I", self.k),
+                scales.numpy().astype("<f2").tobytes(),
+                idx.numpy().astype("<u2").tobytes(),
+                codes.numpy().tobytes(),
+            )
+        )
+
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        _check_header(payload, self.codec_id, numel, self.chunk, self.encoded_size(numel))
+        (k_declared,) = struct.unpack_from("<I", payload, HEADER_BYTES)
+        if k_declared != self.k:
+            raise CodecError(f"top-k payload keeps {k_declared} per chunk, expected {self.k}")
+        full, rest, tail_k = self._layout(numel)
+        n_chunks, kept = full + (1 if rest else 0), full * self.k + tail_k
+        offset = HEADER_BYTES + 4
+        scales = np.frombuffer(payload, dtype="<f2", offset=offset, count=n_chunks)
+        offset += 2 * n_chunks
+        idx = np.frombuffer(payload, dtype="<u2", offset=offset, count=kept).astype(np.int64)
+        offset += 2 * kept
+        codes = np.frombuffer(payload, dtype=np.int8, offset=offset, count=kept)
+        scales32 = scales.astype(np.float32)
+        if not np.isfinite(scales32).all() or (scales32 < 0).any():
+            raise CodecError("top-k payload has a bad scale")
+        if (codes == -128).any():
+            raise CodecError("top-k payload has code -128, outside the symmetric range")
+        # Every chunk's indices: strictly increasing and inside the chunk.
+        body = idx[: full * self.k].reshape(full, self.k)
+        tail = idx[full * self.k :]
+        bad = (body >= self.chunk).any() or (np.diff(body, axis=1) <= 0).any()
+        bad = bad or (tail >= rest).any() or (np.diff(tail) <= 0).any()
+        if bad:
+            raise CodecError("top-k payload has out-of-range or repeated indices")
+        chunk_of = np.concatenate([np.repeat(np.arange(full), self.k), np.full(tail_k, full)])
+        positions = torch.from_numpy(chunk_of * self.chunk + idx)
+        out = torch.zeros(numel, dtype=torch.float32)
+        out[positions] = torch.from_numpy(codes.astype(np.float32) * scales32[chunk_of])
+        return out
+
+    def error_bound(self, values: torch.Tensor) -> float:
+        # Dropped values are at most the chunk's largest magnitude; no tighter general bound.
+        v = _flat_f32(values)
+        return float(v.abs().max()) if v.numel() else 0.0
+
+    @property
+    def density(self) -> float:
+        return self.k / self.chunk
+
+
+class HivemindCodec:
+    """hivemind's own compression (a serialised `runtime_pb2.Tensor`), for comparison:
+    `fp16` (Float16Compression) and `uint8` (Uniform8BitQuantization: 256 buckets over
+    ±3σ around the mean, each value replaced by its bucket's average).
+
+    Wrapped in our header, and the protobuf checked (compression type, dtype, shape)
+    before hivemind's extractor runs, so garbage is refused like every other codec's.
+    """
+
+    lossy = True
+
+    def __init__(self, kind: str) -> None:
+        from hivemind.compression import Float16Compression, Uniform8BitQuantization
+        from hivemind.proto import runtime_pb2
+
+        self._pb = runtime_pb2
+        self._impl: Float16Compression | Uniform8BitQuantization
+        if kind == "fp16":
+            self.name, self.codec_id, self._impl = "hivemind-fp16", 6, Float16Compression()
+        elif kind == "uint8":
+            self.name, self.codec_id, self._impl = "hivemind-uint8", 7, Uniform8BitQuantization()
+        else:
+            raise ValueError(f"unknown hivemind codec {kind!r}")
+
+    def encode(self, values: torch.Tensor) -> bytes:
+        from hivemind.compression import CompressionInfo
+
+        v = _flat_f32(values)
+        message = self._impl.compress(v, CompressionInfo.from_tensor(v)).SerializeToString()
+        return _header(self.codec_id, v.numel(), 0) + message
+
+    def encoded_size(self, numel: int) -> int:
+        # The protobuf's fields have sizes fixed by n alone (buffer length, shape), so an
+        # encoding of n zeros has the size of every encoding of n values.
+        return len(self.encode(torch.zeros(numel)))
+
+    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+        _check_header(payload, self.codec_id, numel, 0, len(payload))
+        message = self._pb.Tensor()
+        try:
+            message.ParseFromString(payload[HEADER_BYTES:])
+        except Exception:  # protobuf's DecodeError and friends
+            raise CodecError(f"{self.name}: payload is not a hivemind tensor") from None
+        if message.compression != self._impl.compression_type or message.dtype != "float32":
+            raise CodecError(f"{self.name}: payload has another compression or dtype")
+        if list(message.size) != [numel]:
+            raise CodecError(f"{self.name}: payload holds shape {list(message.size)}")
+        if self.name == "hivemind-uint8":
+            buffer = message.buffer
+            cb = int(np.frombuffer(buffer[:8], dtype="<i8")[0]) if len(buffer) >= 8 else -1
+            if not 0 < cb <= 256 or len(buffer) != 8 + 4 * cb + numel:
+                raise CodecError(f"{self.name}: codebook or buffer length is wrong")
+            indices = np.frombuffer(buffer, dtype=np.uint8, offset=8 + 4 * cb)
+            if numel and int(indices.max()) >= cb:
+                raise CodecError(f"{self.name}: index outside the codebook")
+        elif len(message.buffer) != 2 * numel:
+            raise CodecError(f"{self.name}: buffer length is wrong")
+        out = self._impl.extract(message)
+        return _finite(out.detach().float().contiguous(), f"{self.name} payload")
+
+    def error_bound(self, values: torch.Tensor) -> float:
+        v = _flat_f32(values)
+        if not v.numel():
+            return 0.0
+        if self.name == "hivemind-fp16":
+            return float(v.abs().max()) * 2.0**-11 + 6e-8
+        # A bucket's average can be as far as the bucket's spread; the outer buckets
+        # collect everything beyond ±3σ, so only the whole range bounds them.
+        return float(v.max() - v.min())
+
+
+def make_codec(spec: str) -> Codec:
+    """fp32, bf16, int8[:BLOCK], int4[:BLOCK], topk[:K/CHUNK], hivemind-fp16, hivemind-uint8."""
+    name, _, arg = spec.strip().lower().partition(":")
+    try:
+        if name == "fp32" and not arg:
+            return Float32Codec()
+        if name == "bf16" and not arg:
+            return BFloat16Codec()
+        if name in ("int8", "int4"):
+            return BlockQuantCodec(bits=int(name[3:]), block=int(arg) if arg else 64)
+        if name == "topk":
+            if arg:
+                k, _, chunk = arg.partition("/")
+                return TopKCodec(chunk=int(chunk or 4096), k=int(k))
+            return TopKCodec()
+        if name in ("hivemind-fp16", "hivemind-uint8") and not arg:
+            return HivemindCodec(name.split("-")[1])
+    except ValueError as err:
+        raise ValueError(f"bad codec {spec!r}: {err}") from None
+    raise ValueError(
+        f"unknown codec {spec!r}: use fp32, bf16, int8[:BLOCK], int4[:BLOCK], "
+        "topk[:K/CHUNK], hivemind-fp16 or hivemind-uint8"
+    )
+
+
+CODEC_NAMES = ("fp32", "bf16", "int8", "int4", "topk", "hivemind-fp16", "hivemind-uint8")
+
+
+class ErrorFeedback:
+    """Carries what a lossy codec dropped into the next message:
+    send encode(Δ + r); r ← (Δ + r) − decode(sent)."""
+
+    def __init__(self, codec: Codec) -> None:
+        self.codec = codec
+        self.residual: torch.Tensor | None = None
+
+    def encode(self, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
+        """The payload and its decoded value (what every receiver will reconstruct)."""
+        v = _flat_f32(values)
+        target = v if self.residual is None else v + self.residual
+        payload = self.codec.encode(target)
+        decoded = self.codec.decode(payload, target.numel())
+        if self.codec.lossy:
+            self.residual = target - decoded
+        return payload, decoded

@@ -1,0 +1,106 @@
+"""DiLoCo's outer loop: global fp32 state, pseudo-gradients, token-weighted means, the
+outer Nesterov step, and a fingerprint of the global state.
+
+Everything here runs on the CPU in fp32 with plain, unfused operations (one IEEE rounding
+per op, no fused multiply-add), so nodes on different hardware that apply the same
+committed mean reach bit-identical global weights.
+
+Flat layout: a model's parameters (in `named_parameters` order, tied ones once) are
+concatenated into one 1-D fp32 vector of n values; shards of the exchange are slices of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    lr: float = 0.7
+    momentum: float = 0.9
+    nesterov: bool = True
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"outer lr must be positive, got {self.lr}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"outer momentum must be in [0, 1), got {self.momentum}")
+
+
+def flatten_parameters(model: nn.Module) -> torch.Tensor:
+    """(n,) fp32 CPU copy of the model's parameters."""
+    return torch.cat([p.detach().to("cpu", torch.float32).reshape(-1) for p in model.parameters()])
+
+
+@torch.no_grad()
+def load_flat_parameters(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy a flat (n,) vector into the model's parameters (any device / dtype)."""
+    offset = 0
+    for p in model.parameters():
+        n = p.numel()
+        p.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"flat vector has {flat.numel()} values, model has {offset}")
+
+
+class GlobalState:
+    """θ (the committed global weights) and the outer momentum, fp32 on the CPU, kept
+    apart from the training replica (which may be bf16 or on a GPU)."""
+
+    def __init__(self, params: torch.Tensor, momentum: torch.Tensor | None = None) -> None:
+        self.params = params.detach().to("cpu", torch.float32).clone()
+        self.momentum = (
+            torch.zeros_like(self.params) if momentum is None else momentum.clone().float()
+        )
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> GlobalState:
+        return cls(flatten_parameters(model))
+
+    def pseudo_gradient(self, replica: nn.Module) -> torch.Tensor:
+        """Δ_i = θ − θ_i: the direction the replica moved, as a gradient (descent = −Δ)."""
+        return self.params - flatten_parameters(replica)
+
+    def outer_step(self, mean_delta: torch.Tensor, cfg: OuterConfig) -> None:
+        """SGD with (Nesterov) momentum on the mean pseudo-gradient:
+        m ← μ·m + Δ̄;  u ← Δ̄ + μ·m (Nesterov) or m;  θ ← θ − lr·u."""
+        if mean_delta.shape != self.params.shape or mean_delta.dtype != torch.float32:
+            raise ValueError("mean pseudo-gradient must be fp32 with the state's shape")
+        mu = torch.tensor(cfg.momentum, dtype=torch.float32)
+        lr = torch.tensor(cfg.lr, dtype=torch.float32)
+        self.momentum = torch.mul(self.momentum, mu).add(mean_delta)  # two roundings, no FMA
+        update = (
+            torch.add(mean_delta, torch.mul(self.momentum, mu)) if cfg.nesterov else self.momentum
+        )
+        self.params = torch.sub(self.params, torch.mul(update, lr))
+
+    def fingerprint(self) -> str:
+        """SHA-256 over a canonical layout: n (u64 LE), θ then m as little-endian fp32."""
+        digest = hashlib.sha256(b"starling-state-v1")
+        digest.update(struct.pack("<Q", self.params.numel()))
+        digest.update(self.params.numpy().astype("<f4").tobytes())
+        digest.update(self.momentum.numpy().astype("<f4").tobytes())
+        return digest.hexdigest()
+
+    def copy(self) -> GlobalState:
+        return GlobalState(self.params, self.momentum)
+
+
+def weighted_mean(deltas: Sequence[torch.Tensor], tokens: Sequence[int]) -> torch.Tensor:
+    """Σ n_i·Δ_i / Σ n_i, summed in the given order (fixed order ⇒ reproducible bits)."""
+    if not deltas or len(deltas) != len(tokens):
+        raise ValueError("need one token count per contribution, and at least one")
+    if any(n <= 0 for n in tokens):
+        raise ValueError(f"token counts must be positive, got {list(tokens)}")
+    total = float(sum(tokens))
+    acc = torch.zeros_like(deltas[0], dtype=torch.float32)
+    for delta, n in zip(deltas, tokens, strict=True):
+        acc = acc.add(torch.mul(delta.float(), torch.tensor(n / total, dtype=torch.float32)))
+    return acc

@@ -1,0 +1,302 @@
+"""`starling simulate`: K virtual workers in one process, through the same model, data,
+inner trainer, codecs and outer step that real nodes run.
+
+Strategies (chosen once, up front):
+  ddp     every step, the K workers' gradients are averaged (fp32 out, fp32 mean back):
+          one AdamW step on a global batch of K × the per-worker batch.
+  diloco  each worker takes H inner AdamW steps from θ, sends its encoded pseudo-gradient
+          (with error feedback); the token-weighted mean is re-encoded by its owner, and
+          every worker applies the same outer Nesterov step. Optional: heterogeneous
+          speeds (slow workers take fewer inner steps and weigh by their tokens), dropouts
+          (a worker misses a round), overlap (the mean of round r is applied one round
+          late, while round r+1 trains).
+
+Bytes per worker count the exact encoded payloads one worker sends plus the means it
+receives back, for both strategies alike.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import torch
+
+from .codecs import Codec, ErrorFeedback, TopKCodec, make_codec
+from .data import SequenceBatcher, TokenDataset, evaluation_batches
+from .diloco import GlobalState, OuterConfig, load_flat_parameters, weighted_mean
+from .model import build_model, model_config
+from .train import InnerTrainer, TrainConfig
+
+STRATEGIES = ("ddp", "diloco")
+
+# Recommended DiLoCo settings (from bench/convergence.py; see README): the defaults of
+# `starling simulate --strategy diloco` and of new runs.
+DEFAULT_INNER_STEPS = 50
+DEFAULT_CODEC = "int8"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    strategy: str = "diloco"
+    workers: int = 4
+    steps: int = 500  # optimizer steps per worker (the fastest, with speeds)
+    inner_steps: int = DEFAULT_INNER_STEPS  # H: inner steps per round (fastest worker)
+    codec: str = DEFAULT_CODEC
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    speeds: tuple[float, ...] = ()  # relative speeds in (0, 1]; empty: all equal
+    dropout: float = 0.0  # probability that a worker misses a round
+    overlap: bool = False
+    eval_every: int = 0  # rounds (diloco) or steps (ddp) between evaluations; 0: ~10 evals
+    model: str = "tiny"
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}")
+        if self.workers < 1:
+            raise ValueError("workers must be at least 1")
+        if self.steps < 1 or self.inner_steps < 1:
+            raise ValueError("steps and inner steps must be positive")
+        if self.speeds and len(self.speeds) != self.workers:
+            raise ValueError(f"--speeds needs {self.workers} values, one per worker")
+        if any(not 0 < s <= 1 for s in self.speeds):
+            raise ValueError("speeds must be in (0, 1] (1 = the fastest worker)")
+        if not 0 <= self.dropout < 1:
+            raise ValueError("dropout must be in [0, 1)")
+        make_codec(self.codec)  # fail early on a bad codec
+
+
+@dataclass
+class SimResult:
+    strategy: str
+    codec: str
+    workers: int
+    steps: int
+    inner_steps: int
+    rounds: int
+    tokens: int
+    initial_val_loss: float
+    final_val_loss: float
+    bytes_per_worker: int
+    wall_s: float
+    overlap: bool
+    fingerprint: str
+    history: list[dict[str, float]] = field(default_factory=list)  # tokens, bytes, val_loss
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+ProgressFn = Callable[[int, int, float | None], None]  # steps done, steps in all, val loss
+
+
+def mean_codec(codec: Codec, contributors: int) -> Codec:
+    """The codec an owner re-encodes the mean with. A mean of K top-k messages has up
+    to K·k non-zeros per chunk; keeping them all costs K× the bytes but loses nothing
+    of the support, where re-selecting k would drop most of every worker's update."""
+    if isinstance(codec, TopKCodec):
+        return TopKCodec(chunk=codec.chunk, k=min(codec.chunk, codec.k * contributors))
+    return codec
+
+
+class Simulation:
+    def __init__(self, cfg: SimConfig, train_cfg: TrainConfig, dataset: TokenDataset) -> None:
+        self.cfg = cfg
+        self.train_cfg = train_cfg
+        self.dataset = dataset
+        self.device = torch.device("cpu")
+        mcfg = model_config(
+            cfg.model,
+            vocab_size=dataset.manifest.vocab_size,
+            max_seq_len=max(train_cfg.seq_len, model_config(cfg.model).max_seq_len),
+        )
+        self.initial = build_model(mcfg, seed=train_cfg.seed)
+        self.n_params = self.initial.num_parameters()
+        self.val = evaluation_batches(
+            dataset.split("val"),
+            train_cfg.seq_len,
+            train_cfg.micro_batch_size,
+            train_cfg.eval_batches,
+        )
+
+    def _batcher(self, worker: int, batch: int) -> SequenceBatcher:
+        # Each worker draws its own i.i.d. stream over the training split.
+        seed = self.train_cfg.seed * 1000 + worker
+        return SequenceBatcher(self.dataset.split("train"), self.train_cfg.seq_len, batch, seed)
+
+    def _eval(self, params: torch.Tensor) -> float:
+        model = build_model(self.initial.config)
+        load_flat_parameters(model, params)
+        return InnerTrainer(model, self.train_cfg, self.device).evaluate(self.val)
+
+    def run(self, progress: ProgressFn | None = None) -> SimResult:
+        start = time.perf_counter()
+        result = self._ddp(progress) if self.cfg.strategy == "ddp" else self._diloco(progress)
+        result.wall_s = time.perf_counter() - start
+        return result
+
+    # ------------------------------------------------------------------ DDP
+
+    def _ddp(self, progress: ProgressFn | None) -> SimResult:
+        cfg, k = self.cfg, self.cfg.workers
+        # K workers' batches averaged each step ≡ one replica on a K× batch.
+        global_cfg = replace(
+            self.train_cfg, batch_tokens=self.train_cfg.batch_tokens * k, steps=cfg.steps
+        )
+        model = build_model(self.initial.config, seed=self.train_cfg.seed)
+        trainer = InnerTrainer(model, global_cfg, self.device)
+        batches = self._batcher(0, global_cfg.micro_batch_size)
+        fp32 = make_codec("fp32")
+        step_bytes = 2 * fp32.encoded_size(self.n_params)  # gradient out + mean in
+        eval_every = cfg.eval_every or max(1, cfg.steps // 10)
+        initial = trainer.evaluate(self.val)
+        history = [{"tokens": 0, "bytes": 0, "val_loss": initial}]
+        tokens = sent = 0
+        for step in range(1, cfg.steps + 1):
+            tokens += trainer.step(batches).tokens
+            sent += step_bytes
+            val = None
+            if step % eval_every == 0 or step == cfg.steps:
+                val = trainer.evaluate(self.val)
+                history.append({"tokens": tokens, "bytes": sent, "val_loss": val})
+            if progress:
+                progress(step, cfg.steps, val)
+        state = GlobalState.from_model(model)
+        return SimResult(
+            "ddp",
+            "fp32",
+            k,
+            cfg.steps,
+            1,
+            cfg.steps,
+            tokens,
+            initial,
+            history[-1]["val_loss"],
+            sent,
+            0.0,
+            False,
+            state.fingerprint(),
+            history,
+        )
+
+    # --------------------------------------------------------------- DiLoCo
+
+    def _diloco(self, progress: ProgressFn | None) -> SimResult:
+        cfg = self.cfg
+        codec = make_codec(cfg.codec)
+        speeds = cfg.speeds or (1.0,) * cfg.workers
+        state = GlobalState.from_model(self.initial)
+        replicas = [
+            build_model(self.initial.config, seed=self.train_cfg.seed) for _ in range(cfg.workers)
+        ]
+        inner_cfg = replace(self.train_cfg, steps=cfg.steps)
+        trainers = [InnerTrainer(m, inner_cfg, self.device) for m in replicas]
+        batchers = [self._batcher(i, inner_cfg.micro_batch_size) for i in range(cfg.workers)]
+        feedback = [ErrorFeedback(codec) for _ in replicas]
+        anchors = [state.params.clone() for _ in replicas]  # θ each replica started from
+        rng = random.Random(self.train_cfg.seed)
+
+        rounds = math.ceil(cfg.steps / cfg.inner_steps)
+        eval_every = cfg.eval_every or max(1, rounds // 10)
+        initial = self._eval(state.params)
+        history = [{"tokens": 0, "bytes": 0, "val_loss": initial}]
+        tokens = sent = steps_done = 0
+        pending: torch.Tensor | None = None  # overlap: the mean still on the wire
+
+        for r in range(1, rounds + 1):
+            deltas, weights = [], []
+            for i, replica in enumerate(replicas):
+                if rng.random() < cfg.dropout:
+                    continue  # missed the round: its work is discarded below
+                h = max(1, round(cfg.inner_steps * speeds[i]))
+                worker_tokens = sum(trainers[i].step(batchers[i]).tokens for _ in range(h))
+                payload, decoded = feedback[i].encode(
+                    anchors[i] - torch.cat([p.detach().reshape(-1) for p in replica.parameters()])
+                )
+                sent += len(payload) if i == 0 else 0  # bytes of worker 0, the reference
+                deltas.append(decoded)
+                weights.append(worker_tokens)
+                tokens += worker_tokens
+            steps_done += cfg.inner_steps
+
+            mean = None
+            if deltas:
+                owner_codec = mean_codec(codec, len(deltas))
+                payload = owner_codec.encode(weighted_mean(deltas, weights))
+                sent += len(payload)  # every worker downloads the re-encoded mean
+                mean = owner_codec.decode(payload, self.n_params)
+
+            if cfg.overlap:
+                # The mean of round r−1 arrives only now; each replica keeps its own round-r
+                # progress on top of the new global state.
+                if pending is not None:
+                    state.outer_step(pending, cfg.outer)
+                pending = mean
+                for i, replica in enumerate(replicas):
+                    local = torch.cat([p.detach().reshape(-1) for p in replica.parameters()])
+                    anchors[i] = state.params + (local - anchors[i])
+                    load_flat_parameters(replica, anchors[i])
+            else:
+                if mean is not None:
+                    state.outer_step(mean, cfg.outer)
+                for i, replica in enumerate(replicas):
+                    anchors[i] = state.params.clone()
+                    load_flat_parameters(replica, state.params)
+
+            last = r == rounds
+            if last and pending is not None:
+                state.outer_step(pending, cfg.outer)  # flush: apply the final mean
+            val = None
+            if r % eval_every == 0 or last:
+                val = self._eval(state.params)
+                history.append({"tokens": tokens, "bytes": sent, "val_loss": val})
+            if progress:
+                progress(min(steps_done, cfg.steps), cfg.steps, val)
+
+        return SimResult(
+            "diloco",
+            cfg.codec,
+            cfg.workers,
+            cfg.steps,
+            cfg.inner_steps,
+            rounds,
+            tokens,
+            initial,
+            history[-1]["val_loss"],
+            sent,
+            0.0,
+            cfg.overlap,
+            state.fingerprint(),
+            history,
+        )
+
+
+def plot(results: list[SimResult], path: str) -> None:
+    """Validation loss against tokens and against bytes per worker, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_tokens, ax_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for res in results:
+        label = f"{res.strategy} {res.codec}" + (
+            f" H={res.inner_steps}" if res.strategy == "diloco" else ""
+        )
+        xs = [h["tokens"] for h in res.history]
+        bs = [max(1, h["bytes"]) for h in res.history]
+        ys = [h["val_loss"] for h in res.history]
+        ax_tokens.plot(xs, ys, marker="o", ms=3, label=label)
+        ax_bytes.plot(bs, ys, marker="o", ms=3, label=label)
+    ax_tokens.set(xlabel="tokens trained (all workers)", ylabel="validation loss (nats/token)")
+    ax_bytes.set(xlabel="bytes sent + received per worker", xscale="log")
+    for ax in (ax_tokens, ax_bytes):
+        ax.grid(alpha=0.3)
+    ax_tokens.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,152 @@
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+
+from starling.codecs import (
+    CODEC_NAMES,
+    HEADER_BYTES,
+    CodecError,
+    ErrorFeedback,
+    make_codec,
+)
+
+SIZES = [1, 5, 4097, 10_001]
+SPECS = [*CODEC_NAMES, "int8:128", "int4:32", "topk:8/16", "topk:32/1024"]
+
+
+def sample(n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    # Heavy-tailed like real pseudo-gradients: mostly small, a few large values.
+    return torch.randn(n, generator=gen) * torch.rand(n, generator=gen) ** 4
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("n", SIZES)
+def test_round_trip_within_bound_and_exact_size(spec: str, n: int) -> None:
+    codec = make_codec(spec)
+    x = sample(n)
+    payload = codec.encode(x)
+    assert len(payload) == codec.encoded_size(n)
+    y = codec.decode(payload, n)
+    assert y.shape == (n,) and y.dtype == torch.float32
+    assert float((x - y).abs().max()) <= codec.error_bound(x)
+    if not codec.lossy:
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize(
+    "spec, bytes_per_param",
+    [
+        ("fp32", 4.0),
+        ("bf16", 2.0),
+        ("int8", 1.03125),
+        ("int4", 0.53125),
+        ("topk", 64 * 3 / 4096 + 2 / 4096),
+    ],
+)
+def test_stated_bytes_per_parameter(spec: str, bytes_per_param: float) -> None:
+    n = 4096 * 64
+    size = make_codec(spec).encoded_size(n)
+    assert size == pytest.approx(n * bytes_per_param + HEADER_BYTES + (4 if spec == "topk" else 0))
+
+
+@pytest.mark.parametrize(
+    "spec", ["bf16", "int8", "int4", "topk", "hivemind-fp16", "hivemind-uint8"]
+)
+def test_error_feedback_loses_nothing_in_the_sum(spec: str) -> None:
+    """Σ decoded messages + final residual = Σ inputs."""
+    feedback = ErrorFeedback(make_codec(spec))
+    inputs, decoded = [], []
+    for round_ in range(6):
+        x = sample(3000, seed=round_)
+        inputs.append(x)
+        decoded.append(feedback.encode(x)[1])
+    assert feedback.residual is not None
+    total_in = torch.stack(inputs).double().sum(0)
+    total_out = torch.stack(decoded).double().sum(0) + feedback.residual.double()
+    torch.testing.assert_close(total_out, total_in, rtol=0, atol=1e-5)
+
+
+def test_top_k_with_feedback_eventually_sends_every_coordinate() -> None:
+    codec = make_codec("topk:4/64")
+    feedback = ErrorFeedback(codec)
+    x = torch.linspace(0.1, 1.0, 64)
+    seen = torch.zeros(64, dtype=torch.bool)
+    for _ in range(400):  # the smallest needs ~10x the rounds of the largest
+        seen |= feedback.encode(x)[1] != 0
+    assert seen.all()  # small coordinates accumulate until they are large enough to go
+
+
+def tamper(payload: bytes, kind: str) -> bytes:
+    data = bytearray(payload)
+    if kind == "truncated":
+        return bytes(data[:-1])
+    if kind == "extended":
+        return bytes(data) + b"\x00"
+    if kind == "magic":
+        data[0] ^= 0xFF
+    elif kind == "codec_id":
+        data[3] = (data[3] % 7) + 1 if data[3] != 7 else 1
+    elif kind == "numel":
+        struct.pack_into("<Q", data, 4, 1 << 62)
+    elif kind == "empty":
+        return b""
+    return bytes(data)
+
+
+@pytest.mark.parametrize("spec", CODEC_NAMES)
+@pytest.mark.parametrize("kind", ["truncated", "extended", "magic", "codec_id", "numel", "empty"])
+def test_malformed_payloads_are_refused(spec: str, kind: str) -> None:
+    codec = make_codec(spec)
+    payload = codec.encode(sample(1000))
+    with pytest.raises(CodecError):
+        codec.decode(tamper(payload, kind), 1000)
+
+
+@pytest.mark.parametrize("spec", CODEC_NAMES)
+def test_random_bytes_never_crash(spec: str) -> None:
+    codec = make_codec(spec)
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        n = 100
+        size = (
+            codec.encoded_size(n) if trial % 2 else int(torch.randint(0, 600, (1,), generator=gen))
+        )
+        junk = bytes(torch.randint(0, 256, (size,), generator=gen, dtype=torch.uint8).tolist())
+        if trial % 4 == 1:  # a valid header over random content: the body's checks must hold
+            junk = codec.encode(torch.zeros(n))[:HEADER_BYTES] + junk[HEADER_BYTES:]
+        try:
+            out = codec.decode(junk, n)
+        except CodecError:
+            continue
+        assert out.shape == (n,) and torch.isfinite(out).all()
+
+
+def test_non_finite_values_in_a_payload_are_refused() -> None:
+    codec = make_codec("fp32")
+    payload = bytearray(codec.encode(torch.ones(4)))
+    struct.pack_into("<f", payload, HEADER_BYTES + 4, float("nan"))
+    with pytest.raises(CodecError, match="NaN"):
+        codec.decode(bytes(payload), 4)
+
+
+def test_top_k_repeated_or_out_of_range_indices_are_refused() -> None:
+    codec = make_codec("topk:4/16")
+    payload = bytearray(codec.encode(sample(32)))
+    index_offset = HEADER_BYTES + 4 + 2 * 2  # header, k, two fp16 scales
+    repeated = bytearray(payload)
+    repeated[index_offset + 2 : index_offset + 4] = repeated[index_offset : index_offset + 2]
+    out_of_range = bytearray(payload)
+    struct.pack_into("<H", out_of_range, index_offset + 6, 16)
+    for bad in (repeated, out_of_range):
+        with pytest.raises(CodecError, match="indices"):
+            codec.decode(bytes(bad), 32)
+
+
+@pytest.mark.parametrize("spec", ["int3", "topk:0/16", "topk:a/b", "int8:7", "zstd", "fp32:2"])
+def test_bad_codec_specs_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="codec"):
+        make_codec(spec)

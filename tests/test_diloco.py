@@ -1,0 +1,256 @@
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from starling.data import SequenceBatcher, TokenDataset
+from starling.diloco import (
+    GlobalState,
+    OuterConfig,
+    flatten_parameters,
+    load_flat_parameters,
+    weighted_mean,
+)
+from starling.model import build_model, model_config
+from starling.simulate import SimConfig, Simulation
+from starling.train import InnerTrainer, TrainConfig
+
+from .conftest import run_cli
+
+CPU = torch.device("cpu")
+SMALL = dict(
+    steps=12,
+    batch_tokens=256,
+    micro_batch_size=4,
+    seq_len=64,
+    warmup_steps=2,
+    eval_batches=2,
+    lr=3e-3,
+)
+
+
+def test_one_worker_h1_outer_lr1_no_momentum_is_plain_adamw(pydoc_dir: Path) -> None:
+    dataset = TokenDataset(pydoc_dir)
+    cfg = TrainConfig(**SMALL)
+    mcfg = model_config("tiny", vocab_size=dataset.manifest.vocab_size)
+
+    plain = build_model(mcfg, seed=0)
+    plain_trainer = InnerTrainer(plain, cfg, CPU)
+    batches = SequenceBatcher(dataset.split("train"), cfg.seq_len, cfg.micro_batch_size, seed=1)
+    for _ in range(cfg.steps):
+        plain_trainer.step(batches)
+
+    replica = build_model(mcfg, seed=0)
+    trainer = InnerTrainer(replica, cfg, CPU)
+    state = GlobalState.from_model(replica)
+    batches = SequenceBatcher(dataset.split("train"), cfg.seq_len, cfg.micro_batch_size, seed=1)
+    degenerate = OuterConfig(lr=1.0, momentum=0.0)
+    for _ in range(cfg.steps):  # rounds of H = 1
+        trainer.step(batches)
+        state.outer_step(state.pseudo_gradient(replica), degenerate)
+        load_flat_parameters(replica, state.params)
+    # θ − (θ − θ_i) = θ_i holds up to one fp32 rounding per round, which AdamW then carries.
+    torch.testing.assert_close(state.params, flatten_parameters(plain), rtol=0, atol=1e-5)
+
+
+def test_ddp_equals_one_worker_with_k_times_the_batch() -> None:
+    """K replicas averaging gradients every step == one replica on the K× batch."""
+    k, micro = 3, 2
+    mcfg = model_config("tiny", vocab_size=256)
+    gen = torch.Generator().manual_seed(0)
+    steps = [torch.randint(0, 256, (k * micro, 33), generator=gen) for _ in range(3)]
+
+    big = build_model(mcfg, seed=4)
+    cfg = TrainConfig(
+        batch_tokens=k * micro * 32,
+        micro_batch_size=micro,
+        seq_len=32,
+        steps=3,
+        warmup_steps=0,
+        grad_clip=0.0,
+        schedule="constant",
+    )
+    trainer = InnerTrainer(big, cfg, CPU)
+    norms = [
+        trainer.step(iter([(c[:, :-1], c[:, 1:]) for c in data.split(micro)])).grad_norm
+        for data in steps
+    ]
+
+    replicas = [build_model(mcfg, seed=4) for _ in range(k)]
+    leader = replicas[0]
+    opt = torch.optim.AdamW(
+        [
+            {"params": [p for p in leader.parameters() if p.dim() >= 2], "weight_decay": 0.1},
+            {"params": [p for p in leader.parameters() if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
+    for step, data in enumerate(steps):
+        grads = []
+        for replica, chunk in zip(replicas, data.split(micro), strict=True):
+            logits = replica(chunk[:, :-1])
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), chunk[:, 1:].flatten())
+            grads.append(torch.autograd.grad(loss, list(replica.parameters())))
+        for p, *gs in zip(leader.parameters(), *grads, strict=True):
+            p.grad = torch.stack(gs).mean(0)  # the all-reduce
+        mean_norm = torch.cat([p.grad.flatten() for p in leader.parameters()]).norm()
+        # The gradient norm is scale-sensitive (AdamW's step is not): a sum instead of a
+        # mean, or a lost micro-batch, shows here.
+        assert norms[step] == pytest.approx(float(mean_norm), rel=1e-4)
+        opt.step()
+        opt.zero_grad()
+        for replica in replicas[1:]:
+            load_flat_parameters(replica, flatten_parameters(leader))
+    # AdamW divides by √v, which magnifies summation-order roundings where gradients are
+    # near zero: agreement to a few % of one step (lr = 3e-3) is all fp32 can promise.
+    torch.testing.assert_close(
+        flatten_parameters(big), flatten_parameters(leader), rtol=0, atol=1e-4
+    )
+
+
+def test_weighted_mean_weighs_by_tokens() -> None:
+    a, b = torch.full((4,), 1.0), torch.full((4,), 5.0)
+    assert torch.equal(weighted_mean([a, b], [1, 3]), torch.full((4,), 4.0))
+    with pytest.raises(ValueError):
+        weighted_mean([a, b], [1, 0])
+
+
+def test_outer_step_is_torch_sgd_with_nesterov() -> None:
+    gen = torch.Generator().manual_seed(2)
+    theta = torch.randn(1000, generator=gen)
+    state = GlobalState(theta)
+    reference = torch.nn.Parameter(theta.clone())
+    sgd = torch.optim.SGD([reference], lr=0.7, momentum=0.9, nesterov=True)
+    for _ in range(5):
+        delta = torch.randn(1000, generator=gen) * 0.01
+        state.outer_step(delta, OuterConfig())
+        reference.grad = delta.clone()
+        sgd.step()
+    torch.testing.assert_close(state.params, reference.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_same_mean_same_bits_and_fingerprint() -> None:
+    theta = torch.randn(5000, generator=torch.Generator().manual_seed(3))
+    mean = torch.randn(5000, generator=torch.Generator().manual_seed(4)) * 1e-3
+    a, b = GlobalState(theta), GlobalState(theta.clone())
+    for _ in range(3):
+        a.outer_step(mean, OuterConfig())
+        b.outer_step(mean.clone(), OuterConfig())
+    assert torch.equal(a.params, b.params) and a.fingerprint() == b.fingerprint()
+
+
+@pytest.mark.parametrize("which", ["params", "momentum"])
+def test_fingerprint_changes_with_one_ulp_anywhere(which: str) -> None:
+    state = GlobalState(torch.randn(777), torch.randn(777))
+    before = state.fingerprint()
+    for index in (0, 388, 776):
+        other = state.copy()
+        tensor = getattr(other, which)
+        tensor[index] = torch.nextafter(tensor[index], torch.tensor(float("inf")))
+        assert other.fingerprint() != before
+    assert state.copy().fingerprint() == before
+
+
+def simulate(pydoc_dir: Path, **overrides) -> dict:
+    sim = SimConfig(**{"workers": 2, "steps": 24, "inner_steps": 6, "codec": "int8", **overrides})
+    result = Simulation(sim, TrainConfig(**{**SMALL, "steps": 24}), TokenDataset(pydoc_dir)).run()
+    return result.to_dict()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_diloco_converges_with_and_without_overlap(pydoc_dir: Path, overlap: bool) -> None:
+    # Four rounds are too few for momentum 0.9 to settle (it overshoots either way).
+    result = simulate(pydoc_dir, overlap=overlap, outer=OuterConfig(lr=0.7, momentum=0.5))
+    assert result["rounds"] == 4 and result["overlap"] is overlap
+    assert result["final_val_loss"] < result["initial_val_loss"] - 0.5
+    assert result["tokens"] == 2 * 24 * 256
+
+
+def test_slow_workers_do_fewer_steps_and_dropouts_skip_rounds(pydoc_dir: Path) -> None:
+    even = simulate(pydoc_dir, speeds=(1.0, 1.0))
+    uneven = simulate(pydoc_dir, speeds=(1.0, 0.5))
+    assert uneven["tokens"] == even["tokens"] * 3 // 4
+    dropped = simulate(pydoc_dir, dropout=0.5)
+    assert dropped["tokens"] < even["tokens"]
+    assert dropped["final_val_loss"] < dropped["initial_val_loss"]
+
+
+def test_bytes_per_worker_are_the_encoded_payloads(pydoc_dir: Path) -> None:
+    from starling.codecs import make_codec
+
+    int8, fp32 = simulate(pydoc_dir, codec="int8"), simulate(pydoc_dir, codec="fp32")
+    n = build_model(model_config("tiny", vocab_size=1024)).num_parameters()
+    rounds = 4
+    assert fp32["bytes_per_worker"] == rounds * 2 * make_codec("fp32").encoded_size(n)
+    assert int8["bytes_per_worker"] == rounds * 2 * make_codec("int8").encoded_size(n)
+    ddp = simulate(pydoc_dir, strategy="ddp")
+    assert ddp["bytes_per_worker"] == 24 * 2 * make_codec("fp32").encoded_size(n)
+
+
+def test_simulate_cli_json_and_plot(pydoc_dir: Path, tmp_path: Path) -> None:
+    png = tmp_path / "loss.png"
+    result = run_cli(
+        "simulate",
+        "--data",
+        str(pydoc_dir),
+        "--workers",
+        "2",
+        "--steps",
+        "8",
+        "--inner-steps",
+        "4",
+        "--codec",
+        "topk",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--speeds",
+        "1,0.5",
+        "--overlap",
+        "--json",
+        "--plot",
+        str(png),
+    )
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    for key in (
+        "strategy",
+        "codec",
+        "workers",
+        "steps",
+        "inner_steps",
+        "tokens",
+        "final_val_loss",
+        "bytes_per_worker",
+        "wall_s",
+    ):
+        assert key in summary
+    assert summary["codec"] == "topk" and summary["rounds"] == 2
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--strategy", "fsdp"], "strategy must be one of"),
+        (["--codec", "zstd"], "unknown codec"),
+        (["--speeds", "1,fast"], "comma-separated"),
+        (["--speeds", "1,1,1"], "needs 4 values"),
+        (["--outer-momentum", "1.5"], "outer momentum"),
+    ],
+)
+def test_simulate_cli_bad_input(pydoc_dir: Path, args: list[str], message: str) -> None:
+    result = run_cli("simulate", "--data", str(pydoc_dir), "--steps", "2", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_sim_config_defaults_are_the_recommended_diloco() -> None:
+    cfg = SimConfig()
+    assert cfg.strategy == "diloco" and cfg.outer == OuterConfig(lr=0.7, momentum=0.9)
+    assert replace(cfg, overlap=True).overlap
