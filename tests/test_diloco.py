@@ -180,6 +180,14 @@ def test_slow_workers_do_fewer_steps_and_dropouts_skip_rounds(pydoc_dir: Path) -
     assert dropped["final_val_loss"] < dropped["initial_val_loss"]
 
 
+def test_rounds_can_close_on_a_token_budget(pydoc_dir: Path) -> None:
+    # 2 workers at speeds 1 and 0.5 make 384 tokens per step of the fast one: 1000 tokens
+    # need 3 steps (H = 3), so 24 steps are 8 rounds.
+    result = simulate(pydoc_dir, round_tokens=1000, speeds=(1.0, 0.5))
+    assert result["inner_steps"] == 3 and result["rounds"] == 8
+    assert result["tokens"] == 8 * (3 + 2) * 256  # the slow worker rounds 1.5 steps to 2
+
+
 def test_bytes_per_worker_are_the_encoded_payloads(pydoc_dir: Path) -> None:
     from starling.codecs import make_codec
 

@@ -371,6 +371,9 @@ def simulate_command(
     inner_steps: Annotated[
         int | None, typer.Option(help="DiLoCo H: inner steps per round.")
     ] = None,
+    round_tokens: Annotated[
+        int | None, typer.Option(help="Close rounds on this many tokens (all workers), not H.")
+    ] = None,
     codec: Annotated[
         str | None,
         typer.Option(
@@ -407,8 +410,8 @@ def simulate_command(
     ] = False,
 ) -> None:
     """Compare strategies (DDP, DiLoCo, codecs, H, speeds, dropouts) on this machine."""
-    from .diloco import OuterConfig
-    from .simulate import DEFAULT_CODEC, DEFAULT_INNER_STEPS, SimConfig, Simulation, plot
+    from .diloco import DEFAULT_CODEC, DEFAULT_INNER_STEPS, OuterConfig
+    from .simulate import SimConfig, Simulation, plot
     from .train import TrainConfig
 
     try:
@@ -421,6 +424,7 @@ def simulate_command(
         workers=workers,
         steps=steps,
         inner_steps=inner_steps or DEFAULT_INNER_STEPS,
+        round_tokens=round_tokens,
         codec=codec or DEFAULT_CODEC,
         outer=OuterConfig(
             lr=defaults.lr if outer_lr is None else outer_lr,

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+# Recommended settings (bench/convergence.py; README): the defaults of
+# `starling simulate --strategy diloco` and of new runs.
+DEFAULT_INNER_STEPS = 50
+DEFAULT_CODEC = "int8"
+
 
 @dataclass(frozen=True)
 class OuterConfig:

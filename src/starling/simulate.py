@@ -28,16 +28,18 @@ import torch
 
 from .codecs import Codec, ErrorFeedback, TopKCodec, make_codec
 from .data import SequenceBatcher, TokenDataset, evaluation_batches
-from .diloco import GlobalState, OuterConfig, load_flat_parameters, weighted_mean
+from .diloco import (
+    DEFAULT_CODEC,
+    DEFAULT_INNER_STEPS,
+    GlobalState,
+    OuterConfig,
+    load_flat_parameters,
+    weighted_mean,
+)
 from .model import build_model, model_config
 from .train import InnerTrainer, TrainConfig
 
 STRATEGIES = ("ddp", "diloco")
-
-# Recommended DiLoCo settings (from bench/convergence.py; see README): the defaults of
-# `starling simulate --strategy diloco` and of new runs.
-DEFAULT_INNER_STEPS = 50
-DEFAULT_CODEC = "int8"
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class SimConfig:
     inner_steps: int = DEFAULT_INNER_STEPS  # H: inner steps per round (fastest worker)
     codec: str = DEFAULT_CODEC
     outer: OuterConfig = field(default_factory=OuterConfig)
+    # Rounds close on a global token budget instead of a fixed H, when set: the fastest
+    # worker's H is the fewest steps at which all workers together reach the budget.
+    round_tokens: int | None = None
     speeds: tuple[float, ...] = ()  # relative speeds in (0, 1]; empty: all equal
     dropout: float = 0.0  # probability that a worker misses a round
     overlap: bool = False
@@ -65,6 +70,8 @@ class SimConfig:
             raise ValueError(f"--speeds needs {self.workers} values, one per worker")
         if any(not 0 < s <= 1 for s in self.speeds):
             raise ValueError("speeds must be in (0, 1] (1 = the fastest worker)")
+        if self.round_tokens is not None and self.round_tokens < 1:
+            raise ValueError("round tokens must be positive")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
         make_codec(self.codec)  # fail early on a bad codec
@@ -200,7 +207,11 @@ class Simulation:
         anchors = [state.params.clone() for _ in replicas]  # θ each replica started from
         rng = random.Random(self.train_cfg.seed)
 
-        rounds = math.ceil(cfg.steps / cfg.inner_steps)
+        inner_steps = cfg.inner_steps
+        if cfg.round_tokens is not None:
+            per_step = self.train_cfg.batch_tokens * sum(speeds)  # tokens/step, all workers
+            inner_steps = max(1, math.ceil(cfg.round_tokens / per_step))
+        rounds = math.ceil(cfg.steps / inner_steps)
         eval_every = cfg.eval_every or max(1, rounds // 10)
         initial = self._eval(state.params)
         history = [{"tokens": 0, "bytes": 0, "val_loss": initial}]
@@ -212,7 +223,10 @@ class Simulation:
             for i, replica in enumerate(replicas):
                 if rng.random() < cfg.dropout:
                     continue  # missed the round: its work is discarded below
-                h = max(1, round(cfg.inner_steps * speeds[i]))
+                h = max(1, round(inner_steps * speeds[i]))
+                # Every worker's inner schedule follows the run's progress (the fastest
+                # worker's step count), not its own: a slow worker decays on time too.
+                trainers[i].steps_done = (r - 1) * inner_steps
                 worker_tokens = sum(trainers[i].step(batchers[i]).tokens for _ in range(h))
                 payload, decoded = feedback[i].encode(
                     anchors[i] - torch.cat([p.detach().reshape(-1) for p in replica.parameters()])
@@ -221,7 +235,7 @@ class Simulation:
                 deltas.append(decoded)
                 weights.append(worker_tokens)
                 tokens += worker_tokens
-            steps_done += cfg.inner_steps
+            steps_done += inner_steps
 
             mean = None
             if deltas:
@@ -262,7 +276,7 @@ class Simulation:
             cfg.codec,
             cfg.workers,
             cfg.steps,
-            cfg.inner_steps,
+            inner_steps,
             rounds,
             tokens,
             initial,
