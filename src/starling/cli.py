@@ -367,7 +367,7 @@ def train_command(
 def simulate_command(
     strategy: Annotated[str, typer.Option(help="ddp or diloco.")] = "diloco",
     workers: Annotated[int, typer.Option(help="Virtual workers (K).")] = 4,
-    steps: Annotated[int, typer.Option(help="Optimizer steps per worker.")] = 500,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per worker.")] = 600,
     inner_steps: Annotated[
         int | None, typer.Option(help="DiLoCo H: inner steps per round.")
     ] = None,
@@ -385,10 +385,10 @@ def simulate_command(
         str, typer.Option(help="Text file, directory, prepared dir, or embedded.")
     ] = "embedded",
     tokenizer: Annotated[str, typer.Option(help="Tokenizer when --data is text.")] = "bpe:8192",
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Sequences per worker step.")] = 8,
     lr: Annotated[float, typer.Option(help="Inner AdamW peak learning rate.")] = 3e-3,
-    warmup_steps: Annotated[int, typer.Option(help="Inner warmup steps.")] = 50,
+    warmup_steps: Annotated[int, typer.Option(help="Inner warmup steps.")] = 30,
     outer_lr: Annotated[float | None, typer.Option(help="Outer learning rate.")] = None,
     outer_momentum: Annotated[float | None, typer.Option(help="Outer Nesterov momentum.")] = None,
     speeds: Annotated[

@@ -21,7 +21,7 @@ from torch import nn
 
 # Recommended settings (bench/convergence.py; README): the defaults of
 # `starling simulate --strategy diloco` and of new runs.
-DEFAULT_INNER_STEPS = 50
+DEFAULT_INNER_STEPS = 30
 DEFAULT_CODEC = "int8"
 
 

@@ -302,12 +302,14 @@ def plot(results: list[SimResult], path: str) -> None:
             f" H={res.inner_steps}" if res.strategy == "diloco" else ""
         )
         xs = [h["tokens"] for h in res.history]
-        bs = [max(1, h["bytes"]) for h in res.history]
         ys = [h["val_loss"] for h in res.history]
         ax_tokens.plot(xs, ys, marker="o", ms=3, label=label)
-        ax_bytes.plot(bs, ys, marker="o", ms=3, label=label)
+        # Log scale: leave out the starting point, which has sent nothing yet.
+        ax_bytes.plot([h["bytes"] for h in res.history[1:]], ys[1:], marker="o", ms=3, label=label)
     ax_tokens.set(xlabel="tokens trained (all workers)", ylabel="validation loss (nats/token)")
     ax_bytes.set(xlabel="bytes sent + received per worker", xscale="log")
+    ax_tokens.set_title("loss per token")
+    ax_bytes.set_title("loss per byte on the wire")
     for ax in (ax_tokens, ax_bytes):
         ax.grid(alpha=0.3)
     ax_tokens.legend(fontsize=8)
