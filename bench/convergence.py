@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from starling.data import PrepareConfig, TokenDataset, prepare
-from starling.diloco import OuterConfig
+from starling.diloco import DEFAULT_INNER_STEPS, OuterConfig
 from starling.simulate import SimConfig, Simulation, plot
 from starling.train import TrainConfig
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per worker")
-    parser.add_argument("--inner-steps", type=int, default=30, help="DiLoCo H")
+    parser.add_argument("--inner-steps", type=int, default=DEFAULT_INNER_STEPS, help="DiLoCo H")
     parser.add_argument("--codecs", default=ALL_CODECS)
     parser.add_argument("--data", default="embedded")
     parser.add_argument("--model", default="tiny")
@@ -45,8 +45,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per worker step")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup-steps", type=int, default=30)
-    parser.add_argument("--outer-lr", type=float, default=0.7)
-    parser.add_argument("--outer-momentum", type=float, default=0.9)
+    parser.add_argument("--outer-lr", type=float, default=OuterConfig().lr)
+    parser.add_argument("--outer-momentum", type=float, default=OuterConfig().momentum)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "starling"))

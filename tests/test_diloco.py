@@ -128,7 +128,7 @@ def test_outer_step_is_torch_sgd_with_nesterov() -> None:
     sgd = torch.optim.SGD([reference], lr=0.7, momentum=0.9, nesterov=True)
     for _ in range(5):
         delta = torch.randn(1000, generator=gen) * 0.01
-        state.outer_step(delta, OuterConfig())
+        state.outer_step(delta, OuterConfig(lr=0.7, momentum=0.9))
         reference.grad = delta.clone()
         sgd.step()
     torch.testing.assert_close(state.params, reference.detach(), rtol=1e-6, atol=1e-7)
@@ -260,5 +260,6 @@ def test_simulate_cli_bad_input(pydoc_dir: Path, args: list[str], message: str) 
 
 def test_sim_config_defaults_are_the_recommended_diloco() -> None:
     cfg = SimConfig()
-    assert cfg.strategy == "diloco" and cfg.outer == OuterConfig(lr=0.7, momentum=0.9)
+    assert cfg.strategy == "diloco" and cfg.outer == OuterConfig(lr=0.7, momentum=0.5)
+    assert (cfg.inner_steps, cfg.codec) == (30, "int4")
     assert replace(cfg, overlap=True).overlap
