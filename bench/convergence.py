@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per worker")
     parser.add_argument("--inner-steps", type=int, default=DEFAULT_INNER_STEPS, help="DiLoCo H")
     parser.add_argument("--codecs", default=ALL_CODECS)
+    parser.add_argument(
+        "--overlap-codecs", default="int4", help="also run these with the one-round-delayed update"
+    )
     parser.add_argument("--data", default="embedded")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--seq-len", type=int, default=64)
@@ -81,6 +84,19 @@ def main() -> None:
         )
         for codec in args.codecs.split(",")
     ]
+    runs += [
+        SimConfig(
+            strategy="diloco",
+            workers=args.workers,
+            steps=args.steps,
+            inner_steps=args.inner_steps,
+            codec=codec,
+            outer=outer,
+            model=args.model,
+            overlap=True,
+        )
+        for codec in filter(None, args.overlap_codecs.split(","))
+    ]
     results = []
     for sim_cfg in runs:
         result = Simulation(sim_cfg, train_cfg, dataset).run()
@@ -99,6 +115,7 @@ def main() -> None:
         {
             "strategy": r.strategy,
             "codec": r.codec,
+            "overlap": r.overlap,
             "inner_steps": r.inner_steps,
             "rounds": r.rounds,
             "tokens": r.tokens,

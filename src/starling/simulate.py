@@ -298,8 +298,10 @@ def plot(results: list[SimResult], path: str) -> None:
 
     fig, (ax_tokens, ax_bytes) = plt.subplots(1, 2, figsize=(11, 4.2))
     for res in results:
-        label = f"{res.strategy} {res.codec}" + (
-            f" H={res.inner_steps}" if res.strategy == "diloco" else ""
+        label = (
+            f"{res.strategy} {res.codec}"
+            + (f" H={res.inner_steps}" if res.strategy == "diloco" else "")
+            + (" overlap" if res.overlap else "")
         )
         xs = [h["tokens"] for h in res.history]
         ys = [h["val_loss"] for h in res.history]
