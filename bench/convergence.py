@@ -72,6 +72,8 @@ def main() -> None:
     )
     outer = OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum)
     runs = [SimConfig(strategy="ddp", workers=args.workers, steps=args.steps, model=args.model)]
+    variants = [(codec, False) for codec in args.codecs.split(",")]
+    variants += [(codec, True) for codec in filter(None, args.overlap_codecs.split(","))]
     runs += [
         SimConfig(
             strategy="diloco",
@@ -81,21 +83,9 @@ def main() -> None:
             codec=codec,
             outer=outer,
             model=args.model,
+            overlap=overlap,
         )
-        for codec in args.codecs.split(",")
-    ]
-    runs += [
-        SimConfig(
-            strategy="diloco",
-            workers=args.workers,
-            steps=args.steps,
-            inner_steps=args.inner_steps,
-            codec=codec,
-            outer=outer,
-            model=args.model,
-            overlap=True,
-        )
-        for codec in filter(None, args.overlap_codecs.split(","))
+        for codec, overlap in variants
     ]
     results = []
     for sim_cfg in runs:

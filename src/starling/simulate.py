@@ -33,6 +33,7 @@ from .diloco import (
     DEFAULT_INNER_STEPS,
     GlobalState,
     OuterConfig,
+    flatten_parameters,
     load_flat_parameters,
     weighted_mean,
 )
@@ -228,9 +229,7 @@ class Simulation:
                 # worker's step count), not its own: a slow worker decays on time too.
                 trainers[i].steps_done = (r - 1) * inner_steps
                 worker_tokens = sum(trainers[i].step(batchers[i]).tokens for _ in range(h))
-                payload, decoded = feedback[i].encode(
-                    anchors[i] - torch.cat([p.detach().reshape(-1) for p in replica.parameters()])
-                )
+                payload, decoded = feedback[i].encode(anchors[i] - flatten_parameters(replica))
                 sent += len(payload) if i == 0 else 0  # bytes of worker 0, the reference
                 deltas.append(decoded)
                 weights.append(worker_tokens)
@@ -251,7 +250,7 @@ class Simulation:
                     state.outer_step(pending, cfg.outer)
                 pending = mean
                 for i, replica in enumerate(replicas):
-                    local = torch.cat([p.detach().reshape(-1) for p in replica.parameters()])
+                    local = flatten_parameters(replica)
                     anchors[i] = state.params + (local - anchors[i])
                     load_flat_parameters(replica, anchors[i])
             else:
