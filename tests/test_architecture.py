@@ -12,7 +12,7 @@ CODE_DIRS = ("src", "node", "coordinator", "bench", "tests")
 NETWORK_MODULES = (
     "grpc",
     "starling.exchange",
-    "starling.proto",
+    "starling.v1",
     "starling.node",
     "starling.coordinator",
     "socket",

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of proto/starling/v1 (python proto/generate.py)."""
