@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
@@ -27,6 +28,11 @@ MAGIC = b"SLC"
 HEADER = struct.Struct("<3sBQI")  # magic, codec id, numel, param
 HEADER_BYTES = HEADER.size  # 16
 MAX_NUMEL = 1 << 40  # refuses absurd declared sizes before allocating anything
+
+
+# What decoders take: received bytes, or a bytearray the receiver assembled from chunks
+# and hands over (fp32 then decodes it in place).
+Payload = bytes | bytearray
 
 
 class CodecError(ValueError):
@@ -49,7 +55,7 @@ class Codec(Protocol):
         """values: 1-D float32 on the CPU."""
         ...
 
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+    def decode(self, payload: Payload, numel: int) -> torch.Tensor:
         """Exactly `numel` float32 values, or CodecError."""
         ...
 
@@ -64,7 +70,7 @@ def _header(codec_id: int, numel: int, param: int) -> bytes:
     return HEADER.pack(MAGIC, codec_id, numel, param)
 
 
-def _check_header(payload: bytes, codec_id: int, numel: int, param: int, size: int) -> None:
+def _check_header(payload: Payload, codec_id: int, numel: int, param: int, size: int) -> None:
     if len(payload) < HEADER_BYTES:
         raise CodecError(f"payload of {len(payload)} bytes is shorter than the header")
     magic, got_id, got_numel, got_param = HEADER.unpack_from(payload)
@@ -87,7 +93,10 @@ def _flat_f32(values: torch.Tensor) -> torch.Tensor:
 
 
 def _finite(values: torch.Tensor, what: str) -> torch.Tensor:
-    if not torch.isfinite(values).all():
+    # A NaN or Inf anywhere makes the sum NaN or Inf, so a finite sum (one vectorized
+    # pass, no temporary) proves every value finite; only a non-finite sum, which
+    # finite values can also reach by overflow, needs the element-wise check (20x slower).
+    if not torch.isfinite(values.sum()) and not torch.isfinite(values).all():
         raise CodecError(f"{what} contains NaN or Inf")
     return values
 
@@ -102,13 +111,17 @@ class Float32Codec:
         return HEADER_BYTES + 4 * numel
 
     def encode(self, values: torch.Tensor) -> bytes:
-        v = _flat_f32(values)
-        return _header(self.codec_id, v.numel(), 0) + v.numpy().astype("<f4").tobytes()
+        v = _flat_f32(values).numpy().astype("<f4", copy=False)
+        return b"".join((_header(self.codec_id, v.size, 0), v.data))  # one copy
 
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+    def decode(self, payload: Payload, numel: int) -> torch.Tensor:
+        """A writable buffer (bytearray) is decoded in place, without a copy: the caller
+        hands it over. Anything else is copied."""
         _check_header(payload, self.codec_id, numel, 0, self.encoded_size(numel))
         out = np.frombuffer(payload, dtype="<f4", offset=HEADER_BYTES, count=numel)
-        return _finite(torch.from_numpy(out.astype(np.float32)), "fp32 payload")
+        if not isinstance(payload, bytearray) or out.dtype != np.float32:
+            out = out.astype(np.float32)
+        return _finite(torch.from_numpy(out), "fp32 payload")
 
     def error_bound(self, values: torch.Tensor) -> float:
         return 0.0
@@ -129,7 +142,7 @@ class BFloat16Codec:
         v = _flat_f32(values).to(torch.bfloat16).view(torch.int16)
         return _header(self.codec_id, v.numel(), 0) + v.numpy().astype("<i2").tobytes()
 
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+    def decode(self, payload: Payload, numel: int) -> torch.Tensor:
         _check_header(payload, self.codec_id, numel, 0, self.encoded_size(numel))
         raw = np.frombuffer(payload, dtype="<i2", offset=HEADER_BYTES, count=numel).copy()
         out = torch.from_numpy(raw).view(torch.bfloat16).float()
@@ -207,7 +220,7 @@ class BlockQuantCodec:
             + packed
         )
 
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+    def decode(self, payload: Payload, numel: int) -> torch.Tensor:
         _check_header(payload, self.codec_id, numel, self.block, self.encoded_size(numel))
         n_blocks = self._n_blocks(numel)
         scales = np.frombuffer(payload, dtype="<f2", offset=HEADER_BYTES, count=n_blocks)
@@ -311,7 +324,7 @@ class TopKCodec:
             )
         )
 
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+    def decode(self, payload: Payload, numel: int) -> torch.Tensor:
         _check_header(payload, self.codec_id, numel, self.chunk, self.encoded_size(numel))
         (k_declared,) = struct.unpack_from("<I", payload, HEADER_BYTES)
         if k_declared != self.k:
@@ -388,7 +401,7 @@ class HivemindCodec:
         # encoding of n zeros has the size of every encoding of n values.
         return len(self.encode(torch.zeros(numel)))
 
-    def decode(self, payload: bytes, numel: int) -> torch.Tensor:
+    def decode(self, payload: Payload, numel: int) -> torch.Tensor:
         _check_header(payload, self.codec_id, numel, 0, len(payload))
         message = self._pb.Tensor()
         try:
@@ -461,10 +474,24 @@ class ErrorFeedback:
 
     def encode(self, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
         """The payload and its decoded value (what every receiver will reconstruct)."""
+        payloads, decoded = self.encode_slices(values, [(0, values.numel())])
+        return payloads[0], decoded
+
+    def encode_slices(
+        self, values: torch.Tensor, ranges: Sequence[tuple[int, int]]
+    ) -> tuple[list[bytes], torch.Tensor]:
+        """One payload per [start, end) range of the flat values (one per shard of the
+        exchange), with one residual carried over the whole vector, and the decoded
+        vector as the receivers will see it."""
         v = _flat_f32(values)
         target = v if self.residual is None else v + self.residual
-        payload = self.codec.encode(target)
-        decoded = self.codec.decode(payload, target.numel())
-        if self.codec.lossy:
-            self.residual = target - decoded
-        return payload, decoded
+        if not self.codec.lossy:
+            return [self.codec.encode(target[a:b]) for a, b in ranges], target
+        decoded = torch.empty_like(target)
+        payloads = []
+        for start, end in ranges:
+            payload = self.codec.encode(target[start:end])
+            decoded[start:end] = self.codec.decode(payload, end - start)
+            payloads.append(payload)
+        self.residual = target - decoded
+        return payloads, decoded

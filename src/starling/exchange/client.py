@@ -1,0 +1,470 @@
+"""The participant's side of a round: push each shard's slice to its owner, fetch every
+shard's committed mean (the all-gather), and download global state from a peer."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from safetensors.torch import load as load_safetensors
+
+from starling.codecs import CodecError, make_codec
+from starling.exchange.framing import PeerCalls, data_message, unpack
+from starling.exchange.owner import ExchangeAbort, OwnerService
+from starling.exchange.plan import PeerEndpoint, RoundSpec
+from starling.exchange.transport import (
+    CHUNK_BYTES,
+    PlaintextRefused,
+    RateLimiter,
+    Traffic,
+    TrafficLedger,
+    channel_credentials,
+    open_channel,
+)
+from starling.identity import (
+    CertificatePinError,
+    Identity,
+    contribution_message,
+    mean_message,
+    payload_hash,
+    payload_hasher,
+    verify,
+)
+from starling.v1 import peer_pb2
+
+T = TypeVar("T")
+# Status codes worth retrying until the deadline: the owner is not up yet, or has not
+# opened the round yet (participants and owners learn of a round at slightly
+# different times).
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+
+
+class ExchangeError(Exception):
+    """A shard that could not be pushed or fetched, with the owner to blame."""
+
+    def __init__(self, owner: str, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.owner = owner
+        self.code = code
+
+
+@dataclass
+class ShardOutcome:
+    shard: int
+    owner: str
+    pushed: bool = False  # our contribution is in this shard's mean
+    push_error: str | None = None
+    committed: bool = False  # we hold this shard's committed mean
+    error: str | None = None
+    contributors: dict[str, int] = field(default_factory=dict)  # node id -> tokens
+    excluded: dict[str, str] = field(default_factory=dict)  # node id -> reason
+    push_done_s: float | None = None  # seconds from the round's start: our push ended
+    mean_done_s: float | None = None  # ... we held the decoded mean
+
+
+@dataclass
+class RoundResult:
+    """One round as this participant saw it. `mean` is the flat fp32 mean of Δ (zeros in
+    shards that did not commit: see `missing_shards`)."""
+
+    round: int
+    mean: torch.Tensor
+    shards: list[ShardOutcome]
+    traffic: dict[str, Traffic]
+    wall_s: float
+
+    @property
+    def missing_shards(self) -> list[int]:
+        return [o.shard for o in self.shards if not o.committed]
+
+    @property
+    def failed_owners(self) -> set[str]:
+        """Owners whose shard could not be fetched: the signal to reassign the shard."""
+        return {o.owner for o in self.shards if not o.committed}
+
+    @property
+    def contributors(self) -> dict[str, int]:
+        """Participants whose contribution is in every committed shard."""
+        committed = [o for o in self.shards if o.committed]
+        if not committed:
+            return {}
+        common = set(committed[0].contributors)
+        for outcome in committed[1:]:
+            common &= set(outcome.contributors)
+        return {n: committed[0].contributors[n] for n in sorted(common)}
+
+
+@dataclass(frozen=True)
+class GlobalStateDownload:
+    round: int
+    params: torch.Tensor
+    momentum: torch.Tensor
+    fingerprint: str
+    sha256: bytes
+
+
+class ExchangeClient:
+    """Dials owners (never accepts connections: a client-only peer needs nothing else)."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        ledger: TrafficLedger,
+        upload: RateLimiter,
+        download: RateLimiter,
+        connect_timeout: float = 10.0,
+        streams: int = 1,
+    ) -> None:
+        self.identity = identity
+        self.ledger = ledger
+        self.upload = upload
+        self.download = download
+        self.connect_timeout = connect_timeout
+        self.streams = streams  # pushes (then fetches) in flight at once
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._calls_by_address: dict[str, PeerCalls] = {}
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        self._calls_by_address.clear()
+
+    async def all_reduce(
+        self,
+        spec: RoundSpec,
+        payloads: list[bytes],
+        tokens: int,
+        local: OwnerService | None = None,
+        shards: Collection[int] | None = None,
+    ) -> RoundResult:
+        """Pushes payloads[s] (our encoded slice of shard s) to every shard's owner, then
+        gathers every committed mean. Shards run concurrently; each shard's fetch starts
+        as soon as its push is done. `shards` limits the round to some shards (a dead
+        owner's shards, reassigned: the same payloads go to the new owners); the result
+        then lists only those, and `mean` holds zeros elsewhere."""
+        started = time.monotonic()
+        if len(payloads) != spec.plan.num_shards:
+            raise ValueError(f"{len(payloads)} payloads for {spec.plan.num_shards} shards")
+        selected = range(spec.plan.num_shards) if shards is None else sorted(set(shards))
+        outcomes = [ShardOutcome(s, spec.owners[s].node_id) for s in selected]
+        mean = torch.zeros(spec.plan.numel) if shards is not None else torch.empty(spec.plan.numel)
+
+        # Schedule: peer i pushes to the owners after it in the owner list, in turn
+        # (i+1, i+2, ...), then fetches in the reverse turn. When all peers do so, every
+        # uplink and every downlink carries one flow at a time (a permutation per step,
+        # as a ring all-reduce does): flows that compete for one shaped link leave it
+        # partly idle while TCP sorts out their shares. `self.streams` > 1 lets one slow
+        # owner delay the others less, at that price. Our pushes go out before we serve
+        # our own shard's mean: every owner's commit waits for them.
+        order = _rotated(outcomes, self.identity.node_id)
+        serving_gate = local.hold_serving(spec.round) if local is not None else None
+        window = asyncio.Semaphore(self.streams)
+
+        async def push(outcome: ShardOutcome) -> None:
+            async with window:
+                try:
+                    await self._push(spec, outcome.shard, tokens, payloads[outcome.shard], local)
+                except ExchangeError as err:
+                    outcome.push_error = str(err)
+                outcome.push_done_s = time.monotonic() - started
+
+        async def fetch(outcome: ShardOutcome) -> None:
+            async with window:
+                await self._gather_shard(spec, outcome, mean, local)
+                outcome.pushed = self.identity.node_id in outcome.contributors
+                outcome.mean_done_s = time.monotonic() - started
+
+        try:
+            await asyncio.gather(*(push(o) for o in order))
+        finally:
+            if serving_gate is not None:
+                serving_gate.set()
+        await asyncio.gather(*(fetch(o) for o in reversed(order)))
+        _zero_missing(spec, outcomes, mean)
+        traffic = self.ledger.of_round(spec.round)
+        return RoundResult(spec.round, mean, outcomes, traffic, time.monotonic() - started)
+
+    async def gather(self, spec: RoundSpec, local: OwnerService | None = None) -> RoundResult:
+        """Fetches every shard's committed mean of `spec.round` without contributing: how
+        a node that fell behind catches up on a round it missed."""
+        started = time.monotonic()
+        outcomes = [ShardOutcome(s, spec.owners[s].node_id) for s in range(spec.plan.num_shards)]
+        mean = torch.empty(spec.plan.numel, dtype=torch.float32)
+        window = asyncio.Semaphore(self.streams)
+
+        async def fetch(outcome: ShardOutcome) -> None:
+            async with window:
+                await self._gather_shard(spec, outcome, mean, local)
+
+        await asyncio.gather(
+            *(fetch(o) for o in reversed(_rotated(outcomes, self.identity.node_id)))
+        )
+        _zero_missing(spec, outcomes, mean)
+        traffic = self.ledger.of_round(spec.round)
+        return RoundResult(spec.round, mean, outcomes, traffic, time.monotonic() - started)
+
+    async def fetch_state(self, endpoint: PeerEndpoint, run_id: str) -> GlobalStateDownload:
+        """The global state `endpoint` holds, checked against its hash and fingerprint."""
+        from starling.diloco import GlobalState
+
+        request = peer_pb2.FetchStateRequest(run_id=run_id, requester=self.identity.node_id)
+        try:
+            calls = await self._calls(endpoint)
+            call = calls.fetch_state(request, timeout=600.0)
+            header, blob, sha = await self._read_stream(call, "state", -1, endpoint.node_id)
+        except grpc.aio.AioRpcError as err:
+            raise ExchangeError(endpoint.node_id, err.details() or "", err.code()) from None
+        except (OSError, ConnectionError) as err:
+            raise ExchangeError(endpoint.node_id, str(err)) from None
+        assert isinstance(header, peer_pb2.StateHeader)
+        if sha != header.sha256:
+            raise ExchangeError(endpoint.node_id, "global state does not match its hash")
+        tensors = load_safetensors(bytes(blob))
+        state = GlobalState(tensors["params"], tensors["momentum"])
+        if state.fingerprint() != header.fingerprint:
+            raise ExchangeError(endpoint.node_id, "global state does not match its fingerprint")
+        return GlobalStateDownload(
+            header.round, state.params, state.momentum, header.fingerprint, header.sha256
+        )
+
+    # --- internals ------------------------------------------------------------------
+
+    async def _calls(self, endpoint: PeerEndpoint) -> PeerCalls:
+        calls = self._calls_by_address.get(endpoint.address)
+        if calls is None:
+            credentials = await asyncio.to_thread(
+                channel_credentials, endpoint, self.connect_timeout
+            )
+            if endpoint.address not in self._channels:
+                self._channels[endpoint.address] = open_channel(endpoint, credentials)
+            calls = PeerCalls(self._channels[endpoint.address])
+            self._calls_by_address[endpoint.address] = calls
+        return calls
+
+    async def _retry(self, deadline: float, owner: str, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Runs `attempt` until it succeeds, a non-retryable status, or the deadline
+        (unix seconds), with jittered exponential backoff from 50 ms to 2 s."""
+        delay = 0.05
+        while True:
+            try:
+                return await attempt()
+            except grpc.aio.AioRpcError as err:
+                code, details = err.code(), err.details() or ""
+            except (CertificatePinError, PlaintextRefused) as err:  # retrying cannot help
+                raise ExchangeError(owner, str(err), grpc.StatusCode.UNAUTHENTICATED) from None
+            except (OSError, ConnectionError) as err:  # fetching the pinned certificate
+                code, details = grpc.StatusCode.UNAVAILABLE, str(err)
+            remaining = deadline - time.time()
+            if code not in RETRYABLE or remaining <= delay:
+                raise ExchangeError(owner, f"{code.name}: {details}", code)
+            await asyncio.sleep(delay * (0.5 + random.random()))
+            delay = min(2.0, delay * 2)
+
+    async def _push(
+        self,
+        spec: RoundSpec,
+        shard: int,
+        tokens: int,
+        payload: bytes,
+        local: OwnerService | None,
+    ) -> None:
+        owner = spec.owners[shard]
+        if local is not None and owner.node_id == self.identity.node_id:
+            try:
+                await local.contribute_local(spec.round, shard, tokens, payload)
+            except ExchangeAbort as err:
+                raise ExchangeError(owner.node_id, f"{err.code.name}: {err}", err.code) from None
+            return
+        header = await asyncio.to_thread(self._header, spec, shard, tokens, payload)
+
+        async def attempt() -> None:
+            calls = await self._calls(owner)
+            call = calls.push_contribution(
+                self._stream(spec.round, owner.node_id, header, payload),
+                timeout=max(0.1, spec.deadline - time.time()),
+            )
+            await call
+
+        await self._retry(spec.deadline, owner.node_id, attempt)
+
+    def _header(
+        self, spec: RoundSpec, shard: int, tokens: int, payload: bytes
+    ) -> peer_pb2.ContributionHeader:
+        codec = make_codec(spec.codec)
+        sha = payload_hash(payload)
+        numel = spec.plan.size(shard)
+        node_id = self.identity.node_id
+        message = contribution_message(
+            spec.run_id, spec.round, node_id, shard, codec.codec_id, numel, tokens, sha
+        )
+        return peer_pb2.ContributionHeader(
+            run_id=spec.run_id,
+            round=spec.round,
+            sender=node_id,
+            shard=shard,
+            codec_id=codec.codec_id,
+            numel=numel,
+            tokens=tokens,
+            payload_bytes=len(payload),
+            payload_hash=sha,
+            signature=self.identity.sign(message),
+        )
+
+    async def _stream(
+        self, round_: int, peer: str, header: peer_pb2.ContributionHeader, payload: bytes
+    ) -> AsyncIterator[bytes]:
+        """The PushContribution stream, serialized here (see framing): a header, then
+        each chunk built when gRPC asks for it, so only one chunk is copied at a time."""
+        first = peer_pb2.ContributionChunk(header=header).SerializeToString()
+        self.ledger.sent(round_, peer, len(first))
+        yield first
+        view = memoryview(payload)
+        for start in range(0, len(view), CHUNK_BYTES):
+            message = data_message(view[start : start + CHUNK_BYTES])
+            await self.upload.consume(len(message))
+            self.ledger.sent(round_, peer, len(message))
+            yield message
+
+    async def _read_stream(
+        self,
+        call: AsyncIterator[peer_pb2.MeanChunk | memoryview]
+        | AsyncIterator[peer_pb2.StateChunk | memoryview],
+        what: str,
+        round_: int,
+        peer: str,
+    ) -> tuple[peer_pb2.MeanHeader | peer_pb2.StateHeader | None, bytearray, bytes]:
+        """Reads a header-then-chunks stream into one buffer, counting and pacing bytes;
+        returns the header, the buffer and its hash (hashed as it arrives): BLAKE3 for
+        means, SHA-256 for the global state (a file, like checkpoints)."""
+        header = None
+        buffer = bytearray()
+        hasher: Any = payload_hasher() if what == "mean" else hashlib.sha256()
+        async for item in call:
+            message, data, size = unpack(item)
+            self.ledger.received(round_, peer, size)
+            await self.download.consume(size)
+            if message is not None:
+                if header is not None:
+                    raise ExchangeError(peer, f"{what} stream has two headers")
+                header = message.header
+                declared = header.payload_bytes if what == "mean" else header.total_bytes
+                buffer = bytearray(declared)
+                filled = 0
+                continue
+            if header is None or data is None:
+                raise ExchangeError(peer, f"{what} stream does not start with a header")
+            if filled + len(data) > len(buffer):
+                raise ExchangeError(peer, f"{what} stream longer than declared")
+            buffer[filled : filled + len(data)] = data
+            hasher.update(data)
+            filled += len(data)
+        if header is None or filled != len(buffer):
+            raise ExchangeError(peer, f"{what} stream ended early")
+        return header, buffer, hasher.digest()
+
+    async def _gather_shard(
+        self,
+        spec: RoundSpec,
+        outcome: ShardOutcome,
+        mean: torch.Tensor,
+        local: OwnerService | None,
+    ) -> None:
+        owner = spec.owners[outcome.shard]
+        shard = outcome.shard
+        end_by = spec.deadline + spec.gather_timeout_s
+        payload: bytes | bytearray
+        try:
+            if local is not None and owner.node_id == self.identity.node_id:
+                committed = await local.wait_mean(spec.round, shard, end_by - time.time())
+                if committed.payload is None:
+                    raise ExchangeError(owner.node_id, "committed with no contributions")
+                header, payload = committed.header, committed.payload
+                sha = header.payload_hash  # computed by this very process
+            else:
+                header, payload, sha = await self._retry(
+                    end_by, owner.node_id, lambda: self._fetch_mean(spec, shard, end_by)
+                )
+            values = await asyncio.to_thread(self._check_mean, spec, shard, header, payload, sha)
+        except ExchangeError as err:
+            outcome.error = str(err)
+            return
+        except (ExchangeAbort, TimeoutError) as err:
+            outcome.error = f"local owner: {err!r}"
+            return
+        start, end = spec.plan.range(shard)
+        mean[start:end] = values
+        outcome.committed = True
+        outcome.contributors = {c.node_id: c.tokens for c in header.contributors}
+        outcome.excluded = {e.node_id: e.reason for e in header.excluded}
+
+    async def _fetch_mean(
+        self, spec: RoundSpec, shard: int, end_by: float
+    ) -> tuple[peer_pb2.MeanHeader, bytes | bytearray, bytes]:
+        owner = spec.owners[shard]
+        calls = await self._calls(owner)
+        request = peer_pb2.FetchMeanRequest(
+            run_id=spec.run_id, round=spec.round, shard=shard, requester=self.identity.node_id
+        )
+        call = calls.fetch_mean(request, timeout=max(0.1, end_by - time.time()))
+        header, payload, sha = await self._read_stream(call, "mean", spec.round, owner.node_id)
+        assert isinstance(header, peer_pb2.MeanHeader)
+        return header, payload, sha
+
+    def _check_mean(
+        self,
+        spec: RoundSpec,
+        shard: int,
+        header: peer_pb2.MeanHeader,
+        payload: bytes | bytearray,
+        sha: bytes,
+    ) -> torch.Tensor:
+        """The mean as the owner signed it, decoded; ExchangeError if anything is off."""
+        owner = spec.owners[shard]
+        codec = make_codec(spec.codec)
+        numel = spec.plan.size(shard)
+        if (header.run_id, header.round, header.shard) != (spec.run_id, spec.round, shard):
+            raise ExchangeError(owner.node_id, "mean header names another run, round or shard")
+        if header.codec_id != codec.codec_id or header.numel != numel:
+            raise ExchangeError(owner.node_id, "mean header has the wrong codec or size")
+        if sha != header.payload_hash:
+            raise ExchangeError(owner.node_id, "mean payload does not match its hash")
+        public_key = owner.public_key or spec.participants.get(owner.node_id)
+        if public_key is not None:
+            contributors = [(c.node_id, c.tokens, c.payload_hash) for c in header.contributors]
+            signed = mean_message(
+                spec.run_id, spec.round, shard, codec.codec_id, numel, header.payload_hash,
+                contributors,
+            )  # fmt: skip
+            if not verify(public_key, signed, header.owner_signature):
+                raise ExchangeError(owner.node_id, "owner's signature on the mean is invalid")
+        try:
+            return codec.decode(payload, numel)
+        except CodecError as err:
+            raise ExchangeError(owner.node_id, f"bad mean payload: {err}") from None
+
+
+def _rotated(outcomes: list[ShardOutcome], node_id: str) -> list[ShardOutcome]:
+    """The shards in the order this peer should push them: those owned by the owners
+    after it in the owner list first (by position of its own shard, or of its node id
+    among the owners' ids when it owns none), its own shard last."""
+    owners = [o.owner for o in outcomes]
+    if node_id in owners:
+        position = owners.index(node_id) + 1
+    else:  # client-only: spread client-only peers over the owners by their ids
+        position = int(node_id[:8], 16) % max(1, len(outcomes))
+    return outcomes[position:] + outcomes[:position]
+
+
+def _zero_missing(spec: RoundSpec, outcomes: list[ShardOutcome], mean: torch.Tensor) -> None:
+    for outcome in outcomes:
+        if not outcome.committed:
+            start, end = spec.plan.range(outcome.shard)
+            mean[start:end] = 0.0
