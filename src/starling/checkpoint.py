@@ -95,3 +95,70 @@ def load_checkpoint(
     except RuntimeError as err:
         raise CheckpointError(f"{ckpt_dir}: weights do not fit the model: {err}") from None
     return model.to(device), manifest
+
+
+# --- global DiLoCo state (θ and the outer momentum) ---------------------------------
+
+STATE_FILE = "state.safetensors"
+STATE_MANIFEST_FORMAT = "starling-state/1"
+
+
+def state_blob(params: torch.Tensor, momentum: torch.Tensor) -> bytes:
+    """The global state as one safetensors file: fp32 tensors "params" and "momentum"
+    of shape (n,), the flat layout of starling.diloco (what peers and checkpoints hold)."""
+    from safetensors.torch import save
+
+    return save({"params": params.float().contiguous(), "momentum": momentum.float().contiguous()})
+
+
+def state_from_blob(blob: bytes, numel: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(params, momentum) of a state file, refused unless it holds exactly those two
+    fp32 vectors of equal length (and `numel` values when given)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(blob)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"not a safetensors state file: {err}") from None
+    if set(tensors) != {"params", "momentum"}:
+        raise CheckpointError(f"a state holds params and momentum, got {sorted(tensors)}")
+    params, momentum = tensors["params"], tensors["momentum"]
+    for name, tensor in tensors.items():
+        if tensor.dtype != torch.float32 or tensor.dim() != 1:
+            raise CheckpointError(f"state tensor {name} must be a fp32 vector")
+    if params.numel() != momentum.numel() or (numel is not None and params.numel() != numel):
+        raise CheckpointError(
+            f"state has {params.numel()} params and {momentum.numel()} momentum values, "
+            f"the run's model has {numel}"
+        )
+    return params, momentum
+
+
+def save_state_checkpoint(out_dir: Path, blob: bytes, metadata: dict[str, Any]) -> dict[str, Any]:
+    """Writes state.safetensors then checkpoint.json (so a manifest never names missing
+    weights); returns the manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / STATE_FILE, blob)
+    manifest = {
+        "format": STATE_MANIFEST_FORMAT,
+        **metadata,
+        "sha256": hashlib.sha256(blob).hexdigest(),
+        "size": len(blob),
+    }
+    _atomic_write(out_dir / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
+    return manifest
+
+
+def read_state_checkpoint(ckpt_dir: Path) -> tuple[bytes, dict[str, Any]]:
+    """The verified state file and its manifest."""
+    manifest = read_checkpoint_manifest(ckpt_dir)
+    if manifest.get("format") != STATE_MANIFEST_FORMAT:
+        raise CheckpointError(f"{ckpt_dir} is not a global-state checkpoint")
+    path = ckpt_dir / STATE_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{ckpt_dir} has no {STATE_FILE}")
+    blob = path.read_bytes()
+    if hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
+        raise CheckpointError(f"{path} is corrupt: its SHA-256 differs from the manifest")
+    return blob, manifest

@@ -468,13 +468,69 @@ def simulate_command(
         print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}))
 
 
+# ------------------------------------------------------------------------- status
+
+
+@app.command("status")
+def status_command(
+    url: Annotated[str, typer.Argument(help="The run's join URL (starling://host:port?fp=...).")],
+    json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 10.0,
+) -> None:
+    """Show a run's progress: round, tokens, peers, last commit, latest checkpoint."""
+    import grpc
+
+    from .coordination import CoordinatorClient, status_json
+
+    try:
+        with CoordinatorClient(url, timeout=timeout, connect_timeout=timeout) as client:
+            status = status_json(client.get_status())
+    except grpc.RpcError as err:
+        code = err.code().name if hasattr(err, "code") else "UNKNOWN"
+        raise ConnectionError(f"coordinator at {url}: {code}") from None
+    if json_output:
+        print(json.dumps(status))
+        return
+    commit = status["last_commit"]
+    ckpt = status["latest_checkpoint"]
+    share = status["tokens_trained"] / max(1, status["target_tokens"])
+    print(f"run      {status['run']} ({status['run_id']})")
+    print(f"round    {status['round']} ({status['phase']})")
+    print(f"tokens   {status['tokens_trained']:,} of {status['target_tokens']:,} ({share:.1%})")
+    print(f"peers    {len(status['peers'])} active")
+    for peer in status["peers"]:
+        role = "owner" if peer["reachable"] else "client-only"
+        print(
+            f"  {peer['node_id'][:12]}  {peer['device'] or '?':<12} {role:<11} "
+            f"{peer['rounds_contributed']} rounds  {peer['tokens_trained']:,} tokens"
+        )
+    if commit is not None:
+        print(
+            f"commit   round {commit['round']}: {len(commit['contributors'])} contributors, "
+            f"{commit['tokens']:,} tokens, fingerprint {(commit['fingerprint'] or '-')[:16]}"
+        )
+    if ckpt is not None:
+        print(f"ckpt     round {ckpt['round']} sha256 {ckpt['sha256'][:16]}…")
+
+
 # --------------------------------------------------------------------------- main
+
+
+def _register_command_groups() -> None:
+    """The node's and the coordinator's command groups, declared as entry points
+    (`starling.commands`) so that the core never imports them."""
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="starling.commands"):
+        app.add_typer(entry.load(), name=entry.name)
 
 
 def main() -> None:
     try:
+        _register_command_groups()
         app()
     except (
+        ConnectionError,
         UsageError,
         DataSourceError,
         ShardIntegrityError,

@@ -140,6 +140,22 @@ def contribution_message(
     return _canonical("starling/contribution/v1", fields)
 
 
+def request_message(
+    method: str,
+    run_id: str,
+    round_: int,
+    node_id: str,
+    timestamp_ms: int,
+    nonce: bytes,
+    body_sha256: bytes,
+) -> bytes:
+    """What a node signs on every coordinator request: the method (a signature for one
+    method is useless for another), the run, the round it knows, itself, when, a nonce
+    (so a copy is a detectable replay) and the SHA-256 of the request's bytes."""
+    fields = (method, run_id, round_, node_id, timestamp_ms, nonce, body_sha256)
+    return _canonical("starling/request/v1", fields)
+
+
 def mean_message(
     run_id: str,
     round_: int,

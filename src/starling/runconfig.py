@@ -1,0 +1,250 @@
+"""A run's configuration: what `starling coordinator init --config run.toml` reads, what
+the coordinator stores in the run directory and serves to every node.
+
+    [run]         name, seed, target_tokens, join_policy ("open" or "token")
+    [model]       preset, plus any ModelConfig field to override it
+    [data]        source ("embedded", a text file or directory), tokenizer, val_fraction,
+                  shard_tokens
+    [train]       the inner loop every node runs (starling.train.TrainConfig fields)
+    [round]       tokens (global budget per round; 0: fixed inner_steps), inner_steps,
+                  deadline_s (training), exchange_deadline_s, shards_per_owner
+    [outer]       codec, lr, momentum, nesterov, overlap
+    [checkpoints] every (rounds), keep
+    [membership]  heartbeat_s, lease_s, data_lease_s, min_nodes
+
+Unknown sections or keys are errors (a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .codecs import make_codec
+from .diloco import DEFAULT_CODEC, DEFAULT_INNER_STEPS, OuterConfig
+from .model import PRESETS, ModelConfig, model_config
+from .train import TrainConfig
+
+JOIN_POLICIES = ("open", "token")
+
+
+class RunConfigError(ValueError):
+    """A run config that cannot be used, with the key at fault."""
+
+
+@dataclass(frozen=True)
+class RunSection:
+    name: str = "starling-run"
+    seed: int = 0
+    target_tokens: int = 20_000_000
+    join_policy: str = "open"
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = "tiny"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    source: str = "embedded"
+    tokenizer: str = "bpe:8192"
+    val_fraction: float = 0.02
+    # Tokens per data shard: the unit of a lease (starling.data.PrepareConfig).
+    shard_tokens: int = 262_144
+
+
+@dataclass(frozen=True)
+class RoundSection:
+    # A global token budget per round (faster nodes do more inner steps); 0 closes a
+    # round when every participant did `inner_steps` steps.
+    tokens: int = 0
+    inner_steps: int = DEFAULT_INNER_STEPS
+    deadline_s: float = 600.0  # the training phase ends here at the latest
+    exchange_deadline_s: float = 120.0
+    shards_per_owner: int = 1
+
+
+@dataclass(frozen=True)
+class OuterSection:
+    codec: str = DEFAULT_CODEC
+    lr: float = 0.7
+    momentum: float = 0.5
+    nesterov: bool = True
+    overlap: bool = False
+
+
+@dataclass(frozen=True)
+class CheckpointSection:
+    every: int = 10  # rounds between checkpoints
+    keep: int = 3  # newest checkpoints kept besides checkpoint 0
+
+
+@dataclass(frozen=True)
+class MembershipSection:
+    heartbeat_s: float = 5.0
+    lease_s: float = 30.0  # a node silent this long is expired
+    data_lease_s: float = 120.0  # a data shard returns to the pool this long after
+    min_nodes: int = 1  # nodes needed before the first round opens
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    round: RoundSection = field(default_factory=RoundSection)
+    outer: OuterSection = field(default_factory=OuterSection)
+    checkpoints: CheckpointSection = field(default_factory=CheckpointSection)
+    membership: MembershipSection = field(default_factory=MembershipSection)
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.run.target_tokens > 0, "run.target_tokens must be positive"),
+            (self.run.join_policy in JOIN_POLICIES, "run.join_policy must be open or token"),
+            (self.model.preset in PRESETS, f"model.preset must be one of {', '.join(PRESETS)}"),
+            (0 < self.data.val_fraction < 0.5, "data.val_fraction must be in (0, 0.5)"),
+            (self.data.shard_tokens >= 1024, "data.shard_tokens must be at least 1024"),
+            (self.round.tokens >= 0, "round.tokens must be ≥ 0"),
+            (self.round.inner_steps > 0, "round.inner_steps must be positive"),
+            (self.round.deadline_s > 0, "round.deadline_s must be positive"),
+            (self.round.exchange_deadline_s > 0, "round.exchange_deadline_s must be positive"),
+            (self.round.shards_per_owner > 0, "round.shards_per_owner must be positive"),
+            (self.checkpoints.every > 0, "checkpoints.every must be positive"),
+            (self.checkpoints.keep > 0, "checkpoints.keep must be positive"),
+            (self.membership.heartbeat_s > 0, "membership.heartbeat_s must be positive"),
+            (
+                self.membership.lease_s > self.membership.heartbeat_s,
+                "membership.lease_s must exceed membership.heartbeat_s",
+            ),
+            (self.membership.data_lease_s > 0, "membership.data_lease_s must be positive"),
+            (self.membership.min_nodes > 0, "membership.min_nodes must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RunConfigError(message)
+        try:
+            make_codec(self.outer.codec)
+            OuterConfig(self.outer.lr, self.outer.momentum, self.outer.nesterov)
+            model_config(self.model.preset, **self.model.overrides)
+            self.train_config()
+        except (TypeError, ValueError) as err:
+            raise RunConfigError(str(err)) from None
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return model_config(self.model.preset, **{"vocab_size": vocab_size, **self.model.overrides})
+
+    def outer_config(self) -> OuterConfig:
+        return OuterConfig(self.outer.lr, self.outer.momentum, self.outer.nesterov)
+
+    def train_config(self) -> TrainConfig:
+        seq = model_config(self.model.preset, **self.model.overrides).max_seq_len
+        return TrainConfig(**{"seq_len": seq, "seed": self.run.seed, **self.train})
+
+    # --- TOML ---------------------------------------------------------------------
+
+    @classmethod
+    def from_toml(cls, text: str) -> RunConfig:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise RunConfigError(f"run config is not valid TOML: {err}") from None
+        return cls.from_dict(data)
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise RunConfigError(f"run config {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise RunConfigError(f"run config {path} is not UTF-8 text") from None
+        try:
+            return cls.from_toml(text)
+        except RunConfigError as err:
+            raise RunConfigError(f"{path}: {err}") from None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        sections: dict[str, type] = {
+            "run": RunSection,
+            "data": DataSection,
+            "round": RoundSection,
+            "outer": OuterSection,
+            "checkpoints": CheckpointSection,
+            "membership": MembershipSection,
+        }
+        unknown = set(data) - set(sections) - {"model", "train"}
+        if unknown:
+            raise RunConfigError(f"unknown sections {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for name, section in sections.items():
+            values = data.get(name, {})
+            if not isinstance(values, dict):
+                raise RunConfigError(f"[{name}] must be a table")
+            known = {f.name for f in fields(section)}
+            bad = set(values) - known
+            if bad:
+                raise RunConfigError(f"unknown keys in [{name}]: {sorted(bad)}")
+            kwargs[name] = _typed(section, name, values)
+        model = dict(data.get("model", {}))
+        preset = model.pop("preset", ModelSection.preset)
+        model_keys = set(ModelConfig.__dataclass_fields__) - {"vocab_size"}
+        bad = set(model) - model_keys
+        if bad:
+            raise RunConfigError(f"unknown keys in [model]: {sorted(bad)}")
+        kwargs["model"] = ModelSection(str(preset), model)
+        train = dict(data.get("train", {}))
+        bad = (set(train) - set(TrainConfig.__dataclass_fields__)) | (
+            {"seed", "seq_len"} & set(train)
+        )
+        if bad:
+            raise RunConfigError(
+                f"bad keys in [train]: {sorted(bad)} (seed comes from [run], "
+                "seq_len from the model's max_seq_len)"
+            )
+        kwargs["train"] = train
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["model"] = {"preset": self.model.preset, **self.model.overrides}
+        return data
+
+    def to_toml(self) -> str:
+        lines = ["# Starling run config (see starling.runconfig)."]
+        for section, values in self.to_dict().items():
+            lines.append(f"\n[{section}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+        return "\n".join(lines) + "\n"
+
+
+def _typed(section: type, name: str, values: dict[str, Any]) -> Any:
+    """The section with each value checked against its field's type (ints may be
+    written where floats are expected)."""
+    defaults = section()
+    for key, value in values.items():
+        expected = type(getattr(defaults, key))
+        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            values = {**values, key: float(value)}
+            ok = True
+        if not ok:
+            raise RunConfigError(
+                f"[{name}] {key} must be {expected.__name__}, got {type(value).__name__}"
+            )
+    return section(**values)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    raise TypeError(f"cannot write {value!r} as TOML")
