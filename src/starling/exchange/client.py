@@ -4,6 +4,7 @@ shard's committed mean (the all-gather), and download global state from a peer."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import random
 import time
@@ -169,18 +170,18 @@ class ExchangeClient:
         window = asyncio.Semaphore(self.streams)
 
         async def push(outcome: ShardOutcome) -> None:
-            async with window:
-                try:
-                    await self._push(spec, outcome.shard, tokens, payloads[outcome.shard], local)
-                except ExchangeError as err:
-                    outcome.push_error = str(err)
-                outcome.push_done_s = time.monotonic() - started
+            try:
+                await self._push(
+                    spec, outcome.shard, tokens, payloads[outcome.shard], local, window
+                )
+            except ExchangeError as err:
+                outcome.push_error = str(err)
+            outcome.push_done_s = time.monotonic() - started
 
         async def fetch(outcome: ShardOutcome) -> None:
-            async with window:
-                await self._gather_shard(spec, outcome, mean, local)
-                outcome.pushed = self.identity.node_id in outcome.contributors
-                outcome.mean_done_s = time.monotonic() - started
+            await self._gather_shard(spec, outcome, mean, local, window)
+            outcome.pushed = self.identity.node_id in outcome.contributors
+            outcome.mean_done_s = time.monotonic() - started
 
         try:
             await asyncio.gather(*(push(o) for o in order))
@@ -201,8 +202,7 @@ class ExchangeClient:
         window = asyncio.Semaphore(self.streams)
 
         async def fetch(outcome: ShardOutcome) -> None:
-            async with window:
-                await self._gather_shard(spec, outcome, mean, local)
+            await self._gather_shard(spec, outcome, mean, local, window)
 
         await asyncio.gather(
             *(fetch(o) for o in reversed(_rotated(outcomes, self.identity.node_id)))
@@ -249,13 +249,24 @@ class ExchangeClient:
             self._calls_by_address[endpoint.address] = calls
         return calls
 
-    async def _retry(self, deadline: float, owner: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def _retry(
+        self,
+        deadline: float,
+        owner: str,
+        attempt: Callable[[], Awaitable[T]],
+        window: asyncio.Semaphore | None = None,
+    ) -> T:
         """Runs `attempt` until it succeeds, a non-retryable status, or the deadline
-        (unix seconds), with jittered exponential backoff from 50 ms to 2 s."""
+        (unix seconds), with jittered exponential backoff from 50 ms to 2 s. Each attempt
+        holds a slot of `window` (the streams in flight); the backoff does not, so an
+        owner that is down does not hold up the shards behind it."""
         delay = 0.05
         while True:
             try:
-                return await attempt()
+                if window is None:
+                    return await attempt()
+                async with window:
+                    return await attempt()
             except grpc.aio.AioRpcError as err:
                 code, details = err.code(), err.details() or ""
             except (CertificatePinError, PlaintextRefused) as err:  # retrying cannot help
@@ -275,17 +286,22 @@ class ExchangeClient:
         tokens: int,
         payload: bytes,
         local: OwnerService | None,
+        window: asyncio.Semaphore | None = None,
     ) -> None:
         owner = spec.owners[shard]
         if local is not None and owner.node_id == self.identity.node_id:
             try:
-                await local.contribute_local(spec.round, shard, tokens, payload)
+                async with window or contextlib.nullcontext():
+                    await local.contribute_local(spec.round, shard, tokens, payload)
             except ExchangeAbort as err:
                 raise ExchangeError(owner.node_id, f"{err.code.name}: {err}", err.code) from None
             return
-        header = await asyncio.to_thread(self._header, spec, shard, tokens, payload)
+        header: peer_pb2.ContributionHeader | None = None
 
         async def attempt() -> None:
+            nonlocal header
+            if header is None:  # hashing and signing inside the attempt's stream slot
+                header = await asyncio.to_thread(self._header, spec, shard, tokens, payload)
             calls = await self._calls(owner)
             call = calls.push_contribution(
                 self._stream(spec.round, owner.node_id, header, payload),
@@ -293,7 +309,7 @@ class ExchangeClient:
             )
             await call
 
-        await self._retry(spec.deadline, owner.node_id, attempt)
+        await self._retry(spec.deadline, owner.node_id, attempt, window)
 
     def _header(
         self, spec: RoundSpec, shard: int, tokens: int, payload: bytes
@@ -376,6 +392,7 @@ class ExchangeClient:
         outcome: ShardOutcome,
         mean: torch.Tensor,
         local: OwnerService | None,
+        window: asyncio.Semaphore | None = None,
     ) -> None:
         owner = spec.owners[outcome.shard]
         shard = outcome.shard
@@ -390,7 +407,7 @@ class ExchangeClient:
                 sha = header.payload_hash  # computed by this very process
             else:
                 header, payload, sha = await self._retry(
-                    end_by, owner.node_id, lambda: self._fetch_mean(spec, shard, end_by)
+                    end_by, owner.node_id, lambda: self._fetch_mean(spec, shard, end_by), window
                 )
             values = await asyncio.to_thread(self._check_mean, spec, shard, header, payload, sha)
         except ExchangeError as err:

@@ -16,6 +16,7 @@ stall-mid-push (SIGSTOP itself), forge-signature.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import os
@@ -127,8 +128,9 @@ class FaultyClient(ExchangeClient):
         tokens: int,
         payload: bytes,
         local: OwnerService | None,
+        window: asyncio.Semaphore | None = None,
     ) -> None:
-        await super()._push(spec, shard, tokens, payload, local)
+        await super()._push(spec, shard, tokens, payload, local, window)
         if spec.owners[shard].node_id != self.identity.node_id:
             self.remote_pushes_left -= 1
             if self.remote_pushes_left == 0 and self.fault == "die-after-push":

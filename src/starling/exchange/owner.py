@@ -160,15 +160,18 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
                 if not reduction.waiting_for():
                     self._commit_soon(reduction)
 
-    async def holders(self, round_: int, timeout: float) -> dict[int, dict[str, int]]:
+    async def holders(self, round_: int, timeout: float) -> dict[int, dict[str, tuple[int, bytes]]]:
         """Once every shard this node owns in `round_` is closed: for each shard, the
-        contributors it holds (node id -> tokens). What a round's decider (the
-        coordinator) collects from every owner before calling decide()."""
+        contributors it holds (node id -> (tokens, BLAKE3 payload hash)). What a round's
+        decider (the coordinator) collects from every owner before calling decide()."""
         reductions = {s: r for (r_, s), r in self._reductions.items() if r_ == round_}
         async with asyncio.timeout(timeout):
             for reduction in reductions.values():
                 await reduction.closed_event.wait()
-        return {s: {n: h.tokens for n, h in r.held.items()} for s, r in reductions.items()}
+        return {
+            s: {n: (h.tokens, h.payload_hash) for n, h in r.held.items()}
+            for s, r in reductions.items()
+        }
 
     def decide(self, round_: int, include: set[str]) -> None:
         """Commits this node's shards of `round_` over exactly `include` (the

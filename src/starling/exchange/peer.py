@@ -130,8 +130,9 @@ class ExchangePeer:
             owner = self.owner
             self._run(_call(lambda: owner.exclude(round_, node_id, reason)))
 
-    def holders(self, round_: int, timeout: float) -> dict[int, dict[str, int]]:
-        """Per shard this node owns in `round_`: the contributors it holds, once closed."""
+    def holders(self, round_: int, timeout: float) -> dict[int, dict[str, tuple[int, bytes]]]:
+        """Per shard this node owns in `round_`: the contributors it holds (tokens,
+        payload hash), once closed."""
         if self.owner is None:
             return {}
         return self._run(self.owner.holders(round_, timeout))
