@@ -1,0 +1,131 @@
+"""Round decisions as pure functions of the stored state: when a round closes, who
+owns which shard, which shards are reassigned or skipped, and what a commit lists.
+
+Kept apart from the gRPC service so the rules read on their own and can be tested
+without a network."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from starling.exchange.plan import ShardPlan
+
+from .store import Node
+
+
+def peer_info(node: Node) -> dict[str, Any]:
+    return {
+        "node_id": node.node_id,
+        "address": node.address if node.reachable else "",
+        "cert_fingerprint": node.cert_fingerprint,
+        "public_key": node.public_key.hex(),
+    }
+
+
+def should_close(
+    budget: int,
+    tokens: dict[str, tuple[int, bool]],
+    active_since_open: set[str],
+) -> bool:
+    """With a token budget: once the reported tokens reach it. With fixed inner steps
+    (budget 0): once every node that was active when the round opened reported done
+    (nodes that joined later start with the next round)."""
+    if budget > 0:
+        return sum(t for t, _ in tokens.values()) >= budget
+    done = {n for n, (t, d) in tokens.items() if d and t > 0}
+    return bool(done) and active_since_open <= done
+
+
+def exchange_plan(
+    numel: int,
+    codec: str,
+    contributors: list[Node],
+    tokens: dict[str, int],
+    coordinator: dict[str, Any],
+    shards_per_owner: int,
+    deadline: float,
+    gather_timeout_s: float,
+) -> dict[str, Any]:
+    """Shards over the flat θ, owned in turn by the reachable contributors (sorted by
+    node id); the coordinator owns everything when none is reachable."""
+    owners = [peer_info(n) for n in contributors if n.reachable and n.address]
+    if not owners:
+        owners = [coordinator]
+    plan = ShardPlan.even(numel, len(owners) * shards_per_owner)
+    return {
+        "codec": codec,
+        "bounds": list(plan.bounds),
+        "owners": [owners[s % len(owners)] for s in range(plan.num_shards)],
+        "participants": [peer_info(n) for n in contributors],
+        "tokens": {n.node_id: tokens[n.node_id] for n in contributors},
+        "deadline": deadline,
+        "gather_timeout_s": gather_timeout_s,
+        "reassigned": {},  # shard -> why
+        "skipped": {},  # shard -> why
+    }
+
+
+def commit_record(
+    round_: int,
+    plan: dict[str, Any],
+    reports: dict[int, tuple[str, list[dict[str, Any]]]],
+    opened: float,
+    now: float,
+    wire_bytes: int,
+) -> dict[str, Any]:
+    """All-or-nothing per contributor: the mean includes exactly the participants whose
+    slice reached every shard that committed, with the same token weight everywhere."""
+    participants = [p["node_id"] for p in plan["participants"]]
+    include = set(participants)
+    excluded: dict[str, str] = {}
+    weights: dict[str, Counter[int]] = {n: Counter() for n in participants}
+    shards = []
+    for shard in range(len(plan["bounds"]) - 1):
+        key = str(shard)
+        owner = plan["owners"][shard]["node_id"]
+        if key in plan["skipped"]:
+            held: list[dict[str, Any]] = []
+            status, detail = "skipped", plan["skipped"][key]
+        else:
+            _, held = reports[shard]
+            status = "reassigned" if key in plan["reassigned"] else "committed"
+            detail = plan["reassigned"].get(key, "")
+            holders = {h["node_id"] for h in held}
+            for node_id in include - holders:
+                excluded.setdefault(node_id, f"missing from shard {shard}")
+            include &= holders
+            for h in held:
+                if h["node_id"] in weights:
+                    weights[h["node_id"]][int(h["tokens"])] += 1
+        shards.append(
+            {"shard": shard, "owner": owner, "status": status, "detail": detail, "held": held}
+        )
+    for node_id in sorted(include):
+        if len(weights[node_id]) > 1:  # a contributor must weigh the same in every shard
+            include.discard(node_id)
+            excluded[node_id] = "different token counts in different shards"
+    contributors = {n: next(iter(weights[n])) if weights[n] else 0 for n in sorted(include)}
+    if all(s["status"] == "skipped" for s in shards):
+        contributors = {}
+        excluded = {n: "every shard was skipped" for n in participants}
+    return {
+        "round": round_,
+        "contributors": contributors,
+        "tokens": sum(contributors.values()),
+        "bytes": wire_bytes,
+        "duration_s": now - opened,
+        "fingerprint": "",
+        "shards": shards,
+        "excluded": {n: excluded[n] for n in sorted(excluded) if n not in contributors},
+        "committed": now,
+    }
+
+
+def agreed_fingerprint(reports: dict[str, str], contributors: list[str]) -> str | None:
+    """The fingerprint a strict majority of the contributors reported, if any."""
+    counts = Counter(reports[n] for n in contributors if n in reports)
+    if not counts:
+        return None
+    fingerprint, votes = counts.most_common(1)[0]
+    return fingerprint if votes * 2 > len(contributors) else None

@@ -1,0 +1,1117 @@
+"""The coordinator's gRPC service (proto/starling/v1/coordinator.proto) and its round
+driver, on one asyncio loop. Durable state lives in the Store (SQLite); what is only in
+memory (nonces, long-poll waiters) is rebuilt or refused safely after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from starling import __version__
+from starling.checkpoint import CheckpointError, save_state_checkpoint, state_from_blob
+from starling.coordination import (
+    FILE_CHUNK_BYTES,
+    SERVICE,
+    AuthError,
+    JoinUrl,
+    field_value,
+    split_auth,
+)
+from starling.diloco import GlobalState
+from starling.exchange import ExchangePeer, PeerConfig, PeerEndpoint, RoundSpec, ShardPlan
+from starling.exchange.transport import SERVER_OPTIONS, is_loopback
+from starling.identity import (
+    PUBLIC_KEY_BYTES,
+    CertificatePinError,
+    fetch_pinned_certificate,
+    node_id_of,
+    request_message,
+    verify,
+)
+from starling.v1 import coordinator_pb2 as pb
+from starling.v1 import peer_pb2
+
+from . import rounds
+from .rundir import JOIN_URL_FILE, RunDir, checkpoint_dir
+from .store import Checkpoint, Node, Round, Store
+
+log = logging.getLogger("starling.coordinator")
+
+CLOCK_SKEW_S = 60.0  # signed timestamps further off than this are refused
+STALE_ROUNDS = 8  # an auth round this far behind the current one must resync first
+LONG_POLL_MAX_S = 30.0
+REPORT_GRACE_S = 5.0  # owners' reports may arrive this long after the exchange deadline
+TICK_S = 0.2
+DIAL_BACK_TIMEOUT_S = 3.0
+MAX_REPORTED_TOKENS = 1 << 40
+
+
+class Refused(Exception):
+    """A request refused with a precise status code."""
+
+    def __init__(self, code: grpc.StatusCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+class ReplayGuard:
+    """Signed timestamps within ±60 s, each nonce once within that window, and nothing
+    signed before this process started (its nonces of earlier requests are gone)."""
+
+    def __init__(self, started: float) -> None:
+        self.started_ms = int(started * 1000)
+        self._seen: dict[bytes, float] = {}  # nonce -> when it may be forgotten
+        self._last_prune = 0.0
+
+    def check(self, auth: pb.Auth, now: float) -> None:
+        skew = auth.timestamp_ms / 1000 - now
+        if abs(skew) > CLOCK_SKEW_S:
+            raise Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"request timestamp is {skew:+.0f} s off the coordinator's clock (limit "
+                f"±{CLOCK_SKEW_S:.0f} s): fix the clock and re-sign",
+            )
+        if auth.timestamp_ms < self.started_ms:
+            raise Refused(
+                grpc.StatusCode.ABORTED, "signed before the coordinator restarted: re-sign"
+            )
+        if len(auth.nonce) != 16:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "auth nonce must be 16 bytes")
+        if auth.nonce in self._seen:
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, "replayed request (nonce seen before)")
+        self._seen[auth.nonce] = now + 2 * CLOCK_SKEW_S
+        if now - self._last_prune > CLOCK_SKEW_S:
+            self._seen = {n: t for n, t in self._seen.items() if t > now}
+            self._last_prune = now
+
+
+Handler = Callable[[Any, Node | None, grpc.aio.ServicerContext], Awaitable[Message]]
+
+
+class Coordinator:
+    """Serves one run directory. `await start()`, then `await stop()`."""
+
+    def __init__(
+        self,
+        run: RunDir,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        advertise_host: str | None = None,
+        tls: bool | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.run = run
+        self.config = run.config
+        self.host = host
+        self.port = port
+        self.advertise_host = advertise_host or (host if host not in ("0.0.0.0", "::") else None)
+        # TLS by default off loopback; plaintext only when every address is loopback.
+        self.tls = tls if tls is not None else not is_loopback(self.advertise_host or host)
+        self.clock = clock
+        self.store: Store = run.store()
+        run_id = self.store.get_meta("run_id")
+        numel = self.store.get_meta("numel")
+        if run_id is None or numel is None:
+            raise ValueError(f"{run.path}: the database lacks the run id or numel")
+        self.run_id = run_id
+        self.numel = int(numel)
+        self.guard = ReplayGuard(clock())
+        self.peer: ExchangePeer | None = None
+        self._server: grpc.aio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._changed = asyncio.Event()
+        self._owned_rounds: set[tuple[int, int]] = set()  # (round, plan generation) reported
+        self.bound_port: int | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._remove_orphan_checkpoints()
+        host_for_peer = self.advertise_host or "127.0.0.1"
+        # The same peer port across restarts: plans already published name it.
+        peer_port = int(self.store.get_meta("peer_port") or 0)
+        try:
+            self.peer = await self._start_peer(host_for_peer, peer_port)
+        except RuntimeError:  # taken by now: a fresh port (open plans re-open below)
+            self.peer = await self._start_peer(host_for_peer, 0)
+        with self.store.transaction():
+            self.store.set_meta("peer_port", str(self.peer.port))
+        self._server = grpc.aio.server(options=SERVER_OPTIONS)
+        self._server.add_generic_rpc_handlers((self._handlers(),))
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME), self._server
+        )
+        address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        if self.tls:
+            cert = self.run.certificate
+            credentials = grpc.ssl_server_credentials([(cert.key_pem, cert.cert_pem)])
+            self.bound_port = self._server.add_secure_port(address, credentials)
+        else:
+            self.bound_port = self._server.add_insecure_port(address)
+        await self._server.start()
+        await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        (self.run.path / JOIN_URL_FILE).write_text(str(self.join_url) + "\n")
+        self._tasks.append(asyncio.create_task(self._drive()))
+        # A round that was in its exchange when we died: our own shards' reductions were
+        # in memory, so re-open them (contributors re-push on retry) before the tick.
+        current = self.store.current_round()
+        if current is not None and current.phase == "exchange" and current.plan is not None:
+            await self._own_shards(current)
+
+    async def _start_peer(self, advertise_host: str, port: int) -> ExchangePeer:
+        config = PeerConfig(self.run_id, host=self.host, port=port, advertise_host=advertise_host)
+        tls = self.run.certificate if self.tls else None
+        return await asyncio.to_thread(ExchangePeer, self.run.identity, config, tls)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.stop(1.0)
+        if self.peer is not None:
+            await asyncio.to_thread(self.peer.close)
+        self.store.close()
+
+    @property
+    def join_url(self) -> JoinUrl:
+        assert self.bound_port is not None
+        host = self.advertise_host or socket.gethostname()
+        return JoinUrl(
+            host, self.bound_port, self.run.certificate.fingerprint if self.tls else None
+        )
+
+    def _coordinator_peer(self) -> dict[str, Any]:
+        assert self.peer is not None and self.peer.endpoint is not None
+        endpoint = self.peer.endpoint
+        return {
+            "node_id": endpoint.node_id,
+            "address": endpoint.address,
+            "cert_fingerprint": endpoint.cert_fingerprint or "",
+            "public_key": self.run.identity.public_key.hex(),
+        }
+
+    # --- request plumbing -------------------------------------------------------------
+
+    def _handlers(self) -> grpc.GenericRpcHandler:
+        signed: dict[str, tuple[type[Message], Handler]] = {
+            "Join": (pb.JoinRequest, self._join),
+            "Heartbeat": (pb.HeartbeatRequest, self._heartbeat),
+            "Leave": (pb.LeaveRequest, self._leave),
+            "AcquireLease": (pb.AcquireLeaseRequest, self._acquire_lease),
+            "ReportTokens": (pb.ReportTokensRequest, self._report_tokens),
+            "GetRound": (pb.GetRoundRequest, self._get_round),
+            "ReportShard": (pb.ReportShardRequest, self._report_shard),
+            "ReportExchange": (pb.ReportExchangeRequest, self._report_exchange),
+            "ReportFingerprint": (pb.ReportFingerprintRequest, self._report_fingerprint),
+            "ReportProgress": (pb.ReportProgressRequest, self._report_progress),
+        }
+        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        for name, (request_type, handler) in signed.items():
+            handlers[name] = grpc.unary_unary_rpc_method_handler(
+                self._signed_unary(name, request_type, handler),
+                request_deserializer=None,  # raw bytes: the signature covers them
+                response_serializer=lambda m: m.SerializeToString(),
+            )
+        handlers["GetRun"] = grpc.unary_unary_rpc_method_handler(
+            self._public(self._get_run),
+            request_deserializer=pb.GetRunRequest.FromString,
+            response_serializer=pb.RunInfo.SerializeToString,
+        )
+        handlers["GetStatus"] = grpc.unary_unary_rpc_method_handler(
+            self._public(self._get_status),
+            request_deserializer=pb.GetStatusRequest.FromString,
+            response_serializer=pb.RunStatus.SerializeToString,
+        )
+        handlers["FetchFile"] = grpc.unary_stream_rpc_method_handler(
+            self._fetch_file,
+            request_deserializer=pb.FetchFileRequest.FromString,
+            response_serializer=pb.FileChunk.SerializeToString,
+        )
+        handlers["UploadCheckpoint"] = grpc.stream_unary_rpc_method_handler(
+            self._upload_checkpoint,
+            request_deserializer=None,
+            response_serializer=pb.CheckpointInfo.SerializeToString,
+        )
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    def _public(
+        self, handler: Callable[[Any], Awaitable[Message]]
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Message:
+            try:
+                return await handler(request)
+            except Refused as refused:
+                await context.abort(refused.code, refused.detail)
+                raise AssertionError("unreachable") from None
+
+        return call
+
+    def _signed_unary(
+        self, method: str, request_type: type[Message], handler: Handler
+    ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
+        async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
+            try:
+                request, node = self._verified(method, request_type, raw)
+                return await handler(request, node, context)
+            except Refused as refused:
+                await context.abort(refused.code, refused.detail)
+                raise AssertionError("unreachable") from None
+
+        return call
+
+    def _verified(
+        self, method: str, request_type: type[Message], raw: bytes
+    ) -> tuple[Any, Node | None]:
+        """Parses, checks the signature, the clock, the nonce and the round; returns the
+        request and its (known, active) node (None for a Join)."""
+        try:
+            body, auth = split_auth(raw)
+            request = request_type.FromString(body)
+        except (AuthError, DecodeError) as err:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {err}") from None
+        node: Node | None = None
+        if method == "Join":
+            public_key = request.public_key
+            if len(public_key) != PUBLIC_KEY_BYTES:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "public key must be 32 bytes")
+            if node_id_of(public_key) != auth.node_id:
+                raise Refused(
+                    grpc.StatusCode.UNAUTHENTICATED, "node id does not match the public key"
+                )
+            banned = self.store.node(auth.node_id)
+            if banned is not None and banned.state == "banned":
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED, "this node is banned")
+        else:
+            node = self.store.node(auth.node_id)
+            if node is None:
+                raise Refused(grpc.StatusCode.PERMISSION_DENIED, "unknown node: join first")
+            public_key = node.public_key
+        message = request_message(
+            method,
+            self.run_id,
+            auth.round,
+            auth.node_id,
+            auth.timestamp_ms,
+            auth.nonce,
+            hashlib.sha256(body).digest(),
+        )
+        if not verify(public_key, message, auth.signature):
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "bad signature")
+        self.guard.check(auth, self.clock())
+        if node is not None and node.state != "active":
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"node is {node.state}: join again")
+        current = self.store.current_round()
+        current_round = 0 if current is None else current.round
+        if auth.round + STALE_ROUNDS < current_round:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"stale round {auth.round} (current {current_round}): resync the state",
+            )
+        if auth.round > current_round + 1:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {auth.round} is ahead of the current round {current_round}",
+            )
+        return request, node
+
+    def _notify(self) -> None:
+        """Wakes every long poll (they re-read the state)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # --- membership ---------------------------------------------------------------------
+
+    async def _join(
+        self, request: pb.JoinRequest, _: Node | None, context: grpc.aio.ServicerContext
+    ) -> pb.JoinResponse:
+        now = self.clock()
+        if self.config.run.join_policy == "token":
+            digest = hashlib.sha256(request.join_token.encode()).hexdigest()
+            if not request.join_token or not self.store.valid_join_token(digest, now):
+                raise Refused(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "this run needs a valid join token (missing, wrong, expired or revoked)",
+                )
+        reachable, detail = await self._dial_back(
+            request.advertise_address, request.cert_fingerprint
+        )
+        caps = request.capabilities
+        node_id = node_id_of(request.public_key)
+        lease_s = self.config.membership.lease_s
+        with self.store.transaction():
+            self.store.upsert_node(
+                Node(
+                    node_id=node_id,
+                    public_key=request.public_key,
+                    address=request.advertise_address,
+                    cert_fingerprint=request.cert_fingerprint,
+                    reachable=reachable,
+                    device=caps.device[:200],
+                    memory_bytes=caps.memory_bytes,
+                    upload_mbps=caps.upload_mbps,
+                    download_mbps=caps.download_mbps,
+                    software=caps.software[:100],
+                    joined=now,
+                    last_seen=now,
+                    expires=now + lease_s,
+                    state="active",
+                    phase="joined",
+                    state_round=0,
+                    resync=False,
+                    rounds_contributed=0,
+                    tokens_trained=0,
+                )
+            )
+        log.info("join %s reachable=%s %s", node_id, reachable, detail)
+        await self._advance()  # the first round opens as soon as enough nodes are in
+        self._notify()
+        return pb.JoinResponse(
+            node_id=node_id,
+            reachable=reachable,
+            reachability_detail=detail,
+            heartbeat_interval_s=self.config.membership.heartbeat_s,
+            lease_s=lease_s,
+            run=await self._get_run(pb.GetRunRequest()),
+        )
+
+    async def _dial_back(self, address: str, fingerprint: str) -> tuple[bool, str]:
+        """Whether we can reach the node's peer service at `address` (and it presents the
+        certificate it claims): only then may it own shards."""
+        if not address:
+            return False, "no advertised address: client-only"
+        try:
+            endpoint = PeerEndpoint("dial-back", address, fingerprint or None)
+            host, port = endpoint.host, endpoint.port
+        except (ValueError, IndexError):
+            return False, f"bad advertised address {address!r}: client-only"
+        try:
+            if fingerprint:
+                await asyncio.to_thread(
+                    fetch_pinned_certificate, host, port, fingerprint, DIAL_BACK_TIMEOUT_S
+                )
+            elif is_loopback(host):
+                await asyncio.to_thread(
+                    lambda: socket.create_connection((host, port), DIAL_BACK_TIMEOUT_S).close()
+                )
+            else:
+                return False, "no certificate fingerprint off loopback: client-only"
+        except CertificatePinError as err:
+            return False, f"certificate mismatch at {address}: {err}"
+        except OSError as err:
+            return False, f"could not dial {address} back ({err}): client-only"
+        return True, "dialled back"
+
+    async def _heartbeat(
+        self, request: pb.HeartbeatRequest, node: Node | None, _: grpc.aio.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        assert node is not None
+        now = self.clock()
+        lease_s = self.config.membership.lease_s
+        with self.store.transaction():
+            self.store.heartbeat(
+                node.node_id, now, now + lease_s, request.phase[:40], request.state_round
+            )
+        current = self.store.current_round()
+        return pb.HeartbeatResponse(
+            lease_s=lease_s,
+            round=0 if current is None else current.round,
+            round_phase="" if current is None else current.phase,
+            resync=node.resync,
+        )
+
+    async def _leave(
+        self, request: pb.LeaveRequest, node: Node | None, _: grpc.aio.ServicerContext
+    ) -> pb.LeaveResponse:
+        assert node is not None
+        with self.store.transaction():
+            self.store.set_node_state(node.node_id, "left")
+        log.info("leave %s (%s)", node.node_id, request.reason[:200])
+        self._notify()
+        return pb.LeaveResponse(tokens_trained=node.tokens_trained)
+
+    # --- run description and files --------------------------------------------------------
+
+    async def _get_run(self, _: pb.GetRunRequest) -> pb.RunInfo:
+        data_dir = self.run.path / "data"
+        latest = self.store.checkpoints()[-1]
+        return pb.RunInfo(
+            run_id=self.run_id,
+            name=self.config.run.name,
+            config_toml=self.config.to_toml(),
+            manifest_json=(data_dir / "manifest.json").read_text(encoding="utf-8"),
+            tokenizer_sha256=self.run.manifest.tokenizer_sha256,
+            latest_checkpoint=_checkpoint_info(latest),
+            numel=self.numel,
+            coordinator_node_id=self.run.identity.node_id,
+            coordinator_public_key=self.run.identity.public_key,
+        )
+
+    async def _fetch_file(
+        self, request: pb.FetchFileRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.FileChunk]:
+        try:
+            path = self.run.public_file(request.path)
+            data = await asyncio.to_thread(path.read_bytes)
+        except (KeyError, FileNotFoundError):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no such file {request.path!r}")
+            return
+        digest = await asyncio.to_thread(lambda: hashlib.sha256(data).hexdigest())
+        yield pb.FileChunk(header=pb.FileHeader(path=request.path, size=len(data), sha256=digest))
+        for offset in range(0, len(data), FILE_CHUNK_BYTES):
+            yield pb.FileChunk(data=data[offset : offset + FILE_CHUNK_BYTES])
+
+    # --- data leases and tokens -----------------------------------------------------------
+
+    async def _acquire_lease(
+        self, _: pb.AcquireLeaseRequest, node: Node | None, __: grpc.aio.ServicerContext
+    ) -> pb.DataLease:
+        assert node is not None
+        now = self.clock()
+        lease_s = self.config.membership.data_lease_s
+        with self.store.transaction():
+            row = self.store.lease_shard(node.node_id, now, now + lease_s)
+        if row is None:
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "every data shard is leased to another node: retry after a lease expires",
+            )
+        return pb.DataLease(
+            file=row["file"],
+            tokens=row["tokens"],
+            sha256=row["sha256"],
+            lease_s=lease_s,
+            tokens_trained=row["tokens_trained"],
+        )
+
+    async def _report_tokens(
+        self, request: pb.ReportTokensRequest, node: Node | None, _: grpc.aio.ServicerContext
+    ) -> pb.ReportTokensResponse:
+        assert node is not None
+        now = self.clock()
+        current = self.store.current_round()
+        if current is None or current.round != request.round or current.phase != "training":
+            state = "none" if current is None else f"{current.round} ({current.phase})"
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {request.round} is not training (current round {state})",
+            )
+        if request.tokens > MAX_REPORTED_TOKENS:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "implausible token count")
+        if not self.store.lease_of(node.node_id, request.file, now):
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED, f"no live lease on data shard {request.file!r}"
+            )
+        with self.store.transaction():
+            total = self.store.add_tokens(
+                node.node_id, request.file, request.round, request.tokens, request.done
+            )
+            # Reporting tokens is a sign of life too.
+            lease_s = self.config.membership.lease_s
+            self.store.heartbeat(node.node_id, now, now + lease_s, "training", node.state_round)
+        await self._advance()
+        after = self.store.round(request.round)
+        assert after is not None
+        return pb.ReportTokensResponse(
+            round_tokens=total, round_budget=current.budget, closed=after.phase != "training"
+        )
+
+    # --- rounds ---------------------------------------------------------------------------
+
+    async def _get_round(
+        self, request: pb.GetRoundRequest, _: Node | None, __: grpc.aio.ServicerContext
+    ) -> pb.RoundState:
+        deadline = time.monotonic() + min(max(request.wait_s, 0.0), LONG_POLL_MAX_S)
+        while True:
+            changed = self._changed
+            current = self.store.current_round()
+            round_ = current if request.current else self.store.round(request.round)
+            if round_ is None and not request.current:
+                if current is None or request.round > current.round + 1:
+                    raise Refused(grpc.StatusCode.NOT_FOUND, f"no round {request.round}")
+            if round_ is not None and round_.version != request.known_version:
+                return self._round_state(round_)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return pb.RoundState() if round_ is None else self._round_state(round_)
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                pass
+
+    def _round_state(self, round_: Round) -> pb.RoundState:
+        state = pb.RoundState(
+            round=round_.round,
+            phase=round_.phase,
+            version=round_.version,
+            deadline_unix=round_.deadline,
+            budget=round_.budget,
+            tokens=self.store.round_token_total(round_.round),
+            checkpoint_due=self._checkpoint_due(round_),
+        )
+        if round_.plan is not None:
+            state.plan.CopyFrom(_plan_message(round_.plan))
+        if round_.commit is not None:
+            state.commit.CopyFrom(_commit_message(round_.commit))
+        return state
+
+    def _checkpoint_due(self, round_: Round) -> bool:
+        if round_.commit is None or not round_.commit["contributors"]:
+            return False
+        after = round_.round + 1
+        if after % self.config.checkpoints.every:
+            return False
+        return after not in {c.round for c in self.store.checkpoints()}
+
+    async def _report_shard(
+        self, request: pb.ReportShardRequest, node: Node | None, _: grpc.aio.ServicerContext
+    ) -> pb.ReportShardResponse:
+        assert node is not None
+        round_ = self.store.round(request.round)
+        if round_ is None or round_.phase != "exchange" or round_.plan is None:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not exchanging"
+            )
+        plan = round_.plan
+        if request.shard >= len(plan["owners"]):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"no shard {request.shard}")
+        if plan["owners"][request.shard]["node_id"] != node.node_id:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED, f"not the owner of shard {request.shard}"
+            )
+        participants = {p["node_id"] for p in plan["participants"]}
+        held = []
+        for contributor in request.held:
+            if contributor.node_id not in participants:
+                raise Refused(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{contributor.node_id} is not a participant of round {request.round}",
+                )
+            held.append(
+                {
+                    "node_id": contributor.node_id,
+                    "tokens": contributor.tokens,
+                    "payload_hash": contributor.payload_hash.hex(),
+                }
+            )
+        with self.store.transaction():
+            self.store.put_shard_report(request.round, request.shard, node.node_id, held)
+        await self._advance()
+        after = self.store.round(request.round)
+        return pb.ReportShardResponse(decided=after is not None and after.phase == "committed")
+
+    async def _report_exchange(
+        self, request: pb.ReportExchangeRequest, node: Node | None, _: grpc.aio.ServicerContext
+    ) -> pb.ReportExchangeResponse:
+        assert node is not None
+        round_ = self.store.round(request.round)
+        if round_ is None or round_.plan is None:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} has no exchange"
+            )
+        if node.node_id not in {p["node_id"] for p in round_.plan["participants"]}:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, "not a participant of that round")
+        with self.store.transaction():
+            self.store.put_exchange_report(
+                request.round,
+                node.node_id,
+                request.bytes_sent,
+                request.bytes_received,
+                request.exchange_s,
+                list(request.failed_owners),
+            )
+            if round_.commit is not None:
+                commit = {**round_.commit, "bytes": self._wire_bytes(request.round)}
+                self._put(round_, commit=commit, bump=False)
+        return pb.ReportExchangeResponse(ok=True)
+
+    async def _report_fingerprint(
+        self, request: pb.ReportFingerprintRequest, node: Node | None, _: grpc.aio.ServicerContext
+    ) -> pb.ReportFingerprintResponse:
+        assert node is not None
+        round_ = self.store.round(request.round)
+        if round_ is None or round_.commit is None:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not committed"
+            )
+        if len(request.fingerprint) != 64:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "fingerprint must be 64 hex digits")
+        with self.store.transaction():
+            self.store.put_fingerprint(request.round, node.node_id, request.fingerprint)
+            commit = round_.commit
+            if not commit["fingerprint"]:
+                agreed = rounds.agreed_fingerprint(
+                    self.store.fingerprints(request.round), list(commit["contributors"])
+                )
+                if agreed is not None:
+                    commit = {**commit, "fingerprint": agreed}
+                    self._put(round_, commit=commit)
+                    # Everyone who reported otherwise must resync.
+                    for other, fp in self.store.fingerprints(request.round).items():
+                        self.store.set_resync(other, fp != agreed)
+            expected = commit["fingerprint"]
+            resync = bool(expected) and expected != request.fingerprint
+            if expected:
+                self.store.set_resync(node.node_id, resync)
+        self._notify()
+        return pb.ReportFingerprintResponse(expected=expected, resync=resync)
+
+    async def _report_progress(
+        self, request: pb.ReportProgressRequest, node: Node | None, _: grpc.aio.ServicerContext
+    ) -> pb.ReportProgressResponse:
+        assert node is not None
+        values = {
+            "round": request.round,
+            "loss": request.loss,
+            "tokens_per_s": request.tokens_per_s,
+            "bytes_sent": request.bytes_sent,
+            "bytes_received": request.bytes_received,
+            "utilization": request.utilization,
+        }
+        with self.store.transaction():
+            self.store.add_progress(node.node_id, self.clock(), values)
+        return pb.ReportProgressResponse(ok=True)
+
+    # --- checkpoints ------------------------------------------------------------------------
+
+    async def _upload_checkpoint(
+        self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> pb.CheckpointInfo:
+        try:
+            return await self._receive_checkpoint(chunks)
+        except Refused as refused:
+            await context.abort(refused.code, refused.detail)
+            raise AssertionError("unreachable") from None
+
+    async def _receive_checkpoint(self, chunks: AsyncIterator[bytes]) -> pb.CheckpointInfo:
+        first = await anext(aiter(chunks), None)
+        header_raw = None if first is None else _safe_field(first, 1)
+        if header_raw is None:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "the upload must start with a header")
+        header, node = self._verified("UploadCheckpoint", pb.CheckpointHeader, header_raw)
+        assert node is not None
+        limit = 8 * self.numel + 65536  # two fp32 vectors plus the safetensors header
+        if header.size > limit:
+            raise Refused(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"declared {header.size} bytes; a state of this run is at most {limit}",
+            )
+        if header.round in {c.round for c in self.store.checkpoints()}:
+            raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"checkpoint {header.round} is stored")
+        committed = self.store.round(header.round - 1) if header.round > 0 else None
+        if committed is None or committed.commit is None or not committed.commit["fingerprint"]:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"round {header.round - 1} has no commit with an agreed fingerprint yet",
+            )
+        if header.fingerprint != committed.commit["fingerprint"]:
+            raise Refused(
+                grpc.StatusCode.DATA_LOSS,
+                "the checkpoint's fingerprint is not the one the round committed",
+            )
+        parts: list[bytes] = []
+        received = 0
+        async for raw in chunks:
+            try:
+                chunk = pb.CheckpointChunk.FromString(raw)
+            except DecodeError:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed chunk") from None
+            if chunk.WhichOneof("kind") != "data":
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a second header in the upload")
+            received += len(chunk.data)
+            if received > header.size:
+                raise Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "more bytes than the header declared"
+                )
+            parts.append(chunk.data)
+        if received != header.size:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"received {received} bytes, the header declared {header.size}",
+            )
+        blob = b"".join(parts)
+        await asyncio.to_thread(self._check_state, blob, header)
+        info = await asyncio.to_thread(self._store_checkpoint, blob, header)
+        self._notify()
+        return _checkpoint_info(info)
+
+    def _check_state(self, blob: bytes, header: pb.CheckpointHeader) -> None:
+        if hashlib.sha256(blob).hexdigest() != header.sha256:
+            raise Refused(grpc.StatusCode.DATA_LOSS, "the upload does not match its SHA-256")
+        try:
+            params, momentum = state_from_blob(blob, self.numel)
+        except CheckpointError as err:
+            raise Refused(grpc.StatusCode.DATA_LOSS, f"not a state of this run: {err}") from None
+        if GlobalState(params, momentum).fingerprint() != header.fingerprint:
+            raise Refused(
+                grpc.StatusCode.DATA_LOSS, "the state does not match its declared fingerprint"
+            )
+
+    def _store_checkpoint(self, blob: bytes, header: pb.CheckpointHeader) -> Checkpoint:
+        """Files first (in a temporary folder renamed into place), then the database row:
+        a crash in between leaves an orphan folder that the next start removes."""
+        final = checkpoint_dir(self.run.path, header.round)
+        staging = final.with_name(f".{final.name}.tmp")
+        if staging.exists():
+            shutil.rmtree(staging)
+        ckpt0 = json.loads((checkpoint_dir(self.run.path, 0) / "checkpoint.json").read_text())
+        save_state_checkpoint(
+            staging,
+            blob,
+            {
+                "run_id": self.run_id,
+                "round": header.round,
+                "fingerprint": header.fingerprint,
+                "model": ckpt0["model"],
+            },
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(staging, final)
+        info = Checkpoint(header.round, header.sha256, header.size, header.fingerprint, time.time())
+        with self.store.transaction():
+            self.store.add_checkpoint(info)
+            kept = sorted(c.round for c in self.store.checkpoints() if c.round > 0)
+            dropped = kept[: -self.config.checkpoints.keep]
+            for old in dropped:
+                self.store.remove_checkpoint(old)
+        for old in dropped:
+            shutil.rmtree(checkpoint_dir(self.run.path, old), ignore_errors=True)
+        log.info("checkpoint %d stored (%s)", header.round, header.sha256[:12])
+        return info
+
+    def _remove_orphan_checkpoints(self) -> None:
+        stored = {checkpoint_dir(self.run.path, c.round).name for c in self.store.checkpoints()}
+        root = self.run.path / "checkpoints"
+        for entry in root.iterdir():
+            if entry.name not in stored:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # --- status -------------------------------------------------------------------------------
+
+    async def _get_status(self, _: pb.GetStatusRequest) -> pb.RunStatus:
+        return self.status()
+
+    def status(self) -> pb.RunStatus:
+        now = self.clock()
+        current = self.store.current_round()
+        status = pb.RunStatus(
+            run_id=self.run_id,
+            name=self.config.run.name,
+            round=0 if current is None else current.round,
+            phase="waiting" if current is None else current.phase,
+            tokens_trained=self.store.tokens_trained(),
+            target_tokens=self.config.run.target_tokens,
+            join_url=str(self.join_url) if self.bound_port is not None else "",
+        )
+        for node in self.store.nodes("active"):
+            status.peers.append(
+                pb.PeerStatus(
+                    node_id=node.node_id,
+                    device=node.device,
+                    reachable=node.reachable,
+                    state=node.state,
+                    last_seen_s=max(0.0, now - node.last_seen),
+                    rounds_contributed=node.rounds_contributed,
+                    tokens_trained=node.tokens_trained,
+                    resync=node.resync,
+                )
+            )
+        commits = self.store.commits(1)
+        if commits:
+            status.last_commit.CopyFrom(_commit_message(commits[0]))
+        status.latest_checkpoint.CopyFrom(_checkpoint_info(self.store.checkpoints()[-1]))
+        return status
+
+    # --- the round driver -----------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        while True:
+            try:
+                await self._advance()
+            except Exception:  # a bug must not stop the run: log it and keep ticking
+                log.exception("round driver")
+            await asyncio.sleep(TICK_S)
+
+    async def _advance(self) -> None:
+        """One step of the round state machine: expiries, then open / close / commit."""
+        now = self.clock()
+        with self.store.transaction():
+            expired = self.store.expire_nodes(now)
+            self.store.expire_leases(now)
+        if expired:
+            log.info("expired %s", ", ".join(expired))
+            self._notify()
+        current = self.store.current_round()
+        if current is None or current.phase == "committed":
+            active = self.store.nodes("active")
+            if len(active) >= self.config.membership.min_nodes:
+                self._open(0 if current is None else current.round + 1, now)
+        elif current.phase == "training":
+            await self._maybe_close(current, now)
+        elif current.phase == "exchange":
+            await self._maybe_commit(current, now)
+
+    def _put(self, round_: Round, bump: bool = True, **changes: Any) -> Round:
+        values = {**round_.__dict__, **changes}
+        if bump:
+            values["version"] = round_.version + 1
+        updated = Round(**values)
+        self.store.put_round(updated)
+        return updated
+
+    def _open(self, number: int, now: float) -> None:
+        budget = self.config.round.tokens
+        with self.store.transaction():
+            self.store.put_round(
+                Round(
+                    number,
+                    "training",
+                    1,
+                    now,
+                    now + self.config.round.deadline_s,
+                    budget,
+                    None,
+                    None,
+                )
+            )
+        log.info("round %d open", number)
+        self._notify()
+
+    async def _maybe_close(self, round_: Round, now: float) -> None:
+        tokens = self.store.round_tokens(round_.round)
+        active = {n.node_id: n for n in self.store.nodes("active")}
+        since_open = {n for n, node in active.items() if node.joined <= round_.opened}
+        if not rounds.should_close(round_.budget, tokens, since_open) and now < round_.deadline:
+            return
+        contributors = [active[n] for n, (t, _) in tokens.items() if t > 0 and n in active]
+        if not contributors:
+            with self.store.transaction():  # nobody trained: give the round more time
+                self._put(round_, deadline=now + self.config.round.deadline_s)
+            self._notify()
+            return
+        plan = rounds.exchange_plan(
+            self.numel,
+            self.config.outer.codec,
+            contributors,
+            {n: t for n, (t, _) in tokens.items()},
+            self._coordinator_peer(),
+            self.config.round.shards_per_owner,
+            now + self.config.round.exchange_deadline_s,
+            # Means are served only after the decision, which may wait for one
+            # reassignment (a second exchange deadline) and two report graces.
+            gather_timeout_s=2 * (self.config.round.exchange_deadline_s + REPORT_GRACE_S),
+        )
+        with self.store.transaction():
+            updated = self._put(round_, phase="exchange", plan=plan)
+        log.info("round %d closed: %d contributors", round_.round, len(contributors))
+        await self._own_shards(updated)
+        self._notify()
+
+    def _spec(self, round_: Round) -> RoundSpec:
+        plan = round_.plan
+        assert plan is not None
+        return RoundSpec(
+            run_id=self.run_id,
+            round=round_.round,
+            codec=plan["codec"],
+            plan=ShardPlan(tuple(plan["bounds"])),
+            owners=tuple(_endpoint(o) for o in plan["owners"]),
+            participants={
+                p["node_id"]: bytes.fromhex(p["public_key"]) for p in plan["participants"]
+            },
+            deadline=plan["deadline"],
+            gather_timeout_s=plan["gather_timeout_s"],
+            decision="external",
+        )
+
+    async def _own_shards(self, round_: Round) -> None:
+        """Opens the shards this coordinator owns (last resort) and reports what it holds
+        once they close."""
+        assert self.peer is not None and round_.plan is not None
+        spec = self._spec(round_)
+        mine = spec.shards_of(self.run.identity.node_id)
+        key = (round_.round, len(round_.plan["reassigned"]))
+        if not mine or key in self._owned_rounds:
+            return
+        self._owned_rounds.add(key)
+        await asyncio.to_thread(self.peer.open_round, spec)
+        active = {n.node_id for n in self.store.nodes("active")}
+        for node_id in sorted(set(spec.participants) - active):
+            # Gone already (left or expired): do not wait for it until the deadline.
+            await asyncio.to_thread(self.peer.exclude, spec.round, node_id, "left the run")
+
+        async def report() -> None:
+            assert self.peer is not None
+            timeout = spec.deadline - self.clock() + REPORT_GRACE_S
+            held = await asyncio.to_thread(self.peer.holders, spec.round, max(timeout, 1.0))
+            with self.store.transaction():
+                for shard in mine:
+                    self.store.put_shard_report(
+                        spec.round,
+                        shard,
+                        self.run.identity.node_id,
+                        [
+                            {"node_id": n, "tokens": t, "payload_hash": h.hex()}
+                            for n, (t, h) in sorted(held.get(shard, {}).items())
+                        ],
+                    )
+            await self._advance()
+
+        self._tasks.append(asyncio.create_task(report()))
+
+    async def _maybe_commit(self, round_: Round, now: float) -> None:
+        plan = round_.plan
+        assert plan is not None
+        reports = self.store.shard_reports(round_.round)
+        shards = range(len(plan["owners"]))
+        missing = [s for s in shards if s not in reports and str(s) not in plan["skipped"]]
+        if missing and now < plan["deadline"] + REPORT_GRACE_S:
+            return
+        if missing:
+            plan = json.loads(json.dumps(plan))
+            reassigned = False
+            me = self._coordinator_peer()
+            for shard in missing:
+                owner = plan["owners"][shard]["node_id"]
+                if str(shard) in plan["reassigned"] or owner == me["node_id"]:
+                    plan["skipped"][str(shard)] = f"owner {owner} did not report: skipped"
+                else:
+                    plan["owners"][shard] = me
+                    plan["reassigned"][str(shard)] = f"owner {owner} did not report: reassigned"
+                    reassigned = True
+            if reassigned:
+                plan["deadline"] = now + self.config.round.exchange_deadline_s
+            with self.store.transaction():
+                updated = self._put(round_, plan=plan)
+            log.info("round %d: shards %s reassigned or skipped", round_.round, missing)
+            if reassigned:
+                await self._own_shards(updated)
+            self._notify()
+            return
+        record = rounds.commit_record(
+            round_.round, plan, reports, round_.opened, now, self._wire_bytes(round_.round)
+        )
+        with self.store.transaction():
+            self._put(round_, phase="committed", commit=record)
+            self.store.credit_contributors(list(record["contributors"]))
+        log.info(
+            "round %d committed: %d contributors, %d tokens",
+            round_.round,
+            len(record["contributors"]),
+            record["tokens"],
+        )
+        spec = self._spec(round_)
+        if spec.shards_of(self.run.identity.node_id):
+            assert self.peer is not None
+            try:
+                await asyncio.to_thread(self.peer.decide, round_.round, set(record["contributors"]))
+            except ValueError as err:  # a shard we owned but skipped
+                log.warning("round %d: %s", round_.round, err)
+        self._notify()
+
+    def _wire_bytes(self, round_: int) -> int:
+        return sum(
+            int(r["bytes_sent"]) + int(r["bytes_received"])
+            for r in self.store.exchange_reports(round_)
+        )
+
+
+def _safe_field(raw: bytes, number: int) -> bytes | None:
+    try:
+        return field_value(raw, number)
+    except AuthError:
+        return None
+
+
+def _endpoint(peer: dict[str, Any]) -> PeerEndpoint:
+    return PeerEndpoint(
+        peer["node_id"],
+        peer["address"],
+        peer["cert_fingerprint"] or None,
+        bytes.fromhex(peer["public_key"]),
+    )
+
+
+def _peer_message(peer: dict[str, Any]) -> pb.PeerInfo:
+    return pb.PeerInfo(
+        node_id=peer["node_id"],
+        address=peer["address"],
+        cert_fingerprint=peer["cert_fingerprint"],
+        public_key=bytes.fromhex(peer["public_key"]),
+    )
+
+
+def _plan_message(plan: dict[str, Any]) -> pb.ExchangePlan:
+    return pb.ExchangePlan(
+        codec=plan["codec"],
+        bounds=plan["bounds"],
+        owners=[_peer_message(o) for o in plan["owners"]],
+        participants=[_peer_message(p) for p in plan["participants"]],
+        deadline_unix=plan["deadline"],
+        reassigned=sorted(int(s) for s in plan["reassigned"]),
+        gather_timeout_s=plan["gather_timeout_s"],
+    )
+
+
+def _commit_message(commit: dict[str, Any]) -> pb.Commit:
+    return pb.Commit(
+        round=commit["round"],
+        contributors=[
+            peer_pb2.Contributor(node_id=n, tokens=t) for n, t in commit["contributors"].items()
+        ],
+        tokens=commit["tokens"],
+        bytes=commit["bytes"],
+        duration_s=commit["duration_s"],
+        fingerprint=commit["fingerprint"],
+        shards=[
+            pb.ShardCommit(
+                shard=s["shard"],
+                owner=s["owner"],
+                status=s["status"],
+                detail=s["detail"],
+                held=[
+                    peer_pb2.Contributor(
+                        node_id=h["node_id"],
+                        tokens=h["tokens"],
+                        payload_hash=bytes.fromhex(h["payload_hash"]),
+                    )
+                    for h in s["held"]
+                ],
+            )
+            for s in commit["shards"]
+        ],
+        excluded=[peer_pb2.Exclusion(node_id=n, reason=r) for n, r in commit["excluded"].items()],
+        committed_unix=commit["committed"],
+    )
+
+
+def _checkpoint_info(ckpt: Checkpoint) -> pb.CheckpointInfo:
+    return pb.CheckpointInfo(
+        round=ckpt.round,
+        sha256=ckpt.sha256,
+        size=ckpt.size,
+        fingerprint=ckpt.fingerprint,
+        created_unix=ckpt.created,
+    )
+
+
+def software() -> str:
+    return f"starling {__version__}"

@@ -1,0 +1,424 @@
+"""The coordinator over real gRPC sockets: membership, leases, the round lifecycle with
+the exchange, owner reassignment, fingerprints and checkpoints."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from starling.checkpoint import state_blob
+from starling.codecs import ErrorFeedback, make_codec
+from starling.diloco import GlobalState, OuterConfig
+from starling.exchange import encode_shards
+from starling.node.rounds import exchange_round, spec_from_state
+
+from .coordinator_support import CoordinatorThread, Node, copy_run, make_template, wait_for
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_template(tmp_path_factory.mktemp("coordinator"))
+
+
+@pytest.fixture
+def serve(template: Path, tmp_path: Path) -> Iterator:
+    started: list[CoordinatorThread] = []
+    nodes: list[Node] = []
+
+    def start(**sections: dict) -> tuple[CoordinatorThread, Path]:
+        run_dir = copy_run(template, tmp_path / f"run{len(started)}", **sections)
+        coordinator = CoordinatorThread(run_dir)
+        started.append(coordinator)
+        return coordinator, run_dir
+
+    def node(coordinator: CoordinatorThread, **kwargs) -> Node:
+        n = Node(coordinator.url, **kwargs)
+        nodes.append(n)
+        return n
+
+    start.node = node  # type: ignore[attr-defined]
+    yield start
+    for n in nodes:
+        n.close()
+    for c in started:
+        c.stop()
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value.code()
+
+
+def test_join_heartbeat_expiry_and_rejoin(serve) -> None:
+    coordinator, _ = serve(membership={"heartbeat_s": 0.2, "lease_s": 1.0})
+    node = serve.node(coordinator)
+    client_only = serve.node(coordinator, reachable=False)
+    joined = node.join()
+    assert joined.node_id == node.node_id and joined.reachable
+    assert joined.run.run_id == node.run_id and joined.run.numel > 0
+    refused = client_only.join()
+    assert not refused.reachable and "client-only" in refused.reachability_detail
+    assert node.client.heartbeat("training").lease_s == 1.0
+    peers = {p.node_id: p for p in coordinator.status().peers}
+    assert set(peers) == {node.node_id, client_only.node_id}
+    assert peers[node.node_id].reachable and not peers[client_only.node_id].reachable
+    # Silent past the lease: expired, and refused until it joins again.
+    wait_for(
+        lambda: node.node_id not in {p.node_id for p in coordinator.status().peers},
+        10,
+        "the silent node to expire",
+    )
+    assert code_of(lambda: node.client.heartbeat()) == grpc.StatusCode.PERMISSION_DENIED
+    node.join()
+    assert node.client.heartbeat().lease_s == 1.0
+    assert node.client.leave("done").tokens_trained == 0
+    assert code_of(lambda: node.client.heartbeat()) == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_data_leases_are_exclusive_and_return_to_the_pool(serve) -> None:
+    coordinator, run_dir = serve(membership={"data_lease_s": 1.0, "lease_s": 30.0})
+    a, b = serve.node(coordinator), serve.node(coordinator)
+    a.join()
+    b.join()
+    lease_a = a.client.acquire_lease()
+    assert a.client.acquire_lease().file == lease_a.file  # the same lease, renewed
+    lease_b = b.client.acquire_lease()
+    assert lease_b.file != lease_a.file
+    # The lease lapses (a heartbeat would renew it): the shard goes back to the pool and
+    # is the first free one again.
+    wait_for(lambda: lease_a.file not in coordinator.call(_leases(coordinator)), 10, "expiry")
+    c = serve.node(coordinator)
+    c.join()
+    assert c.client.acquire_lease().file == lease_a.file
+    data = a.client.fetch_file("data/" + lease_a.file)
+    assert hashlib.sha256(data).hexdigest() == lease_a.sha256
+    # The run's description, tokenizer and manifest for a joiner.
+    run = a.client.get_run()
+    tokenizer = a.client.fetch_file("tokenizer.json")
+    assert hashlib.sha256(tokenizer).hexdigest() == run.tokenizer_sha256
+    assert lease_a.file in run.manifest_json and "[outer]" in run.config_toml
+    # Progress reports are kept for the dashboard.
+    from starling.v1 import coordinator_pb2 as pb
+
+    a.client.report_progress(pb.ReportProgressRequest(loss=3.5, tokens_per_s=1200.0))
+    rows = coordinator.call(_async(lambda: coordinator.coordinator.store.progress()))
+    assert [(r["node_id"], r["loss"], r["tokens_per_s"]) for r in rows] == [
+        (a.node_id, 3.5, 1200.0)
+    ]
+    assert code_of(lambda: a.client.fetch_file("../coordinator.db")) == grpc.StatusCode.NOT_FOUND
+
+
+async def _leases(coordinator: CoordinatorThread) -> dict[str, str]:
+    return coordinator.coordinator.store.leases()
+
+
+def _delta(node: Node, numel: int, round_: int) -> torch.Tensor:
+    seed = int(node.node_id[:8], 16) + round_
+    return torch.randn(numel, generator=torch.Generator().manual_seed(seed)) * 1e-2
+
+
+def run_round(nodes: list[Node], tokens: list[int], numel: int):
+    """Every node trains (reports tokens), then exchanges; returns the outcomes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = wait_for(
+        lambda: (s := nodes[0].client.get_round()).phase == "training" and s, 30, "a round"
+    )
+    for node, n in zip(nodes, tokens, strict=True):
+        lease = node.client.acquire_lease()
+        node.client.report_tokens(state.round, lease.file, n, done=True)
+    state = wait_for(
+        lambda: (s := nodes[0].client.get_round(state.round)).phase == "exchange" and s,
+        30,
+        "the round to close",
+    )
+    spec = spec_from_state(nodes[0].run_id, state)
+
+    def one(index: int):
+        node = nodes[index]
+        payloads, _ = encode_shards(
+            spec.plan, _delta(node, numel, state.round), ErrorFeedback(make_codec(spec.codec))
+        )
+        return exchange_round(node.client, node.peer, state, payloads, tokens[index])
+
+    with ThreadPoolExecutor(len(nodes)) as pool:
+        return [f.result(timeout=120) for f in [pool.submit(one, i) for i in range(len(nodes))]]
+
+
+def test_round_lifecycle_commit_fingerprints_and_checkpoint(serve) -> None:
+    coordinator, run_dir = serve(
+        round={"tokens": 600, "exchange_deadline_s": 20.0},
+        outer={"codec": "fp32"},
+        checkpoints={"every": 1, "keep": 2},
+    )
+    nodes = [serve.node(coordinator) for _ in range(2)] + [serve.node(coordinator, reachable=False)]
+    for node in nodes:
+        node.join()
+    numel = nodes[0].client.get_run().numel
+    tokens = [100, 200, 300]
+    outcomes = run_round(nodes, tokens, numel)
+    commit = outcomes[0].commit
+    assert {c.node_id: c.tokens for c in commit.contributors} == {
+        n.node_id: t for n, t in zip(nodes, tokens, strict=True)
+    }
+    assert commit.tokens == 600 and not commit.excluded
+    assert [s.status for s in commit.shards] == ["committed", "committed"]
+    owners = {s.owner for s in commit.shards}
+    assert owners == {nodes[0].node_id, nodes[1].node_id}  # the reachable ones
+    pairs = zip(nodes, tokens, strict=True)
+    expected = sum(_delta(n, numel, 0).double() * t for n, t in pairs) / 600
+    for outcome in outcomes:
+        assert outcome.skipped == [] and outcome.missing == []
+        assert (outcome.mean.double() - expected).abs().max().item() <= 1e-6
+    # Everyone applies the same outer step: fingerprints agree; a liar must resync.
+    run = nodes[0].client.get_run()
+    blob0 = nodes[0].client.fetch_file(
+        f"checkpoints/{run.latest_checkpoint.round}/state.safetensors"
+    )
+    from starling.checkpoint import state_from_blob
+
+    params, momentum = state_from_blob(blob0, numel)
+    state = GlobalState(params, momentum)
+    state.outer_step(outcomes[0].mean, OuterConfig())
+    fingerprint = state.fingerprint()
+    assert nodes[0].client.report_fingerprint(0, fingerprint).expected == ""  # 1 of 3
+    agreed = nodes[1].client.report_fingerprint(0, fingerprint)
+    assert agreed.expected == fingerprint and not agreed.resync
+    liar = nodes[2].client.report_fingerprint(0, "0" * 64)
+    assert liar.resync and nodes[2].client.heartbeat().resync
+    assert not nodes[0].client.heartbeat().resync
+    round0 = nodes[0].client.get_round(0)
+    assert round0.commit.fingerprint == fingerprint and round0.checkpoint_due
+    assert round0.commit.bytes > 0
+    # Checkpoint 1 (the state after round 0): corrupt uploads refused, the good one kept.
+    blob = state_blob(state.params, state.momentum)
+    bad = bytearray(blob)
+    bad[-1] ^= 0xFF
+    uploader = nodes[0].client
+    assert code_of(lambda: uploader.upload_checkpoint(1, bytes(bad), fingerprint)) == (
+        grpc.StatusCode.DATA_LOSS
+    )
+    assert code_of(lambda: uploader.upload_checkpoint(1, blob, "1" * 64)) == (
+        grpc.StatusCode.DATA_LOSS
+    )
+    assert code_of(lambda: uploader.upload_checkpoint(5, blob, fingerprint)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    info = uploader.upload_checkpoint(1, blob, fingerprint)
+    assert info.sha256 == hashlib.sha256(blob).hexdigest() and info.fingerprint == fingerprint
+    assert code_of(lambda: uploader.upload_checkpoint(1, blob, fingerprint)) == (
+        grpc.StatusCode.ALREADY_EXISTS
+    )
+    assert nodes[1].client.fetch_file("checkpoints/1/state.safetensors") == blob
+    status = coordinator.status()
+    assert status.latest_checkpoint.round == 1 and status.last_commit.round == 0
+    assert status.tokens_trained == 600
+    assert not nodes[0].client.get_round(0).checkpoint_due
+
+
+def test_a_dead_owners_shard_is_reassigned_to_the_coordinator(serve) -> None:
+    coordinator, _ = serve(
+        round={"tokens": 300, "exchange_deadline_s": 3.0},
+        outer={"codec": "fp32"},
+        membership={"heartbeat_s": 0.3, "lease_s": 2.0},
+    )
+    nodes = [serve.node(coordinator) for _ in range(3)]
+    for node in nodes:
+        node.join()
+    for node in nodes[:2]:
+        node.keep_alive(0.3)
+    numel = nodes[0].client.get_run().numel
+    dead = nodes[2]
+    # The third owner trains, then its process is gone before the exchange: no pushes,
+    # no owner service, no heartbeats.
+    state = wait_for(
+        lambda: (s := nodes[0].client.get_round()).phase == "training" and s, 30, "a round"
+    )
+    for node in nodes:
+        node.client.report_tokens(state.round, node.client.acquire_lease().file, 100, True)
+    dead.peer.close()
+    state = wait_for(
+        lambda: (s := nodes[0].client.get_round(0)).phase == "exchange" and s, 30, "the close"
+    )
+    spec = spec_from_state(nodes[0].run_id, state)
+    dead_shard = [o.node_id for o in spec.owners].index(dead.node_id)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(node: Node):
+        payloads, _ = encode_shards(
+            spec.plan, _delta(node, numel, 0), ErrorFeedback(make_codec(spec.codec))
+        )
+        return exchange_round(node.client, node.peer, state, payloads, 100)
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(one, nodes[:2], timeout=120))
+    commit = outcomes[0].commit
+    assert {c.node_id for c in commit.contributors} == {nodes[0].node_id, nodes[1].node_id}
+    assert [e.node_id for e in commit.excluded] == [dead.node_id]
+    assert commit.excluded[0].reason.startswith("missing from shard")
+    shard = commit.shards[dead_shard]
+    assert shard.status == "reassigned" and dead.node_id in shard.detail
+    assert shard.owner == coordinator.coordinator.run.identity.node_id
+    expected = (_delta(nodes[0], numel, 0).double() + _delta(nodes[1], numel, 0).double()) / 2
+    for outcome in outcomes:
+        assert outcome.missing == [] and outcome.skipped == []
+        assert (outcome.mean.double() - expected).abs().max().item() <= 1e-6
+
+
+def _raw_call(node: Node, method: str, raw: bytes, response):
+    call = node.client.channel.unary_unary(
+        f"/starling.v1.Coordinator/{method}",
+        request_serializer=None,
+        response_deserializer=response.FromString,
+    )
+    return call(raw, timeout=10)
+
+
+def test_signatures_replays_clocks_and_stale_rounds_are_refused(serve) -> None:
+    from starling.coordination import append_auth, sign_request, split_auth
+    from starling.identity import request_message
+    from starling.v1 import coordinator_pb2 as pb
+
+    coordinator, _ = serve()
+    node, stranger = serve.node(coordinator), serve.node(coordinator)
+    node.join()
+    run_id = node.run_id
+    request = pb.HeartbeatRequest(phase="training")
+
+    def signed(**auth_changes) -> bytes:
+        body, auth = split_auth(sign_request(node.identity, "Heartbeat", run_id, 0, request))
+        for key, value in auth_changes.items():
+            setattr(auth, key, value)
+        if auth_changes and "signature" not in auth_changes:  # re-sign what was changed
+            message = request_message(
+                "Heartbeat",
+                run_id,
+                auth.round,
+                auth.node_id,
+                auth.timestamp_ms,
+                auth.nonce,
+                hashlib.sha256(body).digest(),
+            )
+            auth.signature = node.identity.sign(message)
+        return append_auth(body, auth)
+
+    def code(raw: bytes, method: str = "Heartbeat") -> grpc.StatusCode:
+        return code_of(lambda: _raw_call(node, method, raw, pb.HeartbeatResponse))
+
+    good = signed()
+    assert _raw_call(node, "Heartbeat", good, pb.HeartbeatResponse).lease_s > 0
+    assert code(good) == grpc.StatusCode.ALREADY_EXISTS  # the same bytes again: a replay
+    assert code(signed(signature=b"\0" * 64)) == grpc.StatusCode.UNAUTHENTICATED
+    body, auth = split_auth(signed())
+    assert code(append_auth(pb.HeartbeatRequest(phase="other").SerializeToString(), auth)) == (
+        grpc.StatusCode.UNAUTHENTICATED  # the body changed under the signature
+    )
+    import time
+
+    old = int((time.time() - 120) * 1000)
+    assert code(signed(timestamp_ms=old)) == grpc.StatusCode.UNAUTHENTICATED  # 2 min off
+    # Signed for another method: useless here.
+    other = sign_request(node.identity, "Leave", run_id, 0, request)
+    assert code(other) == grpc.StatusCode.UNAUTHENTICATED
+    # Unsigned, auth not last, garbage.
+    assert code(request.SerializeToString()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(good + request.SerializeToString()) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(b"\xff\xff\xff") == grpc.StatusCode.INVALID_ARGUMENT
+    assert code(signed(nonce=b"short")) == grpc.StatusCode.INVALID_ARGUMENT
+    # A round far ahead of the current one; a node that never joined.
+    assert code(signed(round=50)) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: stranger.client.heartbeat()) == grpc.StatusCode.PERMISSION_DENIED
+    # Reports for a round that is not in that phase.
+    lease = node.client.acquire_lease()
+    assert code_of(lambda: node.client.report_tokens(7, lease.file, 10)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert code_of(lambda: node.client.report_fingerprint(0, "a" * 64)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    assert code_of(lambda: node.client.report_shard(0, 0, [])) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    # A Join whose node id is not its key's.
+    join = pb.JoinRequest(public_key=stranger.identity.public_key)
+    assert code(sign_request(node.identity, "Join", run_id, 0, join), "Join") == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+
+
+def test_stale_rounds_are_refused(serve) -> None:
+    from starling.coordination import sign_request
+    from starling.v1 import coordinator_pb2 as pb
+
+    coordinator, _ = serve()
+    node = serve.node(coordinator)
+    node.join()
+    wait_for(lambda: node.client.get_round().phase == "training", 10, "round 0")
+
+    async def jump() -> None:  # as if the run had committed 20 rounds since
+        store = coordinator.coordinator.store
+        current = store.current_round()
+        with store.transaction():
+            store.put_round(type(current)(**{**current.__dict__, "round": 20}))
+
+    coordinator.call(jump())
+    raw = sign_request(node.identity, "Heartbeat", node.run_id, 3, pb.HeartbeatRequest())
+    assert code_of(lambda: _raw_call(node, "Heartbeat", raw, pb.HeartbeatResponse)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    node.client.round = 20
+    assert node.client.heartbeat().round == 20
+
+
+def test_token_join_policy(serve) -> None:
+    from starling.coordinator.rundir import create_join_token
+
+    coordinator, _ = serve(run={"join_policy": "token"})
+    store = coordinator.coordinator.store
+    token_id, token = coordinator.call(_async(lambda: create_join_token(store, "alice", 3600)))
+    _, expired = coordinator.call(_async(lambda: create_join_token(store, "old", 0.001)))
+    node = serve.node(coordinator)
+    assert code_of(lambda: node.join()) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: node.join("stk_wrong")) == grpc.StatusCode.PERMISSION_DENIED
+    assert code_of(lambda: node.join(expired)) == grpc.StatusCode.PERMISSION_DENIED
+    assert node.join(token).node_id == node.node_id
+
+    def revoke() -> bool:
+        with store.transaction():
+            return store.revoke_join_token(token_id)
+
+    assert coordinator.call(_async(revoke))
+    other = serve.node(coordinator)
+    assert code_of(lambda: other.join(token)) == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def _async(function):
+    return function()
+
+
+def test_the_coordinator_reduces_when_no_node_is_reachable(serve) -> None:
+    coordinator, _ = serve(round={"tokens": 200, "exchange_deadline_s": 20.0})
+    nodes = [serve.node(coordinator, reachable=False) for _ in range(2)]
+    for node in nodes:
+        assert not node.join().reachable
+    numel = nodes[0].client.get_run().numel
+    outcomes = run_round(nodes, [50, 150], numel)
+    commit = outcomes[0].commit
+    me = coordinator.coordinator.run.identity.node_id
+    assert [s.owner for s in commit.shards] == [me]  # owner of last resort
+    assert {c.node_id: c.tokens for c in commit.contributors} == {
+        nodes[0].node_id: 50,
+        nodes[1].node_id: 150,
+    }
+    # int4 (the run's codec): the mean is within the codec's bound of the exact one.
+    exact = (_delta(nodes[0], numel, 0) * 50 + _delta(nodes[1], numel, 0) * 150) / 200
+    for outcome in outcomes:
+        assert outcome.missing == []
+        assert (outcome.mean - exact).abs().max().item() <= 2 * exact.abs().max().item() / 7
+    assert torch.equal(outcomes[0].mean, outcomes[1].mean)

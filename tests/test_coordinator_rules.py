@@ -1,0 +1,132 @@
+"""The round rules (coordinator/rounds.py) on their own, and the coordinator over TLS
+with its health service and reflection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from starling.coordination import CoordinatorClient, JoinUrl
+from starling.coordinator import rounds
+from starling.identity import CertificatePinError
+
+from .coordinator_support import CoordinatorThread, Node, copy_run, make_template
+
+
+def plan(owners: list[str], participants: list[str], **extra) -> dict:
+    peer = {"address": "", "cert_fingerprint": "", "public_key": "00"}
+    return {
+        "codec": "fp32",
+        "bounds": list(range(0, 4096 * (len(owners) + 1), 4096)),
+        "owners": [{"node_id": o, **peer} for o in owners],
+        "participants": [{"node_id": p, **peer} for p in participants],
+        "tokens": {p: 10 for p in participants},
+        "deadline": 0.0,
+        "gather_timeout_s": 1.0,
+        "reassigned": {},
+        "skipped": {},
+        **extra,
+    }
+
+
+def held(*pairs: tuple[str, int]) -> list[dict]:
+    return [{"node_id": n, "tokens": t, "payload_hash": "ab"} for n, t in pairs]
+
+
+def test_a_contributor_is_in_every_shard_or_in_none() -> None:
+    p = plan(["a", "b"], ["a", "b", "c"])
+    reports = {
+        0: ("a", held(("a", 10), ("b", 10), ("c", 10))),
+        1: ("b", held(("a", 10), ("b", 10))),
+    }
+    record = rounds.commit_record(3, p, reports, opened=100.0, now=112.5, wire_bytes=999)
+    assert record["contributors"] == {"a": 10, "b": 10}
+    assert record["excluded"] == {"c": "missing from shard 1"}
+    assert record["tokens"] == 20 and record["bytes"] == 999 and record["duration_s"] == 12.5
+    assert [s["status"] for s in record["shards"]] == ["committed", "committed"]
+
+
+def test_skipped_and_reassigned_shards_are_recorded() -> None:
+    p = plan(
+        ["a", "coord"],
+        ["a", "b"],
+        reassigned={"1": "owner b did not report: reassigned"},
+    )
+    reports = {0: ("a", held(("a", 10), ("b", 10))), 1: ("coord", held(("a", 10)))}
+    record = rounds.commit_record(0, p, reports, 0.0, 1.0, 0)
+    assert record["contributors"] == {"a": 10}
+    assert record["shards"][1]["status"] == "reassigned"
+    assert "owner b" in record["shards"][1]["detail"]
+    skipped = plan(["a", "b"], ["a", "b"], skipped={"1": "owner b did not report: skipped"})
+    record = rounds.commit_record(0, skipped, {0: ("a", held(("a", 10), ("b", 10)))}, 0, 1, 0)
+    assert record["contributors"] == {"a": 10, "b": 10}  # a skipped shard excludes nobody
+    assert record["shards"][1]["status"] == "skipped" and record["shards"][1]["held"] == []
+    everything = plan(["a"], ["a"], skipped={"0": "gone"})
+    record = rounds.commit_record(0, everything, {}, 0, 1, 0)
+    assert record["contributors"] == {} and record["excluded"] == {"a": "every shard was skipped"}
+
+
+def test_a_contributor_weighted_differently_in_two_shards_is_excluded() -> None:
+    p = plan(["a", "b"], ["a", "b"])
+    reports = {0: ("a", held(("a", 10), ("b", 10))), 1: ("b", held(("a", 10), ("b", 99)))}
+    record = rounds.commit_record(0, p, reports, 0, 1, 0)
+    assert record["contributors"] == {"a": 10}
+    assert "different token counts" in record["excluded"]["b"]
+
+
+def test_rounds_close_on_the_budget_or_when_everyone_is_done() -> None:
+    assert rounds.should_close(100, {"a": (60, False), "b": (40, False)}, {"a", "b"})
+    assert not rounds.should_close(100, {"a": (60, True)}, {"a", "b"})
+    assert rounds.should_close(0, {"a": (5, True), "b": (7, True)}, {"a", "b"})
+    assert not rounds.should_close(0, {"a": (5, True)}, {"a", "b"})  # b is still training
+    assert not rounds.should_close(0, {}, set())
+
+
+def test_fingerprints_need_a_strict_majority_of_the_contributors() -> None:
+    assert rounds.agreed_fingerprint({"a": "x"}, ["a", "b", "c"]) is None
+    assert rounds.agreed_fingerprint({"a": "x", "b": "x"}, ["a", "b", "c"]) == "x"
+    assert rounds.agreed_fingerprint({"a": "x", "b": "y"}, ["a", "b"]) is None
+    assert rounds.agreed_fingerprint({"z": "x", "a": "y"}, ["a"]) == "y"  # z: not a contributor
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_template(tmp_path_factory.mktemp("tls"))
+
+
+def test_tls_pinned_by_the_join_url_health_and_reflection(template: Path, tmp_path: Path) -> None:
+    coordinator = CoordinatorThread(copy_run(template, tmp_path / "run"), tls=True)
+    try:
+        url = coordinator.url
+        assert url.fingerprint == coordinator.coordinator.run.certificate.fingerprint
+        assert str(url).startswith("starling://127.0.0.1:") and "?fp=sha256:" in str(url)
+        node = Node(url)
+        try:
+            assert node.join().node_id == node.node_id
+            assert [p.node_id for p in coordinator.status().peers] == [node.node_id]
+        finally:
+            node.close()
+        wrong = JoinUrl(url.host, url.port, "sha256:" + "0" * 64)
+        with pytest.raises(CertificatePinError):
+            CoordinatorClient(wrong)
+        with CoordinatorClient(url) as client:
+            stub = health_pb2_grpc.HealthStub(client.channel)
+            check = stub.Check(health_pb2.HealthCheckRequest(service="starling.v1.Coordinator"))
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            reflect = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+            answers = reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            )
+            names = {s.name for a in answers for s in a.list_services_response.service}
+            assert "starling.v1.Coordinator" in names
+            # A plaintext client cannot talk to a TLS coordinator.
+            plain = grpc.insecure_channel(url.address)
+            with pytest.raises(grpc.RpcError):
+                health_pb2_grpc.HealthStub(plain).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            plain.close()
+    finally:
+        coordinator.stop()
