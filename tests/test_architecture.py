@@ -72,3 +72,17 @@ def test_no_pickle_and_no_unsafe_torch_load() -> None:
                 if not safe:
                     offenders.append(f"{path}:{node.lineno}: torch.load without weights_only=True")
     assert not offenders, offenders
+
+
+@pytest.mark.parametrize(
+    "folder, forbidden",
+    [("node", "starling.coordinator"), ("coordinator", "starling.node")],
+)
+def test_node_and_coordinator_never_import_each_other(folder: str, forbidden: str) -> None:
+    """They talk only through proto/ (DESIGN.md); `starling demo` starts the coordinator
+    as a process, it does not import it."""
+    offenders = {
+        str(path): sorted(m for m in imported_modules(path) if m.startswith(forbidden))
+        for path in python_files(folder)
+    }
+    assert not {p: m for p, m in offenders.items() if m}

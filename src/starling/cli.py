@@ -513,6 +513,32 @@ def status_command(
         print(f"ckpt     round {ckpt['round']} sha256 {ckpt['sha256'][:16]}…")
 
 
+# ------------------------------------------------------------------------- export
+
+
+@app.command("export")
+def export_command(
+    source: Annotated[Path, typer.Argument(help="A run directory or one checkpoint folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder.")],
+    format_: Annotated[str, typer.Option("--format", help="Only 'hf' (Hugging Face).")] = "hf",
+    tokenizer: Annotated[
+        Path | None, typer.Option(help="tokenizer.json (default: the run's data/).")
+    ] = None,
+) -> None:
+    """Export the latest checkpoint as a Hugging Face Llama model (LlamaForCausalLM)."""
+    from .export import export_hf
+
+    if format_ != "hf":
+        raise UsageError(f"unknown format {format_!r}: only 'hf' is supported")
+    if not source.exists():
+        raise UsageError(f"{source} does not exist")
+    summary = export_hf(source, out, tokenizer)
+    err_console.print(
+        f"exported checkpoint {summary['round']} ({summary['parameters']:,} parameters) to {out}"
+    )
+    print(json.dumps(summary))
+
+
 # --------------------------------------------------------------------------- main
 
 

@@ -1,0 +1,124 @@
+"""`starling node join URL`: the volunteer's command. Registered with the core CLI
+through the `starling.commands` entry point (the core never imports the node)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from .daemon import NodeDaemon, NodeOptions, NodeStatus
+
+app = typer.Typer(help="Contribute to a run: join it with this machine.", no_args_is_help=True)
+err_console = Console(stderr=True)
+
+
+def default_work_dir() -> Path:
+    return Path.home() / ".cache" / "starling" / "node"
+
+
+@app.command("join")
+def join_command(
+    url: Annotated[str, typer.Argument(help="The run's join URL (starling://host:port?fp=...).")],
+    work_dir: Annotated[
+        Path | None, typer.Option(help="Identity and caches (default ~/.cache/starling/node).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    upload_mbps: Annotated[float | None, typer.Option(help="Upload cap in Mbit/s.")] = None,
+    download_mbps: Annotated[float | None, typer.Option(help="Download cap in Mbit/s.")] = None,
+    max_rounds: Annotated[
+        int | None, typer.Option(help="Leave after contributing to N rounds.")
+    ] = None,
+    token: Annotated[str, typer.Option(help="Join token (runs with a token policy).")] = "",
+    peer_port: Annotated[int, typer.Option(help="Peer service port (0: a free one).")] = 0,
+    advertise_host: Annotated[
+        str | None, typer.Option(help="Address other peers dial (default: auto).")
+    ] = None,
+    client_only: Annotated[
+        bool, typer.Option(help="Only dial out (behind NAT): own no shard.")
+    ] = False,
+    summary_json: Annotated[
+        Path | None, typer.Option(help="Write a JSON summary here on exit.")
+    ] = None,
+) -> None:
+    """Join a run and train until stopped: Ctrl-C or SIGTERM finishes the current
+    exchange, leaves the run and exits 0."""
+    if max_rounds is not None and max_rounds < 1:
+        raise ValueError("--max-rounds must be at least 1")
+    if not 0 <= peer_port < 65536:
+        raise ValueError("--peer-port must be in 0..65535")
+    for name, cap in (("--upload-mbps", upload_mbps), ("--download-mbps", download_mbps)):
+        if cap is not None and cap <= 0:
+            raise ValueError(f"{name} must be positive")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr
+    )
+    options = NodeOptions(
+        url=url,
+        work_dir=work_dir or default_work_dir(),
+        device=device,
+        upload_mbps=upload_mbps,
+        download_mbps=download_mbps,
+        max_rounds=max_rounds,
+        token=token,
+        peer_port=peer_port,
+        advertise_host=advertise_host,
+        client_only=client_only,
+    )
+    view = _LiveView() if err_console.is_terminal else None
+    daemon = NodeDaemon(options, on_update=view.update if view else None)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        err_console.print("stopping: finishing the current step, then leaving the run")
+        daemon.stop()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    if view is not None:
+        with view.live:
+            daemon.run_forever()
+    else:
+        daemon.run_forever()
+    summary = daemon.summary()
+    if summary_json is not None:
+        summary_json.write_text(json.dumps(summary))
+    err_console.print(f"left after {summary['rounds_contributed']} rounds")
+
+
+class _LiveView:
+    """Round, phase, inner-step progress, tokens/s, loss, traffic, peers, recent events."""
+
+    def __init__(self) -> None:
+        self.live = Live(self._render(NodeStatus()), console=err_console, refresh_per_second=4)
+        self.lock = threading.Lock()
+
+    def update(self, status: NodeStatus) -> None:
+        with self.lock:
+            self.live.update(self._render(status))
+
+    def _render(self, status: NodeStatus) -> Table:
+        table = Table.grid(padding=(0, 2))
+        done = status.step / status.steps if status.steps else 0.0
+        bar = "█" * int(20 * min(done, 1.0))
+        loss = "-" if status.loss is None else f"{status.loss:.4f}"
+        table.add_row("round", f"{status.round}  ({status.phase})")
+        table.add_row("inner steps", f"{bar:<20} {status.step}/{status.steps}")
+        table.add_row("tokens/s", f"{status.tokens_per_s:,.0f}   loss {loss}")
+        table.add_row(
+            "traffic",
+            f"↑ {status.bytes_sent / 1e6:,.1f} MB  ↓ {status.bytes_received / 1e6:,.1f} MB",
+        )
+        table.add_row("peers", f"{status.peers}   rounds contributed {status.rounds_contributed}")
+        for event in status.events[-4:]:
+            table.add_row("", event)
+        return table

@@ -1,0 +1,558 @@
+"""The node daemon: join a run, then loop — inner steps on leased data → Δ → encode →
+exchange → outer step → fingerprint — until stopped.
+
+State machine of one round r, from this node's side:
+    state_round == r and round r is training  → train, report tokens until it closes
+    round r is exchanging and we trained      → exchange_round (node/rounds.py)
+    committed                                 → apply the mean (θ, momentum: fp32 CPU),
+                                                report the fingerprint, maybe upload a
+                                                checkpoint, serve the state to joiners
+    state_round < current round               → catch up: apply the missed committed
+                                                means (owners keep 8), or resync the state
+                                                from a checkpoint / a peer
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import torch
+
+from starling import __version__
+from starling.checkpoint import state_blob, state_from_blob
+from starling.codecs import ErrorFeedback, make_codec
+from starling.coordination import CoordinatorClient, JoinUrl
+from starling.data.shards import Manifest, SequenceBatcher, evaluation_batches
+from starling.diloco import GlobalState, OuterConfig, load_flat_parameters
+from starling.exchange import (
+    BandwidthLimits,
+    ExchangePeer,
+    PeerConfig,
+    encode_shards,
+)
+from starling.exchange.transport import is_loopback
+from starling.identity import Identity, TlsCertificate, create_tls_certificate
+from starling.model import build_model
+from starling.runconfig import RunConfig
+from starling.train import InnerTrainer, TrainConfig, select_device
+from starling.v1 import coordinator_pb2 as pb
+
+from .rounds import exchange_round, spec_from_state
+
+log = logging.getLogger("starling.node")
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+RECONNECT_S = 60.0  # how long the node keeps retrying an unreachable coordinator
+LONG_POLL_S = 10.0
+
+
+@dataclass
+class NodeOptions:
+    url: str
+    work_dir: Path
+    device: str = "auto"
+    upload_mbps: float | None = None
+    download_mbps: float | None = None
+    max_rounds: int | None = None  # leave after contributing to this many rounds
+    token: str = ""
+    peer_port: int = 0
+    host: str = "0.0.0.0"  # where the peer service listens
+    advertise_host: str | None = None  # what others dial (default: our address toward
+    # the coordinator)
+    client_only: bool = False
+
+
+@dataclass
+class NodeStatus:
+    """What the terminal view and the metrics show (updated by the round loop)."""
+
+    round: int = 0
+    phase: str = "starting"
+    step: int = 0
+    steps: int = 0
+    loss: float | None = None
+    tokens_per_s: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rounds_contributed: int = 0
+    peers: int = 0
+    compute_s: float = 0.0
+    wall_s: float = 0.0
+    events: list[str] = field(default_factory=list)
+
+
+class NodeDaemon:
+    def __init__(self, options: NodeOptions, on_update: Callable[[NodeStatus], None] | None = None):
+        self.options = options
+        self.on_update = on_update or (lambda status: None)
+        self.status = NodeStatus()
+        self.stop_event = threading.Event()
+        self.url = JoinUrl.parse(options.url)  # a bad URL fails before anything is written
+        work = options.work_dir
+        work.mkdir(parents=True, exist_ok=True)
+        self.identity = Identity.load_or_create(work / "identity.key")
+        self.client = CoordinatorClient(self.url, self.identity)
+        self.run = self._retry(self.client.get_run)
+        self.run_dir = work / "runs" / self.run.run_id
+        self.config = RunConfig.from_toml(self.run.config_toml)
+        self.manifest = Manifest.from_dict(json.loads(self.run.manifest_json))
+        self.device = select_device(options.device)
+        self.peer = self._start_peer()
+        self.started = time.monotonic()
+        self.state_round = 0  # rounds committed and applied to our global state
+        self._rejoining = threading.Lock()
+
+    # --- setup ------------------------------------------------------------------------
+
+    def _start_peer(self) -> ExchangePeer:
+        limits = BandwidthLimits(self.options.upload_mbps, self.options.download_mbps)
+        advertise = self.options.advertise_host or _address_toward(self.url.host)
+        tls = None
+        if not is_loopback(advertise):
+            cert_dir = self.options.work_dir / "tls"
+            if (cert_dir / "cert.pem").exists():
+                tls = TlsCertificate.load(cert_dir / "cert.pem", cert_dir / "key.pem")
+            else:
+                tls = create_tls_certificate([advertise])
+                cert_dir.mkdir(parents=True, exist_ok=True)
+                tls.save(cert_dir / "cert.pem", cert_dir / "key.pem")
+        host = "127.0.0.1" if is_loopback(advertise) else self.options.host
+        config = PeerConfig(
+            self.run.run_id,
+            host=host,
+            port=self.options.peer_port,
+            advertise_host=advertise,
+            reachable=not self.options.client_only,
+            limits=limits,
+        )
+        return ExchangePeer(self.identity, config, tls)
+
+    def _fetch(self, path: str, expected_sha256: str | None = None) -> Path:
+        """A run file, cached in the work dir and checked against its hash."""
+        target = self.run_dir / path
+        if target.exists() and expected_sha256 is not None:
+            if hashlib.sha256(target.read_bytes()).hexdigest() == expected_sha256:
+                return target
+        data = self._retry(lambda: self.client.fetch_file(path, target))
+        if expected_sha256 is not None and hashlib.sha256(data).hexdigest() != expected_sha256:
+            raise ConnectionError(f"{path} does not match the manifest's SHA-256")
+        return target
+
+    def _shard_tokens(self, file: str, sha256: str) -> np.ndarray:
+        path = self._fetch("data/" + file, sha256)
+        return np.memmap(path, dtype=self.manifest.dtype, mode="r")
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def run_forever(self) -> int:
+        """Joins and runs rounds until stopped (or max_rounds); leaves; returns the
+        number of rounds this node contributed to."""
+        joined = self._join()
+        heartbeats = threading.Thread(
+            target=self._heartbeat_loop, args=(joined.heartbeat_interval_s,), daemon=True
+        )
+        heartbeats.start()
+        try:
+            self._prepare()
+            self._loop()
+        except InterruptedError:
+            pass  # stopped while waiting for the coordinator
+        finally:
+            self.stop_event.set()
+            try:
+                self.client.leave("stopped")
+                self._event("left the run")
+            except grpc.RpcError as err:
+                log.warning("leave failed: %s", err.code())
+            heartbeats.join(5)
+            self.peer.close()
+            self.client.close()
+        return self.status.rounds_contributed
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _join(self) -> pb.JoinResponse:
+        endpoint = self.peer.endpoint
+        fingerprint = "" if endpoint is None else endpoint.cert_fingerprint or ""
+        capabilities = pb.Capabilities(device=str(self.device), software=f"starling {__version__}")
+        joined = self._retry(
+            lambda: self.client.join(
+                capabilities,
+                advertise_address="" if endpoint is None else endpoint.address,
+                cert_fingerprint=fingerprint,
+                join_token=self.options.token,
+            ),
+            rejoin=False,
+        )
+        role = "owner" if joined.reachable else "client-only"
+        self._event(
+            f"joined {self.run.name} as {self.identity.node_id[:12]} "
+            f"({role}: {joined.reachability_detail})"
+        )
+        return joined
+
+    def _prepare(self) -> None:
+        self._set(phase="downloading")
+        self._fetch("tokenizer.json", self.manifest.tokenizer_sha256)
+        model_cfg = self.config.model_config(self.manifest.vocab_size)
+        self.model = build_model(model_cfg, seed=self.config.run.seed, device=self.device)
+        self.train_cfg = self._train_config()
+        self.trainer = InnerTrainer(self.model, self.train_cfg, self.device)
+        val = [self._shard_tokens(s.file, s.sha256) for s in self.manifest.shards["val"]]
+        self.val_batches = evaluation_batches(
+            val, self.train_cfg.seq_len, self.train_cfg.micro_batch_size, 4
+        )
+        self.feedback = ErrorFeedback(make_codec(self.config.outer.codec))
+        self.state, self.state_round = self._latest_state()
+        self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
+        self.lease: pb.DataLease | None = None
+        self.batches: SequenceBatcher | None = None
+
+    def _train_config(self) -> TrainConfig:
+        base = self.config.train_config()
+        # The inner schedule spans the run: as if one node trained every target token.
+        steps = max(1, self.config.run.target_tokens // base.batch_tokens)
+        values = {**base.to_dict(), "steps": steps, "device": self.options.device}
+        return TrainConfig(
+            **{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
+        )
+
+    def _latest_state(self) -> tuple[GlobalState, int]:
+        info = self._retry(self.client.get_run).latest_checkpoint
+        blob = self._retry(
+            lambda: self.client.fetch_file(f"checkpoints/{info.round}/state.safetensors")
+        )
+        if hashlib.sha256(blob).hexdigest() != info.sha256:
+            raise ConnectionError(f"checkpoint {info.round} does not match its SHA-256")
+        state = GlobalState(*state_from_blob(blob, self.run.numel))
+        if state.fingerprint() != info.fingerprint:
+            raise ConnectionError(f"checkpoint {info.round} does not match its fingerprint")
+        self._event(f"loaded checkpoint {info.round}")
+        return state, info.round
+
+    def _loop(self) -> None:
+        while not self.stop_event.is_set():
+            if self.options.max_rounds is not None:
+                if self.status.rounds_contributed >= self.options.max_rounds:
+                    return
+            current = self._retry(lambda: self.client.get_round(wait_s=0.0))
+            if not current.phase:  # no round yet (waiting for nodes)
+                self._wait_for_change(current)
+                continue
+            self.client.round = current.round
+            if self.state_round < current.round:
+                self._catch_up(current.round)
+                continue
+            if current.phase != "training":
+                self._wait_for_change(current)
+                continue
+            trained = self._train(current)
+            if trained is None:
+                continue
+            self._exchange_and_apply(current.round, *trained)
+
+    def _wait_for_change(self, state: pb.RoundState) -> None:
+        self._set(phase="waiting")
+        self._retry(
+            lambda: self.client.get_round(
+                None if not state.phase else state.round,
+                known_version=state.version,
+                wait_s=2.0,
+            )
+        )
+
+    # --- training ---------------------------------------------------------------------
+
+    def _ensure_lease(self) -> pb.DataLease:
+        lease = self._retry(self.client.acquire_lease)
+        if self.lease is None or lease.file != self.lease.file or self.batches is None:
+            tokens = self._shard_tokens(lease.file, lease.sha256)
+            seed = int(self.identity.node_id[:8], 16)
+            self.batches = SequenceBatcher(
+                [tokens], self.train_cfg.seq_len, self.train_cfg.micro_batch_size, seed
+            )
+            self._event(f"leased data shard {lease.file}")
+        self.lease = lease
+        return lease
+
+    def _train(self, state: pb.RoundState) -> tuple[torch.Tensor, int] | None:
+        """Inner steps from θ until the round closes; returns (Δ, tokens) or None when
+        the round closed before this node trained anything."""
+        load_flat_parameters(self.model, self.state.params)
+        budget_mode = state.budget > 0
+        steps = self.config.round.inner_steps
+        self._set(phase="training", round=state.round, step=0, steps=steps)
+        tokens = 0
+        started = time.monotonic()
+        closed = False
+        while not closed and not self.stop_event.is_set():
+            lease = self._ensure_lease()
+            assert self.batches is not None
+            step_started = time.monotonic()
+            stats = self.trainer.step(self.batches)
+            self.status.compute_s += time.monotonic() - step_started
+            tokens += stats.tokens
+            done = not budget_mode and self.status.step + 1 >= steps
+            report = functools.partial(
+                self.client.report_tokens, state.round, lease.file, stats.tokens, done
+            )
+            try:
+                reply = self._retry(report)
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    break  # closed meanwhile: these tokens are ours, not the round's
+                if err.code() == grpc.StatusCode.PERMISSION_DENIED and "lease" in (
+                    err.details() or ""
+                ):
+                    self.lease = None  # our data lease lapsed: take a new one
+                    continue
+                raise
+            closed = reply.closed
+            elapsed = time.monotonic() - started
+            self._set(
+                step=self.status.step + 1,
+                loss=stats.loss,
+                tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
+            )
+            if done and not closed:
+                self._set(phase="waiting for the round to close")
+                self._wait_closed(state.round)
+                closed = True
+        if tokens == 0 or self.stop_event.is_set():
+            return None
+        reported = self._retry(lambda: self.client.get_round(state.round))
+        if reported.phase == "training":
+            self._wait_closed(state.round)
+        delta = self.state.pseudo_gradient(self.model)
+        return delta, tokens
+
+    def _wait_closed(self, round_: int) -> None:
+        state = self._retry(lambda: self.client.get_round(round_))
+        while state.phase == "training" and not self.stop_event.is_set():
+            state = self._retry(
+                functools.partial(
+                    self.client.get_round, round_, known_version=state.version, wait_s=5.0
+                )
+            )
+
+    # --- exchange and outer step ------------------------------------------------------
+
+    def _exchange_and_apply(self, round_: int, delta: torch.Tensor, tokens: int) -> None:
+        state = self._retry(lambda: self.client.get_round(round_))
+        participants = {p.node_id for p in state.plan.participants}
+        if state.phase != "exchange" or self.identity.node_id not in participants:
+            self._event(f"round {round_}: not a participant (closed without our tokens)")
+            return
+        self._set(phase="exchanging", peers=len(participants))
+        spec = spec_from_state(self.run.run_id, state)
+        payloads, _ = encode_shards(spec.plan, delta, self.feedback)
+        outcome = exchange_round(self.client, self.peer, state, payloads, tokens)
+        self.status.bytes_sent += outcome.bytes_sent
+        self.status.bytes_received += outcome.bytes_received
+        if outcome.missing:
+            self._event(f"round {round_}: could not fetch shards {outcome.missing}: resync")
+            self._resync(round_ + 1)
+            return
+        self._apply(round_, outcome.mean, outcome.commit, outcome.skipped, spec.plan.bounds)
+        if self.identity.node_id in {c.node_id for c in outcome.commit.contributors}:
+            self.status.rounds_contributed += 1
+
+    def _apply(
+        self,
+        round_: int,
+        mean: torch.Tensor,
+        commit: pb.Commit,
+        skipped: list[int],
+        bounds: tuple[int, ...],
+    ) -> None:
+        self._set(phase="applying")
+        if commit.contributors:
+            before = self.state.copy()
+            self.state.outer_step(mean, self._outer())
+            for shard in skipped:  # a skipped shard's slice of θ does not move
+                start, end = bounds[shard], bounds[shard + 1]
+                self.state.params[start:end] = before.params[start:end]
+                self.state.momentum[start:end] = before.momentum[start:end]
+        self.state_round = round_ + 1
+        fingerprint = self.state.fingerprint()
+        self._log_fingerprint(round_, fingerprint)
+        self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
+        reply = self._retry(lambda: self.client.report_fingerprint(round_, fingerprint))
+        if reply.resync:
+            self._event(f"round {round_}: fingerprint disagrees with the commit: resync")
+            self._resync(self.state_round)
+            return
+        val_loss = self._evaluate()
+        self._event(
+            f"round {round_} committed: {len(commit.contributors)} contributors, "
+            f"{commit.tokens:,} tokens, val loss {val_loss:.4f}"
+        )
+        self._report_progress(round_, val_loss)
+        self._maybe_checkpoint(round_, commit, fingerprint)
+
+    def _log_fingerprint(self, round_: int, fingerprint: str) -> None:
+        """One JSON line per applied round (what `starling demo` compares across nodes)."""
+        with (self.run_dir / "fingerprints.jsonl").open("a") as log_file:
+            log_file.write(json.dumps({"round": round_, "fingerprint": fingerprint}) + "\n")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "node_id": self.identity.node_id,
+            "rounds_contributed": self.status.rounds_contributed,
+            "state_round": getattr(self, "state_round", 0),
+            "bytes_sent": self.status.bytes_sent,
+            "bytes_received": self.status.bytes_received,
+            "compute_s": self.status.compute_s,
+            "wall_s": time.monotonic() - self.started,
+        }
+
+    def _outer(self) -> OuterConfig:
+        return self.config.outer_config()
+
+    def _evaluate(self) -> float:
+        load_flat_parameters(self.model, self.state.params)
+        return self.trainer.evaluate(self.val_batches)
+
+    def _report_progress(self, round_: int, loss: float) -> None:
+        wall = time.monotonic() - self.started
+        request = pb.ReportProgressRequest(
+            round=round_,
+            loss=loss,
+            tokens_per_s=self.status.tokens_per_s,
+            bytes_sent=self.status.bytes_sent,
+            bytes_received=self.status.bytes_received,
+            utilization=self.status.compute_s / wall if wall > 0 else 0.0,
+        )
+        try:
+            self.client.report_progress(request)
+        except grpc.RpcError:
+            pass  # dashboard data only
+
+    def _maybe_checkpoint(self, round_: int, commit: pb.Commit, fingerprint: str) -> None:
+        """The contributor with the smallest node id uploads a due checkpoint (others
+        would only be refused as duplicates)."""
+        contributors = sorted(c.node_id for c in commit.contributors)
+        if not contributors or contributors[0] != self.identity.node_id:
+            return
+        state = self._retry(lambda: self.client.get_round(round_))
+        deadline = time.monotonic() + 30.0
+        while not state.commit.fingerprint and time.monotonic() < deadline:
+            state = self._retry(
+                functools.partial(
+                    self.client.get_round, round_, known_version=state.version, wait_s=5.0
+                )
+            )
+        if not state.checkpoint_due or state.commit.fingerprint != fingerprint:
+            return
+        blob = state_blob(self.state.params, self.state.momentum)
+        try:
+            self.client.upload_checkpoint(round_ + 1, blob, fingerprint)
+            self._event(f"uploaded checkpoint {round_ + 1}")
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                log.warning("checkpoint upload refused: %s", err.details())
+
+    # --- catching up ------------------------------------------------------------------
+
+    def _catch_up(self, current: int) -> None:
+        """Applies the committed means of the rounds this node missed (owners keep the
+        last 8); falls back to a fresh state when that is not possible."""
+        self._set(phase="catching up")
+        while self.state_round < current and not self.stop_event.is_set():
+            missed = self._retry(lambda: self.client.get_round(self.state_round))
+            if missed.phase != "committed" or not missed.commit.contributors:
+                if missed.phase == "committed":  # an empty round: nothing moved
+                    self.state_round += 1
+                    continue
+                return  # not committed yet: wait for it in the main loop
+            spec = spec_from_state(self.run.run_id, missed)
+            result = self.peer.gather(spec)
+            skipped = [s.shard for s in missed.commit.shards if s.status == "skipped"]
+            if set(result.missing_shards) - set(skipped):
+                self._resync(current)
+                return
+            self._apply(missed.round, result.mean, missed.commit, skipped, spec.plan.bounds)
+            self._event(f"caught up with round {missed.round}")
+
+    def _resync(self, at_least: int) -> None:
+        """A fresh global state: the latest checkpoint, then catch up from there."""
+        self.state, self.state_round = self._latest_state()
+        self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
+        self._event(f"resynced from checkpoint {self.state_round} (need {at_least})")
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    def _heartbeat_loop(self, interval: float) -> None:
+        while not self.stop_event.wait(interval):
+            try:
+                reply = self._retry(
+                    lambda: self.client.heartbeat(self.status.phase[:40], self.state_round)
+                )
+            except (grpc.RpcError, InterruptedError) as err:
+                log.info("heartbeat: %s", err)
+                continue
+            if reply.resync and self.status.phase not in ("catching up", "downloading"):
+                log.info("the coordinator asks for a resync")
+
+    def _retry(self, call: Callable[[], Any], rejoin: bool = True) -> Any:
+        """`call`, retried while the coordinator is unreachable (it may be restarting),
+        and once more after joining again if the coordinator expired us (a long stall,
+        or a lease that lapsed while it was down)."""
+        deadline = time.monotonic() + RECONNECT_S
+        delay = 0.2
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as err:
+                code, details = err.code(), err.details() or ""
+                if (
+                    rejoin
+                    and code == grpc.StatusCode.PERMISSION_DENIED
+                    and ("join again" in details or "join first" in details)
+                ):
+                    with self._rejoining:
+                        self._join()
+                    rejoin = False
+                    continue
+                if code not in RETRYABLE or time.monotonic() + delay > deadline:
+                    raise
+            if self.stop_event.wait(delay):
+                raise InterruptedError("stopping")
+            delay = min(2 * delay, 2.0)
+
+    def _set(self, **changes: Any) -> None:
+        for key, value in changes.items():
+            setattr(self.status, key, value)
+        self.status.wall_s = time.monotonic() - self.started
+        self.on_update(self.status)
+
+    def _event(self, text: str) -> None:
+        log.info(text)
+        self.status.events.append(text)
+        del self.status.events[:-20]
+        self.on_update(self.status)
+
+
+def _address_toward(host: str) -> str:
+    """This machine's address on the route to `host` (what peers should dial)."""
+    if is_loopback(host):
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, 9))  # no packet is sent: this only picks the route
+            return str(probe.getsockname()[0])
+    except OSError:
+        return "127.0.0.1"

@@ -1,0 +1,276 @@
+"""End to end, all real processes: `starling coordinator serve` and `starling node join`
+on loopback, training the `tiny` preset — loss falls and fingerprints agree, a late
+joiner catches up, a node killed mid-exchange does not stop the run, Ctrl-C leaves
+cleanly, and the coordinator's kill -9 and restart is survived."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from starling.coordination import CoordinatorClient
+
+from .conftest import run_cli
+from .coordinator_support import wait_for
+
+CONFIG = """
+[run]
+name = "e2e"
+target_tokens = 10000000
+
+[model]
+preset = "tiny"
+dim = 32
+n_layers = 1
+n_heads = 2
+n_kv_heads = 2
+max_seq_len = 64
+
+[data]
+source = "{corpus}"
+tokenizer = "bytes"
+shard_tokens = 16384
+
+[round]
+inner_steps = 3
+deadline_s = 120.0
+exchange_deadline_s = 8.0
+
+[train]
+batch_tokens = 512
+micro_batch_size = 8
+lr = 0.003
+warmup_steps = 2
+
+[checkpoints]
+every = {every}
+keep = 3
+
+[membership]
+heartbeat_s = 0.5
+lease_s = {lease}
+data_lease_s = 30.0
+min_nodes = {min_nodes}
+"""
+
+
+class Run:
+    """A coordinator process serving a fresh run, and node processes joining it."""
+
+    def __init__(self, root: Path, every: int = 1, lease: float = 6.0, min_nodes: int = 2):
+        from .coordinator_support import CORPUS
+
+        self.root = root
+        (root / "corpus.txt").write_text(CORPUS)
+        config = root / "run.toml"
+        config.write_text(
+            CONFIG.format(corpus=root / "corpus.txt", every=every, lease=lease, min_nodes=min_nodes)
+        )
+        self.run_dir = root / "run"
+        init = run_cli("coordinator", "init", str(self.run_dir), "--config", str(config))
+        assert init.returncode == 0, init.stderr
+        self.nodes: dict[str, subprocess.Popen[str]] = {}
+        self.port = 0
+        self.serve()
+
+    def serve(self) -> None:
+        self.coordinator = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "starling",
+                "coordinator",
+                "serve",
+                str(self.run_dir),
+                "--grpc-port",
+                str(self.port),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=(self.root / "coordinator.log").open("a"),
+            text=True,
+        )
+        assert self.coordinator.stdout is not None
+        self.url = self.coordinator.stdout.readline().strip()
+        assert self.url.startswith("starling://"), (self.root / "coordinator.log").read_text()
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def join(self, name: str, *options: str) -> subprocess.Popen[str]:
+        work = self.root / name
+        work.mkdir(exist_ok=True)
+        log = (work / "node.log").open("w")
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "starling",
+                "node",
+                "join",
+                self.url,
+                "--work-dir",
+                str(work),
+                "--device",
+                "cpu",
+                "--summary-json",
+                str(work / "summary.json"),
+                *options,
+            ],
+            stdout=log,
+            stderr=log,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            text=True,
+        )
+        self.nodes[name] = process
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.root / name / "node.log").read_text()
+
+    def fingerprints(self, name: str) -> dict[int, str]:
+        found = list((self.root / name).glob("runs/*/fingerprints.jsonl"))
+        if not found:
+            return {}
+        lines = found[0].read_text().splitlines()
+        return {json.loads(x)["round"]: json.loads(x)["fingerprint"] for x in lines}
+
+    def status(self) -> dict:
+        with CoordinatorClient(self.url) as client:
+            from starling.coordination import status_json
+
+            return status_json(client.get_status())
+
+    def committed(self) -> int:
+        """Rounds committed so far."""
+        commit = self.status()["last_commit"]
+        return 0 if commit is None else commit["round"] + 1
+
+    def close(self) -> None:
+        for process in [*self.nodes.values(), self.coordinator]:
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+
+
+@pytest.fixture
+def e2e(tmp_path: Path):
+    runs: list[Run] = []
+
+    def make(**kwargs) -> Run:
+        run = Run(tmp_path, **kwargs)
+        runs.append(run)
+        return run
+
+    yield make
+    for run in runs:
+        run.close()
+
+
+def test_the_demo_trains_and_every_node_agrees(tmp_path: Path) -> None:
+    result = run_cli(
+        "demo",
+        "--nodes",
+        "3",
+        "--rounds",
+        "3",
+        "--inner-steps",
+        "5",
+        "--work-dir",
+        str(tmp_path),
+        "--json",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["rounds_committed"] == 3 and summary["nodes"] == 3
+    assert summary["fingerprints_agree"] is True
+    assert summary["final_val_loss"] < summary["initial_val_loss"] - 0.5
+    assert summary["wire_bytes_per_node"] > 0
+    run_dir = Path(summary["run_dir"])
+    assert (run_dir / "checkpoints" / "000003" / "state.safetensors").is_file()
+
+
+def test_a_late_joiner_catches_up_and_agrees(e2e) -> None:
+    run = e2e(every=100)  # no checkpoint after θ₀: the joiner must apply missed means
+    for name in ("a", "b"):
+        run.join(name, "--max-rounds", "6")
+    wait_for(lambda: run.committed() >= 3, 180, "3 committed rounds")
+    late = run.join("late", "--max-rounds", "2")
+    assert late.wait(240) == 0, run.log("late")
+    assert "caught up with round 0" in run.log("late")
+    for name in ("a", "b"):
+        assert run.nodes[name].wait(240) == 0, run.log(name)
+    mine, theirs = run.fingerprints("late"), run.fingerprints("a")
+    assert len(mine) >= 4  # rounds caught up on, then contributed to
+    for round_, fingerprint in mine.items():
+        assert theirs[round_] == fingerprint, f"round {round_}"
+    assert_agree(run.fingerprints("b"), theirs)
+
+
+def test_a_node_killed_mid_exchange_does_not_stop_the_run(e2e) -> None:
+    run = e2e(lease=3.0)
+    for name in ("a", "b", "victim"):
+        run.join(name)
+    wait_for(lambda: run.committed() >= 1, 180, "a first round")
+    wait_for(lambda: run.status()["phase"] == "exchange", 120, "an exchange")
+    run.nodes["victim"].send_signal(signal.SIGKILL)
+    killed_at = run.committed()
+    wait_for(lambda: run.committed() >= killed_at + 3, 240, "3 more rounds")
+    status = run.status()
+    active = {p["node_id"] for p in status["peers"]}
+    assert len(active) == 2  # the victim expired
+    assert len(status["last_commit"]["contributors"]) == 2
+    assert_agree(run.fingerprints("a"), run.fingerprints("b"))
+
+
+def assert_agree(first: dict[int, str], second: dict[int, str]) -> None:
+    """Two nodes' fingerprints agree on every round both applied (one may be a round
+    ahead of the other when read)."""
+    common = set(first) & set(second)
+    assert len(common) >= 2
+    for round_ in common:
+        assert first[round_] == second[round_], f"round {round_}"
+
+
+def test_ctrl_c_leaves_cleanly_and_a_coordinator_restart_is_survived(e2e) -> None:
+    run = e2e()
+    for name in ("a", "b"):
+        run.join(name)
+    wait_for(lambda: run.committed() >= 2, 180, "2 rounds")
+    # kill -9 the coordinator mid-run and restart it on the same port: nodes carry on.
+    run.coordinator.send_signal(signal.SIGKILL)
+    run.coordinator.wait(10)
+    run.serve()
+    after_restart = run.committed()
+    wait_for(lambda: run.committed() >= after_restart + 2, 240, "2 rounds after the restart")
+    assert_agree(run.fingerprints("a"), run.fingerprints("b"))
+    # Ctrl-C: the node finishes its step, leaves and exits 0; nothing committed is lost.
+    committed = run.committed()
+    run.nodes["a"].send_signal(signal.SIGINT)
+    assert run.nodes["a"].wait(120) == 0, run.log("a")
+    assert "left the run" in run.log("a")
+    summary = json.loads((run.root / "a" / "summary.json").read_text())
+    assert summary["rounds_contributed"] >= 3
+    status = run.status()
+    assert all(p["node_id"] != summary["node_id"] for p in status["peers"])
+    assert run.committed() >= committed
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["node", "join", "http://example.com"], "must start with starling://"),
+        (["node", "join", "starling://example.com:7443"], "no certificate fingerprint"),
+        (["node", "join", "starling://127.0.0.1:1", "--max-rounds", "0"], "--max-rounds"),
+        (["node", "join", "starling://127.0.0.1:1", "--upload-mbps", "-3"], "--upload-mbps"),
+        (["demo", "--nodes", "0"], "at least 1"),
+    ],
+)
+def test_node_and_demo_bad_input_is_one_error_line(args: list[str], message: str) -> None:
+    result = run_cli(*args, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
