@@ -135,6 +135,7 @@ class Coordinator:
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._owned_rounds: set[tuple[int, int]] = set()  # (round, plan generation) reported
+        self._uploading: set[int] = set()  # checkpoint rounds being received
         self.bound_port: int | None = None
 
     # --- lifecycle ------------------------------------------------------------------
@@ -701,6 +702,16 @@ class Coordinator:
             raise AssertionError("unreachable") from None
 
     async def _receive_checkpoint(self, chunks: AsyncIterator[bytes]) -> pb.CheckpointInfo:
+        round_holder: list[int] = []
+        try:
+            return await self._receive_checkpoint_once(chunks, round_holder)
+        finally:
+            for round_ in round_holder:
+                self._uploading.discard(round_)
+
+    async def _receive_checkpoint_once(
+        self, chunks: AsyncIterator[bytes], uploading: list[int]
+    ) -> pb.CheckpointInfo:
         first = await anext(aiter(chunks), None)
         header_raw = None if first is None else _safe_field(first, 1)
         if header_raw is None:
@@ -715,6 +726,10 @@ class Coordinator:
             )
         if header.round in {c.round for c in self.store.checkpoints()}:
             raise Refused(grpc.StatusCode.ALREADY_EXISTS, f"checkpoint {header.round} is stored")
+        if header.round in self._uploading:
+            raise Refused(
+                grpc.StatusCode.ALREADY_EXISTS, f"checkpoint {header.round} is being uploaded"
+            )
         committed = self.store.round(header.round - 1) if header.round > 0 else None
         if committed is None or committed.commit is None or not committed.commit["fingerprint"]:
             raise Refused(
@@ -726,6 +741,8 @@ class Coordinator:
                 grpc.StatusCode.DATA_LOSS,
                 "the checkpoint's fingerprint is not the one the round committed",
             )
+        self._uploading.add(header.round)
+        uploading.append(header.round)
         parts: list[bytes] = []
         received = 0
         async for raw in chunks:
@@ -748,7 +765,20 @@ class Coordinator:
             )
         blob = b"".join(parts)
         await asyncio.to_thread(self._check_state, blob, header)
-        info = await asyncio.to_thread(self._store_checkpoint, blob, header)
+        # Files in a worker thread; the database only ever from this loop (one
+        # connection: a transaction from another thread would interleave with ours).
+        info = await asyncio.to_thread(self._write_checkpoint, blob, header)
+        with self.store.transaction():
+            self.store.add_checkpoint(info)
+            kept = sorted(c.round for c in self.store.checkpoints() if c.round > 0)
+            dropped = kept[: -self.config.checkpoints.keep]
+            for old in dropped:
+                self.store.remove_checkpoint(old)
+        for old in dropped:
+            await asyncio.to_thread(
+                shutil.rmtree, checkpoint_dir(self.run.path, old), ignore_errors=True
+            )
+        log.info("checkpoint %d stored (%s)", header.round, header.sha256[:12])
         self._notify()
         return _checkpoint_info(info)
 
@@ -764,9 +794,10 @@ class Coordinator:
                 grpc.StatusCode.DATA_LOSS, "the state does not match its declared fingerprint"
             )
 
-    def _store_checkpoint(self, blob: bytes, header: pb.CheckpointHeader) -> Checkpoint:
-        """Files first (in a temporary folder renamed into place), then the database row:
-        a crash in between leaves an orphan folder that the next start removes."""
+    def _write_checkpoint(self, blob: bytes, header: pb.CheckpointHeader) -> Checkpoint:
+        """The files, in a temporary folder renamed into place; the caller then adds the
+        database row: a crash in between leaves an orphan folder that the next start
+        removes."""
         final = checkpoint_dir(self.run.path, header.round)
         staging = final.with_name(f".{final.name}.tmp")
         if staging.exists():
@@ -785,17 +816,7 @@ class Coordinator:
         if final.exists():
             shutil.rmtree(final)
         os.replace(staging, final)
-        info = Checkpoint(header.round, header.sha256, header.size, header.fingerprint, time.time())
-        with self.store.transaction():
-            self.store.add_checkpoint(info)
-            kept = sorted(c.round for c in self.store.checkpoints() if c.round > 0)
-            dropped = kept[: -self.config.checkpoints.keep]
-            for old in dropped:
-                self.store.remove_checkpoint(old)
-        for old in dropped:
-            shutil.rmtree(checkpoint_dir(self.run.path, old), ignore_errors=True)
-        log.info("checkpoint %d stored (%s)", header.round, header.sha256[:12])
-        return info
+        return Checkpoint(header.round, header.sha256, header.size, header.fingerprint, time.time())
 
     def _remove_orphan_checkpoints(self) -> None:
         stored = {checkpoint_dir(self.run.path, c.round).name for c in self.store.checkpoints()}

@@ -297,13 +297,16 @@ class NodeDaemon:
         self._set(phase="training", round=state.round, step=0, steps=steps)
         tokens = 0
         started = time.monotonic()
+        self._timing = {"round": state.round, "started": started, "compute_s": 0.0}
         closed = False
         while not closed and not self.stop_event.is_set():
             lease = self._ensure_lease()
             assert self.batches is not None
             step_started = time.monotonic()
             stats = self.trainer.step(self.batches)
-            self.status.compute_s += time.monotonic() - step_started
+            step_s = time.monotonic() - step_started
+            self.status.compute_s += step_s
+            self._timing["compute_s"] += step_s
             tokens += stats.tokens
             done = not budget_mode and self.status.step + 1 >= steps
             report = functools.partial(
@@ -359,7 +362,9 @@ class NodeDaemon:
         self._set(phase="exchanging", peers=len(participants))
         spec = spec_from_state(self.run.run_id, state)
         payloads, _ = encode_shards(spec.plan, delta, self.feedback)
+        exchange_started = time.monotonic()
         outcome = exchange_round(self.client, self.peer, state, payloads, tokens)
+        exchange_s = time.monotonic() - exchange_started
         self.status.bytes_sent += outcome.bytes_sent
         self.status.bytes_received += outcome.bytes_received
         if outcome.missing:
@@ -367,6 +372,15 @@ class NodeDaemon:
             self._resync(round_ + 1)
             return
         self._apply(round_, outcome.mean, outcome.commit, outcome.skipped, spec.plan.bounds)
+        self._log_timing(
+            round_,
+            {
+                "tokens": tokens,
+                "exchange_s": exchange_s,
+                "bytes_sent": outcome.bytes_sent,
+                "bytes_received": outcome.bytes_received,
+            },
+        )
         if self.identity.node_id in {c.node_id for c in outcome.commit.contributors}:
             self.status.rounds_contributed += 1
 
@@ -407,6 +421,22 @@ class NodeDaemon:
         """One JSON line per applied round (what `starling demo` compares across nodes)."""
         with (self.run_dir / "fingerprints.jsonl").open("a") as log_file:
             log_file.write(json.dumps({"round": round_, "fingerprint": fingerprint}) + "\n")
+
+    def _log_timing(self, round_: int, extra: dict[str, Any]) -> None:
+        """One JSON line per round this node trained in: compute (inner steps), the
+        exchange, and the wall time from its first inner step to the applied commit
+        (bench/utilization.py reads these)."""
+        timing = getattr(self, "_timing", None)
+        if timing is None or timing["round"] != round_:
+            return
+        entry = {
+            "round": round_,
+            "compute_s": timing["compute_s"],
+            "wall_s": time.monotonic() - timing["started"],
+            **extra,
+        }
+        with (self.run_dir / "rounds.jsonl").open("a") as log_file:
+            log_file.write(json.dumps(entry) + "\n")
 
     def summary(self) -> dict[str, Any]:
         return {

@@ -1,0 +1,241 @@
+"""Compute utilization of a real run: a `starling coordinator serve` process and N
+`starling node join` processes on this machine, every node's links capped by
+Starling's bandwidth limiter.
+
+    python bench/utilization.py --nodes 4 --upload-mbps 20 --json
+
+Per node and round (from each node's rounds.jsonl): compute time (its inner steps),
+exchange time, and wall time from its first inner step to the applied commit; the
+exposed time (not training) is wall − compute. Utilization = compute / wall. The first
+round is a warm-up and is left out.
+
+This CPU computes far slower than a GPU, which flatters any utilization figure. The
+GPU-equivalent figure keeps every measured non-compute time and shrinks compute by the
+ratio of this CPU's tokens/s to a GPU's on the same model. The GPU's tokens/s is
+estimated as MFU × peak FLOP/s / (6 × parameters), with the RTX 4090's 82.6 TFLOP/s
+(dense bf16 tensor cores with fp32 accumulation, NVIDIA Ada Lovelace whitepaper) at
+--gpu-mfu (default 0.4), or given directly with --gpu-tokens-per-s. Since the exposed
+time does not grow with the round's length (the payload is the same), the report also
+gives the inner steps per round a GPU would need for 95%.
+
+Overlap (training round r+1 while round r is exchanged) is not implemented by the node
+yet: the report says so instead of a figure.
+
+The last output line is a JSON object {"config", "nodes": [...], "overall": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RTX_4090_BF16_FLOPS = 82.6e12
+
+CONFIG = """
+[run]
+name = "utilization"
+target_tokens = {target}
+
+[model]
+preset = "{model}"
+
+[round]
+inner_steps = {inner_steps}
+deadline_s = 600.0
+exchange_deadline_s = 120.0
+
+[outer]
+codec = "{codec}"
+
+[train]
+batch_tokens = 2048
+micro_batch_size = 8
+lr = 0.003
+warmup_steps = 10
+
+[checkpoints]
+every = 1000
+
+[membership]
+heartbeat_s = 1.0
+lease_s = 30.0
+min_nodes = {nodes}
+"""
+
+
+def starling(*args: str) -> list[str]:
+    return [sys.executable, "-m", "starling", *args]
+
+
+def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    config = root / "run.toml"
+    target = args.nodes * (args.rounds + 2) * args.inner_steps * 2048
+    config.write_text(
+        CONFIG.format(
+            target=target,
+            model=args.model,
+            inner_steps=args.inner_steps,
+            codec=args.codec,
+            nodes=args.nodes,
+        )
+    )
+    run_dir = root / "run"
+    subprocess.run(
+        starling("coordinator", "init", str(run_dir), "--config", str(config)),
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    coordinator = subprocess.Popen(
+        starling("coordinator", "serve", str(run_dir)),
+        stdout=subprocess.PIPE,
+        stderr=(root / "coordinator.log").open("w"),
+        text=True,
+    )
+    nodes: list[subprocess.Popen[str]] = []
+    try:
+        assert coordinator.stdout is not None
+        url = coordinator.stdout.readline().strip()
+        for i in range(args.nodes):
+            work = root / f"node{i}"
+            work.mkdir()
+            caps = ["--upload-mbps", str(args.upload_mbps)]
+            caps += ["--download-mbps", str(args.download_mbps or args.upload_mbps)]
+            nodes.append(
+                subprocess.Popen(
+                    starling(
+                        "node",
+                        "join",
+                        url,
+                        "--work-dir",
+                        str(work),
+                        "--device",
+                        "cpu",
+                        "--max-rounds",
+                        str(args.rounds + 1),
+                        *caps,
+                    ),
+                    stdout=subprocess.DEVNULL,
+                    stderr=(work / "node.log").open("w"),
+                    env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
+                )
+            )
+        for node in nodes:
+            if node.wait(timeout=args.timeout) != 0:
+                raise RuntimeError(f"a node failed: see {root}/node*/node.log")
+    finally:
+        for process in [*nodes, coordinator]:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(30)
+    per_node = []
+    for i in range(args.nodes):
+        log = next((root / f"node{i}").glob("runs/*/rounds.jsonl"))
+        rounds = [json.loads(line) for line in log.read_text().splitlines()]
+        per_node.append(rounds[1:])  # the first round is a warm-up
+    return {"per_node": per_node, "numel": _numel(run_dir)}
+
+
+def _numel(run_dir: Path) -> int:
+    import sqlite3
+
+    db = sqlite3.connect(run_dir / "coordinator.db")
+    try:
+        return int(db.execute("SELECT value FROM meta WHERE key = 'numel'").fetchone()[0])
+    finally:
+        db.close()
+
+
+def summarize(per_node: list[list[dict]], numel: int, args: argparse.Namespace) -> dict:
+    gpu_tps = args.gpu_tokens_per_s or args.gpu_mfu * RTX_4090_BF16_FLOPS / (6 * numel)
+    nodes = []
+    for index, rounds in enumerate(per_node):
+        compute = sum(r["compute_s"] for r in rounds)
+        wall = sum(r["wall_s"] for r in rounds)
+        tokens = sum(r["tokens"] for r in rounds)
+        cpu_tps = tokens / compute
+        exposed = wall - compute
+        gpu_compute = tokens / gpu_tps
+        exposed_per_round = exposed / len(rounds)
+        # Inner steps per round for 95% on the GPU: compute ≥ 19 × exposed.
+        gpu_step_s = (tokens / len(rounds) / args.inner_steps) / gpu_tps
+        nodes.append(
+            {
+                "node": index,
+                "rounds": len(rounds),
+                "compute_s": round(compute, 2),
+                "exchange_s": round(sum(r["exchange_s"] for r in rounds), 2),
+                "exposed_s": round(exposed, 2),
+                "wall_s": round(wall, 2),
+                "utilization": round(compute / wall, 4),
+                "cpu_tokens_per_s": round(cpu_tps, 1),
+                "gpu_equivalent_utilization": round(gpu_compute / (gpu_compute + exposed), 4),
+                "inner_steps_for_95pct_on_gpu": int(19 * exposed_per_round / gpu_step_s) + 1,
+                "bytes_sent_per_round": int(statistics.fmean(r["bytes_sent"] for r in rounds)),
+            }
+        )
+    return {
+        "nodes": nodes,
+        "overall": {
+            "utilization": round(statistics.fmean(n["utilization"] for n in nodes), 4),
+            "gpu_equivalent_utilization": round(
+                statistics.fmean(n["gpu_equivalent_utilization"] for n in nodes), 4
+            ),
+            "inner_steps_for_95pct_on_gpu": max(n["inner_steps_for_95pct_on_gpu"] for n in nodes),
+            "gpu_tokens_per_s_assumed": round(gpu_tps),
+            "gpu_assumption": (
+                f"{args.gpu_tokens_per_s} tokens/s given"
+                if args.gpu_tokens_per_s
+                else f"RTX 4090, {RTX_4090_BF16_FLOPS / 1e12} TFLOP/s bf16 (fp32 accumulate), "
+                f"MFU {args.gpu_mfu}, 6 FLOPs per parameter per token"
+            ),
+            "parameters": numel,
+            "overlap": "not implemented by the node yet",
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nodes", type=int, default=4)
+    parser.add_argument("--upload-mbps", type=float, default=20.0)
+    parser.add_argument("--download-mbps", type=float, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (+1 warm-up)")
+    parser.add_argument("--inner-steps", type=int, default=20)
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--codec", default="int4")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    parser.add_argument("--gpu-mfu", type=float, default=0.4)
+    parser.add_argument("--gpu-tokens-per-s", type=float, default=None)
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if args.nodes < 1 or args.rounds < 1 or args.inner_steps < 1 or args.upload_mbps <= 0:
+        parser.error("need --nodes, --rounds, --inner-steps >= 1 and --upload-mbps > 0")
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = run(args, Path(tmp))
+    report = summarize(measured["per_node"], measured["numel"], args)
+    report["config"] = {k: v for k, v in vars(args).items() if k != "json"}
+    report["cpus"] = os.cpu_count()
+    report["wall_s"] = round(time.time() - started, 1)
+    if not args.json:
+        overall = report["overall"]
+        print(
+            f"utilization {overall['utilization']:.1%} (CPU), "
+            f"{overall['gpu_equivalent_utilization']:.1%} GPU-equivalent",
+            file=sys.stderr,
+        )
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
