@@ -886,7 +886,13 @@ class Coordinator:
             if len(active) >= self.config.membership.min_nodes:
                 self._open(0 if current is None else current.round + 1, now)
         elif current.phase == "training":
-            await self._maybe_close(current, now)
+            # Overlap: round r+1 trains while round r is exchanged; r+1 closes only once
+            # r has committed (at most one exchange in flight).
+            previous = self.store.round(current.round - 1) if current.round > 0 else None
+            if previous is not None and previous.phase == "exchange":
+                await self._maybe_commit(previous, now)
+            else:
+                await self._maybe_close(current, now)
         elif current.phase == "exchange":
             await self._maybe_commit(current, now)
 
@@ -944,6 +950,8 @@ class Coordinator:
             updated = self._put(round_, phase="exchange", plan=plan)
         log.info("round %d closed: %d contributors", round_.round, len(contributors))
         await self._own_shards(updated)
+        if self.config.outer.overlap:
+            self._open(round_.round + 1, now)  # nodes train on while this one exchanges
         self._notify()
 
     def _spec(self, round_: Round) -> RoundSpec:

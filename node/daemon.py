@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from starling.checkpoint import state_blob, state_from_blob
 from starling.codecs import ErrorFeedback, make_codec
 from starling.coordination import CoordinatorClient, JoinUrl
 from starling.data.shards import Manifest, SequenceBatcher, evaluation_batches
-from starling.diloco import GlobalState, OuterConfig, load_flat_parameters
+from starling.diloco import GlobalState, OuterConfig, flatten_parameters, load_flat_parameters
 from starling.exchange import (
     BandwidthLimits,
     ExchangePeer,
@@ -49,7 +50,7 @@ from starling.runconfig import RunConfig
 from starling.train import InnerTrainer, TrainConfig, select_device
 from starling.v1 import coordinator_pb2 as pb
 
-from .rounds import exchange_round, spec_from_state
+from .rounds import ExchangeOutcome, exchange_round, spec_from_state
 
 log = logging.getLogger("starling.node")
 
@@ -112,6 +113,7 @@ class NodeDaemon:
         self.peer = self._start_peer()
         self.started = time.monotonic()
         self.state_round = 0  # rounds committed and applied to our global state
+        self._timings: dict[int, dict[str, float]] = {}
         self._rejoining = threading.Lock()
 
     # --- setup ------------------------------------------------------------------------
@@ -244,6 +246,9 @@ class NodeDaemon:
         return state, info.round
 
     def _loop(self) -> None:
+        if self.config.outer.overlap:
+            self._loop_overlapped()
+            return
         while not self.stop_event.is_set():
             if self.options.max_rounds is not None:
                 if self.status.rounds_contributed >= self.options.max_rounds:
@@ -263,6 +268,62 @@ class NodeDaemon:
             if trained is None:
                 continue
             self._exchange_and_apply(current.round, *trained)
+
+    def _loop_overlapped(self) -> None:
+        """One-step-delayed outer updates: round r's exchange runs in a worker while
+        round r+1 trains; when r+1 closes, r's mean is applied and the replica keeps its
+        own progress of r+1 on top of the new global state (as `starling simulate
+        --overlap` does)."""
+        anchor = self.state.params.clone()
+        load_flat_parameters(self.model, anchor)
+        pending: tuple[int, Future[Any]] | None = None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="exchange")
+
+        def settle() -> None:
+            nonlocal pending
+            if pending is not None:
+                round_, future = pending
+                pending = None
+                exchanged = future.result()
+                if exchanged is not None:
+                    self._settle(round_, exchanged)
+
+        try:
+            while not self.stop_event.is_set():
+                limit = self.options.max_rounds
+                if limit is not None and self.status.rounds_contributed >= limit:
+                    return
+                if limit is not None and pending is not None:
+                    if self.status.rounds_contributed + 1 >= limit:
+                        settle()  # the last round: no more training after it
+                        continue
+                current = self._retry(lambda: self.client.get_round(wait_s=0.0))
+                if not current.phase:
+                    self._wait_for_change(current)
+                    continue
+                self.client.round = current.round
+                if pending is None and self.state_round < current.round:
+                    self._catch_up(current.round)
+                    anchor = self.state.params.clone()
+                    load_flat_parameters(self.model, anchor)
+                    continue
+                if current.phase != "training":
+                    self._wait_for_change(current)
+                    continue
+                trained = self._train(current, anchor=anchor)
+                if trained is None:
+                    continue
+                delta, tokens = trained
+                settle()  # round r−1's mean, exchanged while this round trained
+                # The replica keeps this round's progress (−Δ) on top of the new θ.
+                anchor = torch.sub(self.state.params, delta)
+                load_flat_parameters(self.model, anchor)
+                pending = (current.round, pool.submit(self._exchange, current.round, delta, tokens))
+        finally:
+            try:
+                settle()
+            finally:
+                pool.shutdown(wait=True)
 
     def _wait_for_change(self, state: pb.RoundState) -> None:
         self._set(phase="waiting")
@@ -288,16 +349,20 @@ class NodeDaemon:
         self.lease = lease
         return lease
 
-    def _train(self, state: pb.RoundState) -> tuple[torch.Tensor, int] | None:
-        """Inner steps from θ until the round closes; returns (Δ, tokens) or None when
-        the round closed before this node trained anything."""
-        load_flat_parameters(self.model, self.state.params)
+    def _train(
+        self, state: pb.RoundState, anchor: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, int] | None:
+        """Inner steps until the round closes, from θ (or, in overlap mode, from where
+        the replica is, measuring Δ from `anchor`); returns (Δ, tokens) or None when the
+        round closed before this node trained anything."""
+        if anchor is None:
+            load_flat_parameters(self.model, self.state.params)
         budget_mode = state.budget > 0
         steps = self.config.round.inner_steps
         self._set(phase="training", round=state.round, step=0, steps=steps)
         tokens = 0
         started = time.monotonic()
-        self._timing = {"round": state.round, "started": started, "compute_s": 0.0}
+        self._timings[state.round] = {"train_started": time.time(), "compute_s": 0.0}
         closed = False
         while not closed and not self.stop_event.is_set():
             lease = self._ensure_lease()
@@ -306,7 +371,7 @@ class NodeDaemon:
             stats = self.trainer.step(self.batches)
             step_s = time.monotonic() - step_started
             self.status.compute_s += step_s
-            self._timing["compute_s"] += step_s
+            self._timings[state.round]["compute_s"] += step_s
             tokens += stats.tokens
             done = not budget_mode and self.status.step + 1 >= steps
             report = functools.partial(
@@ -339,8 +404,10 @@ class NodeDaemon:
         reported = self._retry(lambda: self.client.get_round(state.round))
         if reported.phase == "training":
             self._wait_closed(state.round)
-        delta = self.state.pseudo_gradient(self.model)
-        return delta, tokens
+        self._timings[state.round]["train_ended"] = time.time()
+        if anchor is None:
+            return self.state.pseudo_gradient(self.model), tokens
+        return anchor - flatten_parameters(self.model), tokens
 
     def _wait_closed(self, round_: int) -> None:
         state = self._retry(lambda: self.client.get_round(round_))
@@ -354,24 +421,39 @@ class NodeDaemon:
     # --- exchange and outer step ------------------------------------------------------
 
     def _exchange_and_apply(self, round_: int, delta: torch.Tensor, tokens: int) -> None:
+        exchanged = self._exchange(round_, delta, tokens)
+        if exchanged is not None:
+            self._settle(round_, exchanged)
+
+    def _exchange(
+        self, round_: int, delta: torch.Tensor, tokens: int
+    ) -> tuple[ExchangeOutcome, tuple[int, ...], int, float] | None:
+        """This node's part of round `round_`'s exchange (no state change: safe to run
+        in a worker while the next round trains)."""
         state = self._retry(lambda: self.client.get_round(round_))
         participants = {p.node_id for p in state.plan.participants}
         if state.phase != "exchange" or self.identity.node_id not in participants:
             self._event(f"round {round_}: not a participant (closed without our tokens)")
-            return
+            return None
         self._set(phase="exchanging", peers=len(participants))
         spec = spec_from_state(self.run.run_id, state)
         payloads, _ = encode_shards(spec.plan, delta, self.feedback)
         exchange_started = time.monotonic()
         outcome = exchange_round(self.client, self.peer, state, payloads, tokens)
-        exchange_s = time.monotonic() - exchange_started
+        return outcome, spec.plan.bounds, tokens, time.monotonic() - exchange_started
+
+    def _settle(
+        self, round_: int, exchanged: tuple[ExchangeOutcome, tuple[int, ...], int, float]
+    ) -> None:
+        """Applies round `round_`'s committed mean to the global state."""
+        outcome, bounds, tokens, exchange_s = exchanged
         self.status.bytes_sent += outcome.bytes_sent
         self.status.bytes_received += outcome.bytes_received
         if outcome.missing:
             self._event(f"round {round_}: could not fetch shards {outcome.missing}: resync")
             self._resync(round_ + 1)
             return
-        self._apply(round_, outcome.mean, outcome.commit, outcome.skipped, spec.plan.bounds)
+        self._apply(round_, outcome.mean, outcome.commit, outcome.skipped, bounds)
         self._log_timing(
             round_,
             {
@@ -423,18 +505,13 @@ class NodeDaemon:
             log_file.write(json.dumps({"round": round_, "fingerprint": fingerprint}) + "\n")
 
     def _log_timing(self, round_: int, extra: dict[str, Any]) -> None:
-        """One JSON line per round this node trained in: compute (inner steps), the
-        exchange, and the wall time from its first inner step to the applied commit
-        (bench/utilization.py reads these)."""
-        timing = getattr(self, "_timing", None)
-        if timing is None or timing["round"] != round_:
+        """One JSON line per round this node trained in: when its training started and
+        ended (unix s), compute (inner steps only), the exchange (bench/utilization.py
+        reads these)."""
+        timing = self._timings.pop(round_, None)
+        if timing is None or "train_ended" not in timing:
             return
-        entry = {
-            "round": round_,
-            "compute_s": timing["compute_s"],
-            "wall_s": time.monotonic() - timing["started"],
-            **extra,
-        }
+        entry = {"round": round_, **timing, **extra}
         with (self.run_dir / "rounds.jsonl").open("a") as log_file:
             log_file.write(json.dumps(entry) + "\n")
 

@@ -42,6 +42,9 @@ inner_steps = 3
 deadline_s = 120.0
 exchange_deadline_s = 8.0
 
+[outer]
+overlap = {overlap}
+
 [train]
 batch_tokens = 512
 micro_batch_size = 8
@@ -63,14 +66,27 @@ min_nodes = {min_nodes}
 class Run:
     """A coordinator process serving a fresh run, and node processes joining it."""
 
-    def __init__(self, root: Path, every: int = 1, lease: float = 6.0, min_nodes: int = 2):
+    def __init__(
+        self,
+        root: Path,
+        every: int = 1,
+        lease: float = 6.0,
+        min_nodes: int = 2,
+        overlap: bool = False,
+    ):
         from .coordinator_support import CORPUS
 
         self.root = root
         (root / "corpus.txt").write_text(CORPUS)
         config = root / "run.toml"
         config.write_text(
-            CONFIG.format(corpus=root / "corpus.txt", every=every, lease=lease, min_nodes=min_nodes)
+            CONFIG.format(
+                corpus=root / "corpus.txt",
+                every=every,
+                lease=lease,
+                min_nodes=min_nodes,
+                overlap="true" if overlap else "false",
+            )
         )
         self.run_dir = root / "run"
         init = run_cli("coordinator", "init", str(self.run_dir), "--config", str(config))
@@ -274,3 +290,19 @@ def test_node_and_demo_bad_input_is_one_error_line(args: list[str], message: str
     result = run_cli(*args, timeout=60)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_overlapped_rounds_train_while_the_previous_round_exchanges(e2e) -> None:
+    run = e2e(overlap=True)
+    for name in ("a", "b"):
+        run.join(name, "--max-rounds", "4")
+    for name in ("a", "b"):
+        assert run.nodes[name].wait(240) == 0, run.log(name)
+    log = (run.root / "coordinator.log").read_text()
+    # Round r+1 opens when round r closes, before r commits.
+    assert log.index("round 1 open") < log.index("round 0 committed")
+    first, second = run.fingerprints("a"), run.fingerprints("b")
+    assert sorted(first) == [0, 1, 2, 3]
+    assert_agree(first, second)
+    for name in ("a", "b"):
+        assert json.loads((run.root / name / "summary.json").read_text())["rounds_contributed"] == 4
