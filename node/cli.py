@@ -50,13 +50,17 @@ def join_command(
     summary_json: Annotated[
         Path | None, typer.Option(help="Write a JSON summary here on exit.")
     ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve Prometheus metrics here (0: a free port).")
+    ] = None,
 ) -> None:
     """Join a run and train until stopped: Ctrl-C or SIGTERM finishes the current
     exchange, leaves the run and exits 0."""
     if max_rounds is not None and max_rounds < 1:
         raise ValueError("--max-rounds must be at least 1")
-    if not 0 <= peer_port < 65536:
-        raise ValueError("--peer-port must be in 0..65535")
+    for name, port in (("--peer-port", peer_port), ("--metrics-port", metrics_port or 0)):
+        if not 0 <= port < 65536:
+            raise ValueError(f"{name} must be in 0..65535")
     for name, cap in (("--upload-mbps", upload_mbps), ("--download-mbps", download_mbps)):
         if cap is not None and cap <= 0:
             raise ValueError(f"{name} must be positive")
@@ -76,7 +80,22 @@ def join_command(
         client_only=client_only,
     )
     view = _LiveView() if err_console.is_terminal else None
-    daemon = NodeDaemon(options, on_update=view.update if view else None)
+    metrics = None
+    if metrics_port is not None:
+        from .metrics import NodeMetrics
+
+        metrics = NodeMetrics(metrics_port)
+        logging.getLogger("starling.node").info(
+            "metrics on http://127.0.0.1:%d/metrics", metrics.port
+        )
+
+    def on_update(status: NodeStatus) -> None:
+        if view is not None:
+            view.update(status)
+        if metrics is not None:
+            metrics.update(status)
+
+    daemon = NodeDaemon(options, on_update=on_update)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         err_console.print("stopping: finishing the current step, then leaving the run")
@@ -89,6 +108,8 @@ def join_command(
             daemon.run_forever()
     else:
         daemon.run_forever()
+    if metrics is not None:
+        metrics.close()
     summary = daemon.summary()
     if summary_json is not None:
         summary_json.write_text(json.dumps(summary))

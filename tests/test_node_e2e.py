@@ -229,7 +229,8 @@ def test_a_late_joiner_catches_up_and_agrees(e2e) -> None:
 
 def test_a_node_killed_mid_exchange_does_not_stop_the_run(e2e) -> None:
     run = e2e(lease=3.0)
-    for name in ("a", "b", "victim"):
+    run.join("a", "--metrics-port", "0")
+    for name in ("b", "victim"):
         run.join(name)
     wait_for(lambda: run.committed() >= 1, 180, "a first round")
     wait_for(lambda: run.status()["phase"] == "exchange", 120, "an exchange")
@@ -241,6 +242,31 @@ def test_a_node_killed_mid_exchange_does_not_stop_the_run(e2e) -> None:
     assert len(active) == 2  # the victim expired
     assert len(status["last_commit"]["contributors"]) == 2
     assert_agree(run.fingerprints("a"), run.fingerprints("b"))
+    # The node's Prometheus metrics, parsed by prometheus-client's own parser.
+    metrics = scrape_metrics(run.log("a"))
+    assert metrics["starling_node_rounds_contributed"] >= 3
+    assert metrics["starling_node_bytes_sent"] > 0
+    assert metrics["starling_node_round"] >= killed_at
+    assert 0 < metrics["starling_node_utilization"] <= 1
+
+
+def scrape_metrics(log: str) -> dict[str, float]:
+    import re
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", log)
+    assert port, log[-2000:]
+    url = f"http://127.0.0.1:{port.group(1)}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.labels:
+                values[sample.name] = sample.value
+    return values
 
 
 def assert_agree(first: dict[int, str], second: dict[int, str]) -> None:
