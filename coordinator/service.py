@@ -20,7 +20,6 @@ from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from starling import __version__
 from starling.checkpoint import CheckpointError, save_state_checkpoint, state_from_blob
 from starling.coordination import (
     FILE_CHUNK_BYTES,
@@ -130,6 +129,8 @@ class Coordinator:
         self.run_id = run_id
         self.numel = int(numel)
         self.guard = ReplayGuard(clock())
+        # Served with every Join and GetRun; the file never changes while serving.
+        self._manifest_json = (run.path / "data" / "manifest.json").read_text(encoding="utf-8")
         self.peer: ExchangePeer | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -256,27 +257,16 @@ class Coordinator:
     def _public(
         self, handler: Callable[[Any], Awaitable[Message]]
     ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Message]]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Message:
-            try:
-                return await handler(request)
-            except Refused as refused:
-                await context.abort(refused.code, refused.detail)
-                raise AssertionError("unreachable") from None
-
-        return call
+        return _refusals_abort(lambda request, context: handler(request))
 
     def _signed_unary(
         self, method: str, request_type: type[Message], handler: Handler
     ) -> Callable[[bytes, grpc.aio.ServicerContext], Awaitable[Message]]:
         async def call(raw: bytes, context: grpc.aio.ServicerContext) -> Message:
-            try:
-                request, node = self._verified(method, request_type, raw)
-                return await handler(request, node, context)
-            except Refused as refused:
-                await context.abort(refused.code, refused.detail)
-                raise AssertionError("unreachable") from None
+            request, node = self._verified(method, request_type, raw)
+            return await handler(request, node, context)
 
-        return call
+        return _refusals_abort(call)
 
     def _verified(
         self, method: str, request_type: type[Message], raw: bytes
@@ -451,13 +441,12 @@ class Coordinator:
     # --- run description and files --------------------------------------------------------
 
     async def _get_run(self, _: pb.GetRunRequest) -> pb.RunInfo:
-        data_dir = self.run.path / "data"
         latest = self.store.checkpoints()[-1]
         return pb.RunInfo(
             run_id=self.run_id,
             name=self.config.run.name,
             config_toml=self.config.to_toml(),
-            manifest_json=(data_dir / "manifest.json").read_text(encoding="utf-8"),
+            manifest_json=self._manifest_json,
             tokenizer_sha256=self.run.manifest.tokenizer_sha256,
             latest_checkpoint=_checkpoint_info(latest),
             numel=self.numel,
@@ -695,11 +684,7 @@ class Coordinator:
     async def _upload_checkpoint(
         self, chunks: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> pb.CheckpointInfo:
-        try:
-            return await self._receive_checkpoint(chunks)
-        except Refused as refused:
-            await context.abort(refused.code, refused.detail)
-            raise AssertionError("unreachable") from None
+        return await _refusals_abort(lambda c, _: self._receive_checkpoint(c))(chunks, context)
 
     async def _receive_checkpoint(self, chunks: AsyncIterator[bytes]) -> pb.CheckpointInfo:
         round_holder: list[int] = []
@@ -1063,6 +1048,21 @@ class Coordinator:
         )
 
 
+def _refusals_abort(
+    handler: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+    """The handler, with a Refused turned into the call's status code and detail."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(request, context)
+        except Refused as refused:
+            await context.abort(refused.code, refused.detail)
+            raise AssertionError("unreachable") from None
+
+    return call
+
+
 def _safe_field(raw: bytes, number: int) -> bytes | None:
     try:
         return field_value(raw, number)
@@ -1140,7 +1140,3 @@ def _checkpoint_info(ckpt: Checkpoint) -> pb.CheckpointInfo:
         fingerprint=ckpt.fingerprint,
         created_unix=ckpt.created,
     )
-
-
-def software() -> str:
-    return f"starling {__version__}"

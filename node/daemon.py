@@ -36,7 +36,7 @@ from starling.checkpoint import state_blob, state_from_blob
 from starling.codecs import ErrorFeedback, make_codec
 from starling.coordination import CoordinatorClient, JoinUrl
 from starling.data.shards import Manifest, SequenceBatcher, evaluation_batches
-from starling.diloco import GlobalState, OuterConfig, flatten_parameters, load_flat_parameters
+from starling.diloco import GlobalState, flatten_parameters, load_flat_parameters
 from starling.exchange import (
     BandwidthLimits,
     ExchangePeer,
@@ -477,7 +477,7 @@ class NodeDaemon:
         self._set(phase="applying")
         if commit.contributors:
             before = self.state.copy()
-            self.state.outer_step(mean, self._outer())
+            self.state.outer_step(mean, self.config.outer_config())
             for shard in skipped:  # a skipped shard's slice of θ does not move
                 start, end = bounds[shard], bounds[shard + 1]
                 self.state.params[start:end] = before.params[start:end]
@@ -525,9 +525,6 @@ class NodeDaemon:
             "compute_s": self.status.compute_s,
             "wall_s": time.monotonic() - self.started,
         }
-
-    def _outer(self) -> OuterConfig:
-        return self.config.outer_config()
 
     def _evaluate(self) -> float:
         load_flat_parameters(self.model, self.state.params)

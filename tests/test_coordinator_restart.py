@@ -87,6 +87,12 @@ def train_and_exchange(nodes: list[Node], numel: int) -> pb.RoundState:
         30,
         "the close",
     )
+    outcomes = exchange_all(nodes, state, numel)
+    return nodes[0].client.get_round(state.round), outcomes[0].mean
+
+
+def exchange_all(nodes: list[Node], state: pb.RoundState, numel: int) -> list:
+    """Every node's part of the round `state` (phase exchange), 100 tokens each."""
     spec = spec_from_state(nodes[0].run_id, state)
 
     def one(node: Node):
@@ -96,8 +102,7 @@ def train_and_exchange(nodes: list[Node], numel: int) -> pb.RoundState:
         return exchange_round(node.client, node.peer, state, payloads, 100)
 
     with ThreadPoolExecutor(len(nodes)) as pool:
-        outcomes = list(pool.map(one, nodes, timeout=120))
-    return nodes[0].client.get_round(state.round), outcomes[0].mean
+        return list(pool.map(one, nodes, timeout=120))
 
 
 def test_kill9_at_several_points_loses_nothing_committed(template: Path, tmp_path: Path) -> None:
@@ -138,7 +143,8 @@ def test_kill9_at_several_points_loses_nothing_committed(template: Path, tmp_pat
         release = threading.Event()
 
         def slow_chunks():
-            from starling.coordination import _varint, sign_request
+            from starling.coordination import sign_request
+            from starling.exchange.framing import length_delimited
 
             header = pb.CheckpointHeader(
                 round=1,
@@ -147,7 +153,7 @@ def test_kill9_at_several_points_loses_nothing_committed(template: Path, tmp_pat
                 fingerprint=state.fingerprint(),
             )
             signed = sign_request(nodes[0].identity, "UploadCheckpoint", nodes[0].run_id, 0, header)
-            yield _varint((1 << 3) | 2) + _varint(len(signed)) + signed
+            yield length_delimited(1, signed)
             yield pb.CheckpointChunk(data=blob[:1000]).SerializeToString()
             uploading.set()
             release.wait(30)  # the coordinator dies while this upload is half done
@@ -236,15 +242,6 @@ def train_and_exchange_after_restart(nodes: list[Node], numel: int):
     plan names owners that must be pushed to again) or committed already."""
     state = nodes[0].client.get_round()
     if state.phase == "exchange":
-        spec = spec_from_state(nodes[0].run_id, state)
-
-        def one(node: Node):
-            payloads, _ = encode_shards(
-                spec.plan, _delta(node, numel, state.round), ErrorFeedback(make_codec(spec.codec))
-            )
-            return exchange_round(node.client, node.peer, state, payloads, 100)
-
-        with ThreadPoolExecutor(len(nodes)) as pool:
-            list(pool.map(one, nodes, timeout=120))
+        exchange_all(nodes, state, numel)
         return nodes[0].client.get_round(state.round), None
     return train_and_exchange(nodes, numel)

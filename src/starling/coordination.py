@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from .exchange.framing import length_delimited
 from .exchange.transport import GRPC_OPTIONS, PlaintextRefused, is_loopback
 from .identity import TLS_SERVER_NAME, Identity, fetch_pinned_certificate, request_message
 from .v1 import coordinator_pb2 as pb
@@ -90,18 +91,6 @@ class JoinUrl:
 # --- the wire form of signed requests --------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 def _read_varint(raw: bytes, pos: int) -> tuple[int, int]:
     value = shift = 0
     while True:
@@ -142,7 +131,7 @@ def top_level_fields(raw: bytes) -> Iterator[tuple[int, int, int, int]]:
 
 def append_auth(body: bytes, auth: pb.Auth) -> bytes:
     encoded = auth.SerializeToString()
-    return body + _varint((AUTH_FIELD << 3) | 2) + _varint(len(encoded)) + encoded
+    return body + length_delimited(AUTH_FIELD, encoded)
 
 
 def split_auth(raw: bytes) -> tuple[bytes, pb.Auth]:
@@ -359,7 +348,7 @@ class CoordinatorClient:
 
         def chunks() -> Iterator[bytes]:
             # CheckpointChunk{header}: field 1, length-delimited, holding the signed header.
-            yield _varint((1 << 3) | 2) + _varint(len(signed_header)) + signed_header
+            yield length_delimited(1, signed_header)
             view = memoryview(blob)
             for offset in range(0, len(blob), FILE_CHUNK_BYTES):
                 yield pb.CheckpointChunk(

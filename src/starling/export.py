@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import save_file
 
 from .checkpoint import CheckpointError, read_state_checkpoint, state_from_blob
@@ -123,9 +122,3 @@ def _eos_token(tokenizer: Path) -> tuple[str, int] | None:
         if token.get("special"):
             return str(token["content"]), int(token["id"])
     return None
-
-
-@torch.no_grad()
-def logits_of(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    return model(tokens)

@@ -25,7 +25,8 @@ PEER_SERVICE = "starling.v1.Peer"
 M = TypeVar("M", peer_pb2.ContributionChunk, peer_pb2.MeanChunk, peer_pb2.StateChunk)
 
 
-def _varint(value: int) -> bytes:
+def varint(value: int) -> bytes:
+    """Protobuf's base-128 varint encoding of a non-negative integer."""
     out = bytearray()
     while True:
         byte = value & 0x7F
@@ -37,9 +38,15 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
+def length_delimited(field_number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2) holding `payload`: appending it
+    to a serialized message sets that field (used to place a signature or header)."""
+    return varint((field_number << 3) | 2) + varint(len(payload)) + payload
+
+
 def data_message(piece: bytes | memoryview) -> bytes:
     """A serialized chunk message holding `piece` as its data (one copy)."""
-    return b"".join((bytes((DATA_TAG,)), _varint(len(piece)), piece))
+    return b"".join((bytes((DATA_TAG,)), varint(len(piece)), piece))
 
 
 def data_messages(payload: bytes | bytearray | memoryview, chunk_bytes: int) -> list[bytes]:
@@ -50,7 +57,7 @@ def data_messages(payload: bytes | bytearray | memoryview, chunk_bytes: int) -> 
 
 def data_message_size(n: int) -> int:
     """Serialized size of a data chunk message carrying n bytes."""
-    return 1 + len(_varint(n)) + n
+    return 1 + len(varint(n)) + n
 
 
 def stream_messages(header: Any, payload: bytes | bytearray, chunk_bytes: int) -> list[bytes]:
