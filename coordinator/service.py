@@ -479,10 +479,7 @@ class Coordinator:
         with self.store.transaction():
             row = self.store.lease_shard(node.node_id, now, now + lease_s)
         if row is None:
-            raise Refused(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "every data shard is leased to another node: retry after a lease expires",
-            )
+            raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "the run has no data shards")
         return pb.DataLease(
             file=row["file"],
             tokens=row["tokens"],

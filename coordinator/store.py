@@ -52,11 +52,17 @@ CREATE TABLE IF NOT EXISTS data_shards (
     file TEXT PRIMARY KEY,
     tokens INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
-    tokens_trained INTEGER NOT NULL DEFAULT 0,
-    leased_to TEXT,
-    lease_expires REAL
+    tokens_trained INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS data_shards_by_holder ON data_shards (leased_to);
+-- A shard goes to one node while there are free shards; when there are more nodes than
+-- shards, the least-shared one is shared (each node samples its own windows).
+CREATE TABLE IF NOT EXISTS data_leases (
+    file TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    expires REAL NOT NULL,
+    PRIMARY KEY (file, node_id)
+);
+CREATE INDEX IF NOT EXISTS data_leases_by_node ON data_leases (node_id);
 CREATE INDEX IF NOT EXISTS nodes_by_expiry ON nodes (state, expires);
 CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY,
@@ -253,10 +259,7 @@ class Store:
             "WHERE node_id = ?",
             (now, expires, phase, round_, node_id),
         )
-        self.db.execute(
-            "UPDATE data_shards SET lease_expires = ? WHERE leased_to = ?",
-            (expires, node_id),
-        )
+        self.db.execute("UPDATE data_leases SET expires = ? WHERE node_id = ?", (expires, node_id))
 
     def set_node_state(self, node_id: str, state: str) -> None:
         self.db.execute("UPDATE nodes SET state = ? WHERE node_id = ?", (state, node_id))
@@ -316,22 +319,26 @@ class Store:
         )
 
     def lease_shard(self, node_id: str, now: float, expires: float) -> sqlite3.Row | None:
-        """The node's current lease, else the least-trained free (or expired) shard."""
+        """Renews the node's live lease, else leases the shard with the fewest live
+        lessees (then the least trained); None only when the run has no shards."""
         row = self.db.execute(
-            "SELECT * FROM data_shards WHERE leased_to = ? AND lease_expires >= ? LIMIT 1",
+            "SELECT file FROM data_leases WHERE node_id = ? AND expires >= ? LIMIT 1",
             (node_id, now),
         ).fetchone()
         if row is None:
             row = self.db.execute(
-                "SELECT * FROM data_shards WHERE leased_to IS NULL OR lease_expires < ? "
-                "ORDER BY tokens_trained, file LIMIT 1",
+                """SELECT s.file FROM data_shards AS s
+                   LEFT JOIN data_leases AS l ON l.file = s.file AND l.expires >= ?
+                   GROUP BY s.file ORDER BY count(l.node_id), s.tokens_trained, s.file
+                   LIMIT 1""",
                 (now,),
             ).fetchone()
         if row is None:
             return None
+        self.db.execute("DELETE FROM data_leases WHERE node_id = ?", (node_id,))
         self.db.execute(
-            "UPDATE data_shards SET leased_to = ?, lease_expires = ? WHERE file = ?",
-            (node_id, expires, row["file"]),
+            "INSERT INTO data_leases (file, node_id, expires) VALUES (?, ?, ?)",
+            (row["file"], node_id, expires),
         )
         return self.db.execute(
             "SELECT * FROM data_shards WHERE file = ?", (row["file"],)
@@ -339,30 +346,24 @@ class Store:
 
     def lease_of(self, node_id: str, file: str, now: float) -> bool:
         row = self.db.execute(
-            "SELECT 1 FROM data_shards WHERE file = ? AND leased_to = ? AND lease_expires >= ?",
+            "SELECT 1 FROM data_leases WHERE file = ? AND node_id = ? AND expires >= ?",
             (file, node_id, now),
         ).fetchone()
         return row is not None
 
     def release_leases(self, node_id: str) -> None:
-        self.db.execute(
-            "UPDATE data_shards SET leased_to = NULL, lease_expires = NULL WHERE leased_to = ?",
-            (node_id,),
-        )
+        self.db.execute("DELETE FROM data_leases WHERE node_id = ?", (node_id,))
 
     def expire_leases(self, now: float) -> int:
-        cursor = self.db.execute(
-            "UPDATE data_shards SET leased_to = NULL, lease_expires = NULL "
-            "WHERE leased_to IS NOT NULL AND lease_expires < ?",
-            (now,),
-        )
-        return cursor.rowcount
+        return self.db.execute("DELETE FROM data_leases WHERE expires < ?", (now,)).rowcount
 
-    def leases(self) -> dict[str, str]:
-        rows = self.db.execute(
-            "SELECT file, leased_to FROM data_shards WHERE leased_to IS NOT NULL ORDER BY file"
-        )
-        return {str(r["file"]): str(r["leased_to"]) for r in rows}
+    def leases(self) -> dict[str, list[str]]:
+        """Live leases: shard file → its lessees' node ids."""
+        rows = self.db.execute("SELECT file, node_id FROM data_leases ORDER BY file, node_id")
+        held: dict[str, list[str]] = {}
+        for row in rows:
+            held.setdefault(str(row["file"]), []).append(str(row["node_id"]))
+        return held
 
     def add_tokens(self, node_id: str, file: str, round_: int, tokens: int, done: bool) -> int:
         """Counts tokens trained in a round; returns the round's total."""

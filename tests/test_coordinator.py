@@ -4,6 +4,7 @@ the exchange, owner reassignment, fingerprints and checkpoints."""
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,6 +91,17 @@ def test_data_leases_are_exclusive_and_return_to_the_pool(serve) -> None:
     assert a.client.acquire_lease().file == lease_a.file  # the same lease, renewed
     lease_b = b.client.acquire_lease()
     assert lease_b.file != lease_a.file
+    # More nodes than shards: every shard is held, so the least-shared one is shared.
+    shards = len(json.loads(a.client.get_run().manifest_json)["splits"]["train"])
+    extra = [serve.node(coordinator) for _ in range(shards)]
+    for node in extra:
+        node.join()
+    files = [node.client.acquire_lease().file for node in extra]
+    held = coordinator.call(_leases(coordinator))
+    assert sorted(held) == sorted({lease_a.file, lease_b.file, *files})
+    assert sorted(len(holders) for holders in held.values()) == [1] * (shards - 2) + [2, 2]
+    for node in extra:
+        node.client.leave("done")
     # The lease lapses (a heartbeat would renew it): the shard goes back to the pool and
     # is the first free one again.
     wait_for(lambda: lease_a.file not in coordinator.call(_leases(coordinator)), 10, "expiry")
@@ -114,7 +126,7 @@ def test_data_leases_are_exclusive_and_return_to_the_pool(serve) -> None:
     assert code_of(lambda: a.client.fetch_file("../coordinator.db")) == grpc.StatusCode.NOT_FOUND
 
 
-async def _leases(coordinator: CoordinatorThread) -> dict[str, str]:
+async def _leases(coordinator: CoordinatorThread) -> dict[str, list[str]]:
     return coordinator.coordinator.store.leases()
 
 

@@ -156,8 +156,10 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AcquireLease(self, request, context):
-        """Leases a data shard to the node (the least-trained one nobody holds). The lease is
-        renewed by heartbeats and returns to the pool when they stop.
+        """Leases a data shard to the node: the least-trained one nobody holds, or, when every
+        shard is held (more nodes than shards), the one with the fewest holders, shared
+        (each node samples its own windows). The lease is renewed by heartbeats and returns
+        to the pool when they stop. FAILED_PRECONDITION only for a run with no shards.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
