@@ -361,6 +361,7 @@ class NodeDaemon:
         steps = self.config.round.inner_steps
         self._set(phase="training", round=state.round, step=0, steps=steps)
         tokens = 0
+        loss_sum, steps_done = 0.0, 0
         started = time.monotonic()
         self._timings[state.round] = {"train_started": time.time(), "compute_s": 0.0}
         closed = False
@@ -373,6 +374,8 @@ class NodeDaemon:
             self.status.compute_s += step_s
             self._timings[state.round]["compute_s"] += step_s
             tokens += stats.tokens
+            loss_sum += stats.loss
+            steps_done += 1
             done = not budget_mode and self.status.step + 1 >= steps
             report = functools.partial(
                 self.client.report_tokens, state.round, lease.file, stats.tokens, done
@@ -404,7 +407,9 @@ class NodeDaemon:
         reported = self._retry(lambda: self.client.get_round(state.round))
         if reported.phase == "training":
             self._wait_closed(state.round)
-        self._timings[state.round]["train_ended"] = time.time()
+        self._timings[state.round].update(
+            train_ended=time.time(), train_loss=loss_sum / steps_done, tokens=tokens
+        )
         if anchor is None:
             return self.state.pseudo_gradient(self.model), tokens
         return anchor - flatten_parameters(self.model), tokens
@@ -532,6 +537,7 @@ class NodeDaemon:
 
     def _report_progress(self, round_: int, loss: float) -> None:
         wall = time.monotonic() - self.started
+        timing = self._timings.get(round_, {})
         request = pb.ReportProgressRequest(
             round=round_,
             loss=loss,
@@ -539,6 +545,8 @@ class NodeDaemon:
             bytes_sent=self.status.bytes_sent,
             bytes_received=self.status.bytes_received,
             utilization=self.status.compute_s / wall if wall > 0 else 0.0,
+            train_loss=timing.get("train_loss", 0.0),
+            round_tokens=int(timing.get("tokens", 0)),
         )
         try:
             self.client.report_progress(request)

@@ -360,13 +360,15 @@ class ReportFingerprintResponse(_message.Message):
     def __init__(self, expected: _Optional[str] = ..., resync: _Optional[bool] = ...) -> None: ...
 
 class ReportProgressRequest(_message.Message):
-    __slots__ = ("round", "loss", "tokens_per_s", "bytes_sent", "bytes_received", "utilization", "auth")
+    __slots__ = ("round", "loss", "tokens_per_s", "bytes_sent", "bytes_received", "utilization", "train_loss", "round_tokens", "auth")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     BYTES_SENT_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_LOSS_FIELD_NUMBER: _ClassVar[int]
+    ROUND_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
     round: int
     loss: float
@@ -374,8 +376,10 @@ class ReportProgressRequest(_message.Message):
     bytes_sent: int
     bytes_received: int
     utilization: float
+    train_loss: float
+    round_tokens: int
     auth: Auth
-    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., utilization: _Optional[float] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., loss: _Optional[float] = ..., tokens_per_s: _Optional[float] = ..., bytes_sent: _Optional[int] = ..., bytes_received: _Optional[int] = ..., utilization: _Optional[float] = ..., train_loss: _Optional[float] = ..., round_tokens: _Optional[int] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class ReportProgressResponse(_message.Message):
     __slots__ = ("ok",)
