@@ -5,21 +5,27 @@ Starling's bandwidth limiter.
     python bench/utilization.py --nodes 4 --upload-mbps 20 --json
 
 Per node and round (from each node's rounds.jsonl): compute time (its inner steps),
-exchange time, and wall time from its first inner step to the applied commit; the
-exposed time (not training) is wall − compute. Utilization = compute / wall. The first
-round is a warm-up and is left out.
+exchange time, and the round's period: from its first inner step to the next round's
+first inner step. The exposed time (not training) is period − compute. Utilization =
+compute / period. The first round is a warm-up and is left out.
 
 This CPU computes far slower than a GPU, which flatters any utilization figure. The
 GPU-equivalent figure keeps every measured non-compute time and shrinks compute by the
-ratio of this CPU's tokens/s to a GPU's on the same model. The GPU's tokens/s is
-estimated as MFU × peak FLOP/s / (6 × parameters), with the RTX 4090's 82.6 TFLOP/s
-(dense bf16 tensor cores with fp32 accumulation, NVIDIA Ada Lovelace whitepaper) at
---gpu-mfu (default 0.4), or given directly with --gpu-tokens-per-s. Since the exposed
-time does not grow with the round's length (the payload is the same), the report also
-gives the inner steps per round a GPU would need for 95%.
+ratio of this CPU's tokens/s to a GPU's on the same model — the same as slowing the
+link by that ratio, but without shrinking the fixed per-round costs (round trips,
+waiting for the round to close), so it never flatters. The GPU's tokens/s is estimated
+as MFU × peak FLOP/s / (6 × parameters), with the RTX 4090's 82.6 TFLOP/s (dense bf16
+tensor cores with fp32 accumulation, NVIDIA Ada Lovelace whitepaper) at --gpu-mfu
+(default 0.4), or given directly with --gpu-tokens-per-s.
 
-With --overlap every node trains round r+1 while round r is exchanged (one-step-delayed
-outer updates), which hides the exchange behind compute.
+A GPU round of --gpu-inner-steps steps (default: the steps run here) computes
+steps × step time; its exposed time is the measured exposed time plus, with overlap, any
+part of the measured exchange that the shorter GPU round could not hide. Since neither
+grows with the round's length (the payload is the same), the report also gives the
+inner steps per round a GPU needs for 95%.
+
+With --overlap every node trains round r+1 while round r is exchanged and applied
+(one-step-delayed outer updates), which hides the exchange behind compute.
 
 The last output line is a JSON object {"config", "nodes": [...], "overall": {...}}.
 """
@@ -156,36 +162,77 @@ def _numel(run_dir: Path) -> int:
         db.close()
 
 
+def gpu_utilization(step_s: float, steps: int, exposed_s: float, exchange_s: float, overlap: bool):
+    """Compute utilization of a GPU round of `steps` inner steps of `step_s` seconds each.
+
+    `exposed_s` is the measured time per round the node was not training. With overlap
+    the exchange runs behind the next round's compute; a GPU round shorter than the
+    exchange leaves the rest of it exposed as well (counted on top of the measured
+    exposed time, which never makes the figure better than measured). Without overlap
+    the measured exposed time already holds the whole exchange."""
+    compute = step_s * steps
+    exposed = exposed_s + (max(0.0, exchange_s - compute) if overlap else 0.0)
+    return compute / (compute + exposed)
+
+
+def steps_for(target: float, step_s: float, exposed_s: float, exchange_s: float, overlap: bool):
+    """The fewest GPU inner steps per round that reach `target` utilization (the
+    utilization grows with the round's length, so a doubling then bisection search)."""
+    high = 1
+    while gpu_utilization(step_s, high, exposed_s, exchange_s, overlap) < target:
+        high *= 2
+    low = high // 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        if gpu_utilization(step_s, middle, exposed_s, exchange_s, overlap) >= target:
+            high = middle
+        else:
+            low = middle
+    return high
+
+
 def summarize(per_node: list[list[dict]], numel: int, args: argparse.Namespace) -> dict:
     gpu_tps = args.gpu_tokens_per_s or args.gpu_mfu * RTX_4090_BF16_FLOPS / (6 * numel)
     nodes = []
     for index, rounds in enumerate(per_node):
+        # Whole periods: from each round's first inner step to the next one's, so the
+        # gaps (waiting for the close, exchange, apply) of every counted round are in.
+        wall = rounds[-1]["train_started"] - rounds[0]["train_started"]
+        rounds = rounds[:-1]
         compute = sum(r["compute_s"] for r in rounds)
-        # From the first measured round's first inner step to the last one's close: the
-        # gaps between rounds (exchange, apply, waiting) are the exposed time.
-        wall = rounds[-1]["train_ended"] - rounds[0]["train_started"]
         tokens = sum(r["tokens"] for r in rounds)
-        cpu_tps = tokens / compute
+        exchange = sum(r["exchange_s"] for r in rounds)
         exposed = wall - compute
-        gpu_compute = tokens / gpu_tps
-        exposed_per_round = exposed / len(rounds)
-        # Inner steps per round for 95% on the GPU: compute ≥ 19 × exposed.
+        per_round = {
+            "exposed_s": exposed / len(rounds),
+            "exchange_s": exchange / len(rounds),
+        }
+        # One inner step on the GPU (the run's batch): tokens per step / GPU tokens/s.
         gpu_step_s = (tokens / len(rounds) / args.inner_steps) / gpu_tps
+        gpu_steps = args.gpu_inner_steps or args.inner_steps
         nodes.append(
             {
                 "node": index,
                 "rounds": len(rounds),
                 "compute_s": round(compute, 2),
-                "exchange_s": round(sum(r["exchange_s"] for r in rounds), 2),
+                "exchange_s": round(exchange, 2),
                 "exposed_s": round(exposed, 2),
+                "exposed_s_per_round": round(per_round["exposed_s"], 3),
                 "wall_s": round(wall, 2),
                 "utilization": round(compute / wall, 4),
-                "cpu_tokens_per_s": round(cpu_tps, 1),
-                "gpu_equivalent_utilization": round(gpu_compute / (gpu_compute + exposed), 4),
-                "inner_steps_for_95pct_on_gpu": int(19 * exposed_per_round / gpu_step_s) + 1,
+                "cpu_tokens_per_s": round(tokens / compute, 1),
+                "gpu_equivalent_utilization": round(
+                    gpu_utilization(gpu_step_s, gpu_steps, **per_round, overlap=args.overlap), 4
+                ),
+                "inner_steps_for_95pct_on_gpu": steps_for(
+                    0.95, gpu_step_s, **per_round, overlap=args.overlap
+                ),
                 "bytes_sent_per_round": int(statistics.fmean(r["bytes_sent"] for r in rounds)),
             }
         )
+    first = per_node[0]
+    tokens_per_step = sum(r["tokens"] for r in first) / len(first) / args.inner_steps
+    gpu_steps = args.gpu_inner_steps or args.inner_steps
     return {
         "nodes": nodes,
         "overall": {
@@ -193,6 +240,9 @@ def summarize(per_node: list[list[dict]], numel: int, args: argparse.Namespace) 
             "gpu_equivalent_utilization": round(
                 statistics.fmean(n["gpu_equivalent_utilization"] for n in nodes), 4
             ),
+            "gpu_inner_steps_per_round": gpu_steps,
+            "gpu_round_tokens": int(gpu_steps * tokens_per_step),
+            "gpu_round_s": round(gpu_steps * tokens_per_step / gpu_tps, 3),
             "inner_steps_for_95pct_on_gpu": max(n["inner_steps_for_95pct_on_gpu"] for n in nodes),
             "gpu_tokens_per_s_assumed": round(gpu_tps),
             "gpu_assumption": (
@@ -212,7 +262,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=4)
     parser.add_argument("--upload-mbps", type=float, default=20.0)
     parser.add_argument("--download-mbps", type=float, default=None)
-    parser.add_argument("--rounds", type=int, default=3, help="measured rounds (+1 warm-up)")
+    parser.add_argument("--rounds", type=int, default=4, help="measured rounds (+1 warm-up)")
     parser.add_argument("--inner-steps", type=int, default=20)
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--codec", default="int4")
@@ -220,13 +270,19 @@ def main() -> None:
         "--overlap", action="store_true", help="train round r+1 while round r is exchanged"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per node")
+    parser.add_argument(
+        "--gpu-inner-steps",
+        type=int,
+        default=None,
+        help="inner steps per round for the GPU-equivalent figure (default: --inner-steps)",
+    )
     parser.add_argument("--gpu-mfu", type=float, default=0.4)
     parser.add_argument("--gpu-tokens-per-s", type=float, default=None)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    if args.nodes < 1 or args.rounds < 1 or args.inner_steps < 1 or args.upload_mbps <= 0:
-        parser.error("need --nodes, --rounds, --inner-steps >= 1 and --upload-mbps > 0")
+    if args.nodes < 1 or args.rounds < 2 or args.inner_steps < 1 or args.upload_mbps <= 0:
+        parser.error("need --nodes, --inner-steps >= 1, --rounds >= 2 and --upload-mbps > 0")
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         measured = run(args, Path(tmp))

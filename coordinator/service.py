@@ -865,7 +865,9 @@ class Coordinator:
         current = self.store.current_round()
         if current is None or current.phase == "committed":
             active = self.store.nodes("active")
-            if len(active) >= self.config.membership.min_nodes:
+            # min_nodes gates the first round only: a run carries on with whoever is left.
+            needed = self.config.membership.min_nodes if current is None else 1
+            if len(active) >= needed:
                 self._open(0 if current is None else current.round + 1, now)
         elif current.phase == "training":
             # Overlap: round r+1 trains while round r is exchanged; r+1 closes only once

@@ -8,6 +8,7 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -17,7 +18,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from starling.train import select_device
+
 from .daemon import NodeDaemon, NodeOptions, NodeStatus
+from .distributed import NodeGroup, launched_by_torchrun, run_follower
 
 app = typer.Typer(help="Contribute to a run: join it with this machine.", no_args_is_help=True)
 err_console = Console(stderr=True)
@@ -53,6 +57,13 @@ def join_command(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics here (0: a free port).")
     ] = None,
+    compute_share: Annotated[
+        float,
+        typer.Option(
+            help="Train at most this fraction of the time (0 < f <= 1), e.g. 0.5 on a "
+            "machine that is also used for other work."
+        ),
+    ] = 1.0,
 ) -> None:
     """Join a run and train until stopped: Ctrl-C or SIGTERM finishes the current
     exchange, leaves the run and exits 0."""
@@ -61,6 +72,8 @@ def join_command(
     for name, port in (("--peer-port", peer_port), ("--metrics-port", metrics_port or 0)):
         if not 0 <= port < 65536:
             raise ValueError(f"{name} must be in 0..65535")
+    if not 0 < compute_share <= 1:
+        raise ValueError("--compute-share must be in (0, 1]")
     for name, cap in (("--upload-mbps", upload_mbps), ("--download-mbps", download_mbps)):
         if cap is not None and cap <= 0:
             raise ValueError(f"{name} must be positive")
@@ -78,7 +91,24 @@ def join_command(
         peer_port=peer_port,
         advertise_host=advertise_host,
         client_only=client_only,
+        compute_share=compute_share,
     )
+    if not launched_by_torchrun():
+        _run_node(options, summary_json, metrics_port)
+        return
+    # torchrun --nproc-per-node N -m starling node join URL: rank 0 is the node (network,
+    # exchange, outer step); the other ranks only train their FSDP shards.
+    group = NodeGroup(select_device(device))
+    try:
+        if group.rank == 0:
+            _run_node(replace(options, node_group=group), summary_json, metrics_port)
+        else:
+            run_follower(group)
+    finally:
+        group.stop()
+
+
+def _run_node(options: NodeOptions, summary_json: Path | None, metrics_port: int | None) -> None:
     view = _LiveView() if err_console.is_terminal else None
     metrics = None
     if metrics_port is not None:
@@ -137,7 +167,8 @@ class _LiveView:
         table.add_row("tokens/s", f"{status.tokens_per_s:,.0f}   loss {loss}")
         table.add_row(
             "traffic",
-            f"↑ {status.bytes_sent / 1e6:,.1f} MB  ↓ {status.bytes_received / 1e6:,.1f} MB",
+            f"↑ {status.bytes_sent / 1e6:,.1f} MB ({status.upload_mbps:,.1f} Mbit/s)  "
+            f"↓ {status.bytes_received / 1e6:,.1f} MB ({status.download_mbps:,.1f} Mbit/s)",
         )
         table.add_row("peers", f"{status.peers}   rounds contributed {status.rounds_contributed}")
         for event in status.events[-4:]:

@@ -35,12 +35,14 @@ from starling import __version__
 from starling.checkpoint import state_blob, state_from_blob
 from starling.codecs import ErrorFeedback, make_codec
 from starling.coordination import CoordinatorClient, JoinUrl
-from starling.data.shards import Manifest, SequenceBatcher, evaluation_batches
-from starling.diloco import GlobalState, flatten_parameters, load_flat_parameters
+from starling.data.shards import Manifest, evaluation_batches
+from starling.diloco import GlobalState, load_flat_parameters
 from starling.exchange import (
     BandwidthLimits,
+    ExchangeError,
     ExchangePeer,
     PeerConfig,
+    PeerEndpoint,
     encode_shards,
 )
 from starling.exchange.transport import is_loopback
@@ -50,6 +52,8 @@ from starling.runconfig import RunConfig
 from starling.train import InnerTrainer, TrainConfig, select_device
 from starling.v1 import coordinator_pb2 as pb
 
+from .distributed import InnerLoop, LocalInnerLoop, NodeGroup, ShardedInnerLoop
+from .reporting import TokenReporter
 from .rounds import ExchangeOutcome, exchange_round, spec_from_state
 
 log = logging.getLogger("starling.node")
@@ -57,6 +61,7 @@ log = logging.getLogger("starling.node")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 RECONNECT_S = 60.0  # how long the node keeps retrying an unreachable coordinator
 LONG_POLL_S = 10.0
+LINGER_S = 20.0  # how long a leaving owner keeps serving its last round's means
 
 
 @dataclass
@@ -73,6 +78,8 @@ class NodeOptions:
     advertise_host: str | None = None  # what others dial (default: our address toward
     # the coordinator)
     client_only: bool = False
+    compute_share: float = 1.0  # fraction of the time spent training (a shared machine)
+    node_group: NodeGroup | None = None  # rank 0 of a torchrun node: FSDP across its GPUs
 
 
 @dataclass
@@ -91,6 +98,8 @@ class NodeStatus:
     peers: int = 0
     compute_s: float = 0.0
     wall_s: float = 0.0
+    upload_mbps: float = 0.0  # the last exchange's rates (its bytes / its duration)
+    download_mbps: float = 0.0
     events: list[str] = field(default_factory=list)
 
 
@@ -109,12 +118,19 @@ class NodeDaemon:
         self.run_dir = work / "runs" / self.run.run_id
         self.config = RunConfig.from_toml(self.run.config_toml)
         self.manifest = Manifest.from_dict(json.loads(self.run.manifest_json))
-        self.device = select_device(options.device)
+        group = options.node_group
+        self.device = group.device if group is not None else select_device(options.device)
         self.peer = self._start_peer()
         self.started = time.monotonic()
         self.state_round = 0  # rounds committed and applied to our global state
         self._timings: dict[int, dict[str, float]] = {}
         self._rejoining = threading.Lock()
+        self._evaluations = ThreadPoolExecutor(1, thread_name_prefix="evaluate")
+        self._loop_thread = threading.current_thread()
+        self._resync_wanted = threading.Event()
+        self._last_commit: tuple[int, set[str]] | None = None  # round, its contributors
+        self._fingerprint_reports = 0  # fingerprints reported so far
+        self._reports_at_resync = 0  # … when this node last resynced
 
     # --- setup ------------------------------------------------------------------------
 
@@ -161,6 +177,7 @@ class NodeDaemon:
     def run_forever(self) -> int:
         """Joins and runs rounds until stopped (or max_rounds); leaves; returns the
         number of rounds this node contributed to."""
+        self._loop_thread = threading.current_thread()
         joined = self._join()
         heartbeats = threading.Thread(
             target=self._heartbeat_loop, args=(joined.heartbeat_interval_s,), daemon=True
@@ -173,6 +190,8 @@ class NodeDaemon:
             pass  # stopped while waiting for the coordinator
         finally:
             self.stop_event.set()
+            self._evaluations.shutdown(wait=True)
+            self._linger()
             try:
                 self.client.leave("stopped")
                 self._event("left the run")
@@ -185,6 +204,16 @@ class NodeDaemon:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def _linger(self) -> None:
+        """Before leaving: the committed means this node owns exist nowhere else, so it
+        serves them until every other contributor fetched them (or LINGER_S passed)."""
+        if self._last_commit is None:
+            return
+        round_, contributors = self._last_commit
+        others = contributors - {self.identity.node_id}
+        if others and not self.peer.wait_served(round_, others, LINGER_S):
+            log.info("left before every contributor fetched round %d's means", round_)
 
     def _join(self) -> pb.JoinResponse:
         endpoint = self.peer.endpoint
@@ -210,9 +239,15 @@ class NodeDaemon:
         self._set(phase="downloading")
         self._fetch("tokenizer.json", self.manifest.tokenizer_sha256)
         model_cfg = self.config.model_config(self.manifest.vocab_size)
-        self.model = build_model(model_cfg, seed=self.config.run.seed, device=self.device)
         self.train_cfg = self._train_config()
-        self.trainer = InnerTrainer(self.model, self.train_cfg, self.device)
+        if self.options.node_group is not None:
+            self.inner: InnerLoop = ShardedInnerLoop(
+                self.options.node_group, model_cfg, self.train_cfg, self.config.run.seed
+            )
+        else:
+            model = build_model(model_cfg, seed=self.config.run.seed, device=self.device)
+            trainer = InnerTrainer(model, self.train_cfg, self.device)
+            self.inner = LocalInnerLoop(model, trainer, self.train_cfg)
         val = [self._shard_tokens(s.file, s.sha256) for s in self.manifest.shards["val"]]
         self.val_batches = evaluation_batches(
             val, self.train_cfg.seq_len, self.train_cfg.micro_batch_size, 4
@@ -221,7 +256,8 @@ class NodeDaemon:
         self.state, self.state_round = self._latest_state()
         self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
         self.lease: pb.DataLease | None = None
-        self.batches: SequenceBatcher | None = None
+        self._data_file = ""  # the shard the inner loop samples from
+        self._eval_trainer: InnerTrainer | None = None
 
     def _train_config(self) -> TrainConfig:
         base = self.config.train_config()
@@ -253,6 +289,9 @@ class NodeDaemon:
             if self.options.max_rounds is not None:
                 if self.status.rounds_contributed >= self.options.max_rounds:
                     return
+            if self._resync_wanted.is_set():
+                self._event("the coordinator says our state disagrees: resync")
+                self._resync(self.state_round)
             current = self._retry(lambda: self.client.get_round(wait_s=0.0))
             if not current.phase:  # no round yet (waiting for nodes)
                 self._wait_for_change(current)
@@ -270,23 +309,22 @@ class NodeDaemon:
             self._exchange_and_apply(current.round, *trained)
 
     def _loop_overlapped(self) -> None:
-        """One-step-delayed outer updates: round r's exchange runs in a worker while
-        round r+1 trains; when r+1 closes, r's mean is applied and the replica keeps its
-        own progress of r+1 on top of the new global state (as `starling simulate
-        --overlap` does)."""
+        """One-step-delayed outer updates: round r's exchange and outer step run in a
+        worker while round r+1 trains; when r+1 closes, the replica keeps its own
+        progress of r+1 on top of the new global state (as `starling simulate --overlap`
+        does). Nothing but the wait for the round to close sits between two rounds'
+        inner steps."""
         anchor = self.state.params.clone()
-        load_flat_parameters(self.model, anchor)
+        self.inner.load(anchor)
         pending: tuple[int, Future[Any]] | None = None
         pool = ThreadPoolExecutor(1, thread_name_prefix="exchange")
 
         def settle() -> None:
             nonlocal pending
             if pending is not None:
-                round_, future = pending
+                _, future = pending
                 pending = None
-                exchanged = future.result()
-                if exchanged is not None:
-                    self._settle(round_, exchanged)
+                future.result()
 
         try:
             while not self.stop_event.is_set():
@@ -297,6 +335,12 @@ class NodeDaemon:
                     if self.status.rounds_contributed + 1 >= limit:
                         settle()  # the last round: no more training after it
                         continue
+                if self._resync_wanted.is_set():
+                    settle()
+                    self._event("the coordinator says our state disagrees: resync")
+                    self._resync(self.state_round)
+                    anchor = self.state.params.clone()
+                    self.inner.load(anchor)
                 current = self._retry(lambda: self.client.get_round(wait_s=0.0))
                 if not current.phase:
                     self._wait_for_change(current)
@@ -305,7 +349,7 @@ class NodeDaemon:
                 if pending is None and self.state_round < current.round:
                     self._catch_up(current.round)
                     anchor = self.state.params.clone()
-                    load_flat_parameters(self.model, anchor)
+                    self.inner.load(anchor)
                     continue
                 if current.phase != "training":
                     self._wait_for_change(current)
@@ -314,11 +358,14 @@ class NodeDaemon:
                 if trained is None:
                     continue
                 delta, tokens = trained
-                settle()  # round r−1's mean, exchanged while this round trained
+                settle()  # round r−1's mean, exchanged and applied while this round trained
                 # The replica keeps this round's progress (−Δ) on top of the new θ.
                 anchor = torch.sub(self.state.params, delta)
-                load_flat_parameters(self.model, anchor)
-                pending = (current.round, pool.submit(self._exchange, current.round, delta, tokens))
+                self.inner.load(anchor)
+                pending = (
+                    current.round,
+                    pool.submit(self._exchange_and_apply, current.round, delta, tokens),
+                )
         finally:
             try:
                 settle()
@@ -338,13 +385,15 @@ class NodeDaemon:
     # --- training ---------------------------------------------------------------------
 
     def _ensure_lease(self) -> pb.DataLease:
+        """The node's data lease (heartbeats renew it; a new one only when it lapsed)."""
+        if self.lease is not None:
+            return self.lease
         lease = self._retry(self.client.acquire_lease)
-        if self.lease is None or lease.file != self.lease.file or self.batches is None:
-            tokens = self._shard_tokens(lease.file, lease.sha256)
+        if lease.file != self._data_file:  # the same shard again: keep its sampling order
+            path = self._fetch("data/" + lease.file, lease.sha256)
             seed = int(self.identity.node_id[:8], 16)
-            self.batches = SequenceBatcher(
-                [tokens], self.train_cfg.seq_len, self.train_cfg.micro_batch_size, seed
-            )
+            self.inner.set_data(path, self.manifest.dtype, seed)
+            self._data_file = lease.file
             self._event(f"leased data shard {lease.file}")
         self.lease = lease
         return lease
@@ -356,7 +405,7 @@ class NodeDaemon:
         the replica is, measuring Δ from `anchor`); returns (Δ, tokens) or None when the
         round closed before this node trained anything."""
         if anchor is None:
-            load_flat_parameters(self.model, self.state.params)
+            self.inner.load(self.state.params)
         budget_mode = state.budget > 0
         steps = self.config.round.inner_steps
         self._set(phase="training", round=state.round, step=0, steps=steps)
@@ -364,55 +413,55 @@ class NodeDaemon:
         loss_sum, steps_done = 0.0, 0
         started = time.monotonic()
         self._timings[state.round] = {"train_started": time.time(), "compute_s": 0.0}
-        closed = False
-        while not closed and not self.stop_event.is_set():
-            lease = self._ensure_lease()
-            assert self.batches is not None
-            step_started = time.monotonic()
-            stats = self.trainer.step(self.batches)
-            step_s = time.monotonic() - step_started
-            self.status.compute_s += step_s
-            self._timings[state.round]["compute_s"] += step_s
-            tokens += stats.tokens
-            loss_sum += stats.loss
-            steps_done += 1
-            done = not budget_mode and self.status.step + 1 >= steps
-            report = functools.partial(
-                self.client.report_tokens, state.round, lease.file, stats.tokens, done
+        reporter = TokenReporter(
+            lambda file, count, done: self._retry(
+                functools.partial(self.client.report_tokens, state.round, file, count, done)
             )
-            try:
-                reply = self._retry(report)
-            except grpc.RpcError as err:
-                if err.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                    break  # closed meanwhile: these tokens are ours, not the round's
-                if err.code() == grpc.StatusCode.PERMISSION_DENIED and "lease" in (
-                    err.details() or ""
-                ):
+        )
+        try:
+            while not reporter.closed.is_set() and not self.stop_event.is_set():
+                if reporter.lease_lost.is_set():
+                    reporter.lease_lost.clear()
                     self.lease = None  # our data lease lapsed: take a new one
-                    continue
-                raise
-            closed = reply.closed
-            elapsed = time.monotonic() - started
-            self._set(
-                step=self.status.step + 1,
-                loss=stats.loss,
-                tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
-            )
-            if done and not closed:
-                self._set(phase="waiting for the round to close")
-                self._wait_closed(state.round)
-                closed = True
+                lease = self._ensure_lease()
+                step_started = time.monotonic()
+                stats = self.inner.step()
+                step_s = time.monotonic() - step_started
+                self.status.compute_s += step_s
+                self._timings[state.round]["compute_s"] += step_s
+                if self.options.compute_share < 1:
+                    # Rest in proportion to the step: a share f trains f of the time.
+                    self.stop_event.wait(step_s * (1 / self.options.compute_share - 1))
+                tokens += stats.tokens
+                loss_sum += stats.loss
+                steps_done += 1
+                done = not budget_mode and steps_done >= steps
+                reporter.add(lease.file, stats.tokens, done)
+                elapsed = time.monotonic() - started
+                self._set(
+                    step=steps_done,
+                    loss=stats.loss,
+                    tokens_per_s=tokens / elapsed if elapsed > 0 else 0.0,
+                )
+                if done:
+                    self._set(phase="waiting for the round to close")
+                    reporter.flush(RECONNECT_S)
+                    if reporter.lease_lost.is_set():  # the `done` report was refused
+                        self.lease = None
+                        reporter.add(self._ensure_lease().file, 0, done=True)
+                        reporter.flush(RECONNECT_S)
+                    break
+        finally:
+            reporter.close()
         if tokens == 0 or self.stop_event.is_set():
             return None
-        reported = self._retry(lambda: self.client.get_round(state.round))
-        if reported.phase == "training":
-            self._wait_closed(state.round)
+        self._wait_closed(state.round)
         self._timings[state.round].update(
             train_ended=time.time(), train_loss=loss_sum / steps_done, tokens=tokens
         )
         if anchor is None:
-            return self.state.pseudo_gradient(self.model), tokens
-        return anchor - flatten_parameters(self.model), tokens
+            return self.state.params - self.inner.flat(), tokens
+        return anchor - self.inner.flat(), tokens
 
     def _wait_closed(self, round_: int) -> None:
         state = self._retry(lambda: self.client.get_round(round_))
@@ -440,7 +489,7 @@ class NodeDaemon:
         if state.phase != "exchange" or self.identity.node_id not in participants:
             self._event(f"round {round_}: not a participant (closed without our tokens)")
             return None
-        self._set(phase="exchanging", peers=len(participants))
+        self._set_phase("exchanging", peers=len(participants))
         spec = spec_from_state(self.run.run_id, state)
         payloads, _ = encode_shards(spec.plan, delta, self.feedback)
         exchange_started = time.monotonic()
@@ -454,11 +503,15 @@ class NodeDaemon:
         outcome, bounds, tokens, exchange_s = exchanged
         self.status.bytes_sent += outcome.bytes_sent
         self.status.bytes_received += outcome.bytes_received
+        if exchange_s > 0:
+            self.status.upload_mbps = outcome.bytes_sent * 8 / exchange_s / 1e6
+            self.status.download_mbps = outcome.bytes_received * 8 / exchange_s / 1e6
+        skipped = outcome.skipped
         if outcome.missing:
-            self._event(f"round {round_}: could not fetch shards {outcome.missing}: resync")
-            self._resync(round_ + 1)
-            return
-        self._apply(round_, outcome.mean, outcome.commit, outcome.skipped, bounds)
+            if self._adopt_peer_state(round_ + 1):
+                return
+            skipped = self._lost(round_, outcome.missing, skipped)
+        self._apply(round_, outcome.mean, outcome.commit, skipped, bounds)
         self._log_timing(
             round_,
             {
@@ -468,7 +521,9 @@ class NodeDaemon:
                 "bytes_received": outcome.bytes_received,
             },
         )
-        if self.identity.node_id in {c.node_id for c in outcome.commit.contributors}:
+        contributors = {c.node_id for c in outcome.commit.contributors}
+        self._last_commit = (round_, contributors)
+        if self.identity.node_id in contributors:
             self.status.rounds_contributed += 1
 
     def _apply(
@@ -479,7 +534,7 @@ class NodeDaemon:
         skipped: list[int],
         bounds: tuple[int, ...],
     ) -> None:
-        self._set(phase="applying")
+        self._set_phase("applying")
         if commit.contributors:
             before = self.state.copy()
             self.state.outer_step(mean, self.config.outer_config())
@@ -492,16 +547,17 @@ class NodeDaemon:
         self._log_fingerprint(round_, fingerprint)
         self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
         reply = self._retry(lambda: self.client.report_fingerprint(round_, fingerprint))
+        self._fingerprint_reports += 1
         if reply.resync:
             self._event(f"round {round_}: fingerprint disagrees with the commit: resync")
             self._resync(self.state_round)
             return
-        val_loss = self._evaluate()
-        self._event(
-            f"round {round_} committed: {len(commit.contributors)} contributors, "
-            f"{commit.tokens:,} tokens, val loss {val_loss:.4f}"
+        # Validation runs on its own copy of the model in a worker: never on the round's
+        # critical path (a training replica in overlap mode is elsewhere, too).
+        timing = dict(self._timings.get(round_, {}))
+        self._evaluations.submit(
+            self._evaluate_and_report, round_, self.state.params.clone(), commit, timing
         )
-        self._report_progress(round_, val_loss)
         self._maybe_checkpoint(round_, commit, fingerprint)
 
     def _log_fingerprint(self, round_: int, fingerprint: str) -> None:
@@ -531,13 +587,30 @@ class NodeDaemon:
             "wall_s": time.monotonic() - self.started,
         }
 
-    def _evaluate(self) -> float:
-        load_flat_parameters(self.model, self.state.params)
-        return self.trainer.evaluate(self.val_batches)
+    def _evaluate_and_report(
+        self, round_: int, params: torch.Tensor, commit: pb.Commit, timing: dict[str, float]
+    ) -> None:
+        if self._eval_trainer is None:
+            model = build_model(
+                self.config.model_config(self.manifest.vocab_size),
+                seed=self.config.run.seed,
+                device=self.device,
+            )
+            self._eval_trainer = InnerTrainer(model, self.train_cfg, self.device)
+        load_flat_parameters(self._eval_trainer.model, params)
+        try:
+            val_loss = self._eval_trainer.evaluate(self.val_batches)
+        except Exception:  # dashboard data only: never stops the node
+            log.exception("validation of round %d failed", round_)
+            return
+        self._event(
+            f"round {round_} committed: {len(commit.contributors)} contributors, "
+            f"{commit.tokens:,} tokens, val loss {val_loss:.4f}"
+        )
+        self._report_progress(round_, val_loss, timing)
 
-    def _report_progress(self, round_: int, loss: float) -> None:
+    def _report_progress(self, round_: int, loss: float, timing: dict[str, float]) -> None:
         wall = time.monotonic() - self.started
-        timing = self._timings.get(round_, {})
         request = pb.ReportProgressRequest(
             round=round_,
             loss=loss,
@@ -593,17 +666,70 @@ class NodeDaemon:
             spec = spec_from_state(self.run.run_id, missed)
             result = self.peer.gather(spec)
             skipped = [s.shard for s in missed.commit.shards if s.status == "skipped"]
-            if set(result.missing_shards) - set(skipped):
-                self._resync(current)
-                return
+            missing = sorted(set(result.missing_shards) - set(skipped))
+            if missing:
+                if self._adopt_peer_state(current):
+                    return
+                skipped = self._lost(missed.round, missing, skipped)
             self._apply(missed.round, result.mean, missed.commit, skipped, spec.plan.bounds)
             self._event(f"caught up with round {missed.round}")
 
+    def _lost(self, round_: int, missing: list[int], skipped: list[int]) -> list[int]:
+        """Shards whose committed mean nobody can fetch (their owner died after the
+        commit, and no peer holds the state past it) count as skipped: their slice of θ
+        does not move. Every node in this position decides alike, so fingerprints agree;
+        a node that did fetch them is outvoted and resyncs from a peer."""
+        self._event(f"round {round_}: the means of shards {missing} are lost: they do not move")
+        return sorted(set(skipped) | set(missing))
+
+    def _adopt_peer_state(self, at_least: int) -> bool:
+        from_peer = self._state_from_peer(at_least)
+        if from_peer is None:
+            return False
+        self.state, self.state_round = from_peer
+        self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
+        self._event(f"took the global state at round {self.state_round} from a peer")
+        return True
+
     def _resync(self, at_least: int) -> None:
-        """A fresh global state: the latest checkpoint, then catch up from there."""
+        """A fresh global state: a peer's, when one holds a state at least `at_least`
+        rounds in whose fingerprint is the agreed one; else the latest checkpoint, then
+        catch up from there. (A round's mean can be lost with an owner that died after
+        the commit: then only a peer that fetched it in time, or a later checkpoint, has
+        the state.)"""
+        self._resync_wanted.clear()
+        self._reports_at_resync = self._fingerprint_reports
+        if self._adopt_peer_state(at_least):
+            return
         self.state, self.state_round = self._latest_state()
         self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
         self._event(f"resynced from checkpoint {self.state_round} (need {at_least})")
+
+    def _state_from_peer(self, at_least: int) -> tuple[GlobalState, int] | None:
+        """The first owner of the latest planned round that serves a state ≥ at_least
+        rounds in, checked against the coordinator's agreed fingerprint."""
+        current = self._retry(lambda: self.client.get_round(wait_s=0.0))
+        planned = current
+        if not planned.plan.owners and current.round > 0:
+            planned = self._retry(lambda: self.client.get_round(current.round - 1))
+        for owner in planned.plan.owners:
+            if owner.node_id == self.identity.node_id:
+                continue
+            endpoint = PeerEndpoint(
+                owner.node_id, owner.address, owner.cert_fingerprint or None, owner.public_key
+            )
+            try:
+                download = self.peer.fetch_state(endpoint)
+            except ExchangeError as err:
+                log.info("state from %s: %s", owner.node_id[:12], err)
+                continue
+            if download.round < max(at_least, 1):
+                continue
+            agreed = self._retry(functools.partial(self.client.get_round, download.round - 1))
+            if agreed.commit.fingerprint != download.fingerprint:
+                continue  # not (yet) the agreed state
+            return GlobalState(download.params, download.momentum), download.round
+        return None
 
     # --- plumbing ---------------------------------------------------------------------
 
@@ -616,8 +742,11 @@ class NodeDaemon:
             except (grpc.RpcError, InterruptedError) as err:
                 log.info("heartbeat: %s", err)
                 continue
-            if reply.resync and self.status.phase not in ("catching up", "downloading"):
-                log.info("the coordinator asks for a resync")
+            # The coordinator flags a node whose fingerprint disagreed with the round's
+            # agreed one (also when ours came in before the others agreed). A flag from
+            # before our last resync is stale: it clears with our next matching report.
+            if reply.resync and self._fingerprint_reports > self._reports_at_resync:
+                self._resync_wanted.set()
 
     def _retry(self, call: Callable[[], Any], rejoin: bool = True) -> Any:
         """`call`, retried while the coordinator is unreachable (it may be restarting),
@@ -644,6 +773,13 @@ class NodeDaemon:
             if self.stop_event.wait(delay):
                 raise InterruptedError("stopping")
             delay = min(2 * delay, 2.0)
+
+    def _set_phase(self, phase: str, **changes: Any) -> None:
+        """A phase change, shown only when the round loop itself is in it: in overlap
+        mode the exchange and outer step run in a worker while the loop trains."""
+        if threading.current_thread() is self._loop_thread:
+            changes["phase"] = phase
+        self._set(**changes)
 
     def _set(self, **changes: Any) -> None:
         for key, value in changes.items():

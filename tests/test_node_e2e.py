@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,7 @@ shard_tokens = 16384
 
 [round]
 inner_steps = 3
+tokens = {round_tokens}
 deadline_s = 120.0
 exchange_deadline_s = 8.0
 
@@ -73,6 +75,7 @@ class Run:
         lease: float = 6.0,
         min_nodes: int = 2,
         overlap: bool = False,
+        round_tokens: int = 0,
     ):
         from .coordinator_support import CORPUS
 
@@ -86,6 +89,7 @@ class Run:
                 lease=lease,
                 min_nodes=min_nodes,
                 overlap="true" if overlap else "false",
+                round_tokens=round_tokens,
             )
         )
         self.run_dir = root / "run"
@@ -116,15 +120,16 @@ class Run:
         assert self.url.startswith("starling://"), (self.root / "coordinator.log").read_text()
         self.port = int(self.url.rsplit(":", 1)[1])
 
-    def join(self, name: str, *options: str) -> subprocess.Popen[str]:
+    def join(
+        self, name: str, *options: str, launcher: tuple[str, ...] = ("-m", "starling")
+    ) -> subprocess.Popen[str]:
         work = self.root / name
         work.mkdir(exist_ok=True)
         log = (work / "node.log").open("w")
         process = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "starling",
+                *launcher,
                 "node",
                 "join",
                 self.url,
@@ -159,6 +164,17 @@ class Run:
             from starling.coordination import status_json
 
             return status_json(client.get_status())
+
+    def commits(self) -> dict[int, dict]:
+        """The coordinator's commit records by round, read from its database."""
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.run_dir / 'coordinator.db'}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT round, commit_record FROM rounds").fetchall()
+        finally:
+            db.close()
+        return {r: json.loads(record) for r, record in rows if record is not None}
 
     def committed(self) -> int:
         """Rounds committed so far."""
@@ -332,3 +348,120 @@ def test_overlapped_rounds_train_while_the_previous_round_exchanges(e2e) -> None
     assert_agree(first, second)
     for name in ("a", "b"):
         assert json.loads((run.root / name / "summary.json").read_text())["rounds_contributed"] == 4
+
+
+def test_a_slow_node_trains_fewer_steps_and_weighs_by_its_tokens(e2e) -> None:
+    # Rounds close at a global token budget (160 steps of 512 tokens, a few seconds): a
+    # node that trains a fifth of the time does fewer inner steps, and the mean weighs
+    # it by its tokens.
+    run = e2e(min_nodes=3, round_tokens=160 * 512)
+    for name in ("fast1", "fast2"):
+        run.join(name, "--max-rounds", "4")
+    run.join("slow", "--compute-share", "0.2")
+    for name in ("fast1", "fast2"):
+        assert run.nodes[name].wait(240) == 0, run.log(name)
+    commits = run.commits()
+    ids = {
+        name: json.loads((run.root / name / "summary.json").read_text())["node_id"]
+        for name in ("fast1", "fast2")
+    }
+    tokens: dict[str, int] = {}
+    for commit in commits.values():
+        assert commit["tokens"] == sum(commit["contributors"].values())
+        for node_id, count in commit["contributors"].items():
+            tokens[node_id] = tokens.get(node_id, 0) + count
+    slow = [node for node in tokens if node not in ids.values()]
+    assert len(slow) == 1, tokens
+    fast = min(tokens[ids["fast1"]], tokens[ids["fast2"]])
+    assert tokens[slow[0]] < 0.6 * fast, tokens
+    assert_agree(run.fingerprints("slow"), run.fingerprints("fast1"))
+    assert_agree(run.fingerprints("fast2"), run.fingerprints("fast1"))
+
+
+FAULTY_NODE = Path(__file__).with_name("faulty_node.py")
+
+
+def test_a_node_whose_state_disagrees_resyncs_and_agrees_again(e2e) -> None:
+    run = e2e(min_nodes=3)
+    for name in ("a", "b"):
+        run.join(name, "--max-rounds", "6")
+    # Its global state is corrupted right after it applies round 1 (as a flipped bit in
+    # memory would): its fingerprint for round 1 disagrees with the agreed one.
+    run.join("faulty", "--max-rounds", "5", launcher=(str(FAULTY_NODE), "2"))
+    assert run.nodes["faulty"].wait(300) == 0, run.log("faulty")
+    assert "resync" in run.log("faulty")
+    for name in ("a", "b"):
+        assert run.nodes[name].wait(300) == 0, run.log(name)
+    honest, faulty = run.fingerprints("a"), run.fingerprints("faulty")
+    logged = [
+        json.loads(line)
+        for line in next((run.root / "faulty").glob("runs/*/fingerprints.jsonl"))
+        .read_text()
+        .splitlines()
+    ]
+    first_round_1 = next(entry for entry in logged if entry["round"] == 1)
+    assert first_round_1["fingerprint"] != honest[1]  # the corruption showed
+    # The flag may reach it by heartbeat after it applied round 2 on the bad state; from
+    # round 3 on it has resynced (checkpoint, then the missed means) and agrees again.
+    later = [r for r in faulty if r >= 3]
+    assert len(later) >= 2
+    for round_ in later:
+        assert faulty[round_] == honest[round_], f"round {round_}"
+
+
+def test_a_multi_process_node_trains_fsdp_shards_under_torchrun(e2e) -> None:
+    # A two-rank node (torchrun, FSDP with gloo on this CPU) beside a one-process node:
+    # only its rank 0 talks to the network; each rank trains its own micro-batches, so
+    # it brings twice the tokens per inner step, and every state agrees.
+    run = e2e()
+    run.join("single", "--max-rounds", "3")
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    run.join("fsdp", "--max-rounds", "3", launcher=(*torchrun, "-m", "starling"))
+    for name in ("single", "fsdp"):
+        assert run.nodes[name].wait(300) == 0, run.log(name)
+    ids = {
+        name: json.loads((run.root / name / "summary.json").read_text())["node_id"]
+        for name in ("single", "fsdp")
+    }
+    commits = run.commits()
+    for round_ in range(3):
+        tokens = commits[round_]["contributors"]
+        assert tokens == {ids["single"]: 3 * 512, ids["fsdp"]: 2 * 3 * 512}
+    single, fsdp = run.fingerprints("single"), run.fingerprints("fsdp")
+    assert sorted(fsdp) == [0, 1, 2]
+    assert_agree(single, fsdp)
+
+
+def test_on_a_terminal_the_node_shows_a_live_view(e2e) -> None:
+    import pty
+    import re
+    import select
+
+    run = e2e()
+    run.join("plain", "--max-rounds", "2")
+    # The node's stderr is a terminal (a pseudo-terminal this test reads): rich's live
+    # view instead of log lines.
+    leader, follower = pty.openpty()
+    command = [sys.executable, "-m", "starling", "node", "join", run.url, "--device", "cpu"]
+    command += ["--work-dir", str(run.root / "tty"), "--max-rounds", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "xterm", "COLUMNS": "120"}
+    process = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower, env=env)
+    os.close(follower)
+    run.nodes["tty"] = process  # type: ignore[assignment]
+    screen = b""
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 1.0)
+        if ready:
+            try:
+                screen += os.read(leader, 65536)
+            except OSError:  # the terminal closed: the process is gone
+                break
+    assert process.wait(60) == 0
+    os.close(leader)
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", screen.decode(errors="replace"))
+    for label in ("round", "inner steps", "tokens/s", "traffic", "peers", "Mbit/s"):
+        assert label in text, text[-3000:]
+    assert "█" in text  # the inner-step progress bar
+    assert "rounds contributed 2" in text
+    assert "left after 2 rounds" in text

@@ -114,6 +114,9 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         self.keep_rounds = keep_rounds
         self._specs: dict[int, RoundSpec] = {}
         self._reductions: dict[tuple[int, int], _ShardReduction] = {}
+        # (round, shard) → requesters that received the whole committed mean.
+        self._served: dict[tuple[int, int], set[str]] = {}
+        self._served_changed = asyncio.Event()
         self._state: HeldState | None = None
         self._serving_gates: dict[int, asyncio.Event] = {}
 
@@ -139,6 +142,7 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             del self._specs[old]
             for key in [k for k in self._reductions if k[0] == old]:
                 del self._reductions[key]
+                self._served.pop(key, None)
 
     def hold_serving(self, round_: int) -> asyncio.Event:
         """Holds back serving this round's means until the returned event is set (by
@@ -258,6 +262,31 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             await self.upload.consume(len(message))
             self.ledger.sent(request.round, peer, len(message))
             yield message
+        self._served.setdefault((request.round, request.shard), set()).add(peer)
+        self._served_changed.set()
+
+    async def wait_served(self, round_: int, requesters: set[str], timeout: float) -> bool:
+        """Waits until every one of `requesters` received each committed mean this owner
+        holds for `round_` (a leaving owner lingers for this: its means go with it).
+        False at the timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            owed = [
+                key
+                for key, reduction in self._reductions.items()
+                if key[0] == round_
+                and reduction.mean is not None
+                and reduction.mean.payload is not None
+                and not requesters <= self._served.get(key, set())
+            ]
+            if not owed:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._served_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._served_changed.wait(), left)
 
     async def FetchState(
         self, request: peer_pb2.FetchStateRequest, context: grpc.aio.ServicerContext

@@ -168,6 +168,13 @@ class ExchangePeer:
         blob = save_safetensors({"params": state.params, "momentum": state.momentum})
         self._run(self.owner.set_state(round_, blob, state.fingerprint()))
 
+    def wait_served(self, round_: int, requesters: set[str], timeout: float) -> bool:
+        """True once every requester fetched this peer's committed means of `round_`
+        (at once for a peer that owns none); False at the timeout."""
+        if self.owner is None:
+            return True
+        return self._run(self.owner.wait_served(round_, requesters, timeout))
+
     def fetch_state(self, endpoint: PeerEndpoint) -> GlobalStateDownload:
         return self._run(self.client.fetch_state(endpoint, self.config.run_id))
 
