@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 RTX_4090_BF16_FLOPS = 82.6e12
+BATCH_TOKENS = 2048  # tokens per inner step (the run's batch)
 
 CONFIG = """
 [run]
@@ -55,6 +56,7 @@ preset = "{model}"
 
 [round]
 inner_steps = {inner_steps}
+tokens = {round_tokens}
 deadline_s = 600.0
 exchange_deadline_s = 120.0
 
@@ -63,7 +65,7 @@ codec = "{codec}"
 overlap = {overlap}
 
 [train]
-batch_tokens = 2048
+batch_tokens = {batch_tokens}
 micro_batch_size = 8
 lr = 0.003
 warmup_steps = 10
@@ -84,12 +86,15 @@ def starling(*args: str) -> list[str]:
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     config = root / "run.toml"
-    target = args.nodes * (args.rounds + 2) * args.inner_steps * 2048
+    per_round = args.round_tokens or args.nodes * args.inner_steps * BATCH_TOKENS
+    target = (args.rounds + 2) * per_round
     config.write_text(
         CONFIG.format(
             target=target,
             model=args.model,
             inner_steps=args.inner_steps,
+            round_tokens=args.round_tokens,
+            batch_tokens=BATCH_TOKENS,
             codec=args.codec,
             nodes=args.nodes,
             overlap="true" if args.overlap else "false",
@@ -207,8 +212,7 @@ def summarize(per_node: list[list[dict]], numel: int, args: argparse.Namespace) 
             "exposed_s": exposed / len(rounds),
             "exchange_s": exchange / len(rounds),
         }
-        # One inner step on the GPU (the run's batch): tokens per step / GPU tokens/s.
-        gpu_step_s = (tokens / len(rounds) / args.inner_steps) / gpu_tps
+        gpu_step_s = BATCH_TOKENS / gpu_tps  # one inner step (the run's batch) on the GPU
         gpu_steps = args.gpu_inner_steps or args.inner_steps
         nodes.append(
             {
@@ -230,8 +234,7 @@ def summarize(per_node: list[list[dict]], numel: int, args: argparse.Namespace) 
                 "bytes_sent_per_round": int(statistics.fmean(r["bytes_sent"] for r in rounds)),
             }
         )
-    first = per_node[0]
-    tokens_per_step = sum(r["tokens"] for r in first) / len(first) / args.inner_steps
+    tokens_per_step = BATCH_TOKENS
     gpu_steps = args.gpu_inner_steps or args.inner_steps
     return {
         "nodes": nodes,
@@ -264,6 +267,13 @@ def main() -> None:
     parser.add_argument("--download-mbps", type=float, default=None)
     parser.add_argument("--rounds", type=int, default=4, help="measured rounds (+1 warm-up)")
     parser.add_argument("--inner-steps", type=int, default=20)
+    parser.add_argument(
+        "--round-tokens",
+        type=int,
+        default=0,
+        help="close rounds at this global token budget (nodes never wait for stragglers); "
+        "0: every node does --inner-steps",
+    )
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--codec", default="int4")
     parser.add_argument(

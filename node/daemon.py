@@ -255,13 +255,17 @@ class NodeDaemon:
         self.feedback = ErrorFeedback(make_codec(self.config.outer.codec))
         self.state, self.state_round = self._latest_state()
         self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
+        # The run's tokens so far: where the inner learning-rate schedule is (then every
+        # applied commit adds its tokens).
+        self.run_tokens = int(self._retry(self.client.get_status).tokens_trained)
         self.lease: pb.DataLease | None = None
         self._data_file = ""  # the shard the inner loop samples from
         self._eval_trainer: InnerTrainer | None = None
 
     def _train_config(self) -> TrainConfig:
         base = self.config.train_config()
-        # The inner schedule spans the run: as if one node trained every target token.
+        # The inner schedule spans the run's target tokens; its position is the run's
+        # progress (set_schedule_step), the same on every node whatever its speed.
         steps = max(1, self.config.run.target_tokens // base.batch_tokens)
         values = {**base.to_dict(), "steps": steps, "device": self.options.device}
         return TrainConfig(
@@ -406,6 +410,7 @@ class NodeDaemon:
         round closed before this node trained anything."""
         if anchor is None:
             self.inner.load(self.state.params)
+        self.inner.set_schedule_step(self.run_tokens // self.train_cfg.batch_tokens)
         budget_mode = state.budget > 0
         steps = self.config.round.inner_steps
         self._set(phase="training", round=state.round, step=0, steps=steps)
@@ -535,6 +540,7 @@ class NodeDaemon:
         bounds: tuple[int, ...],
     ) -> None:
         self._set_phase("applying")
+        self.run_tokens += commit.tokens
         if commit.contributors:
             before = self.state.copy()
             self.state.outer_step(mean, self.config.outer_config())

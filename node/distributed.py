@@ -4,13 +4,14 @@
 
 Under torchrun only rank 0 talks to the network: it runs the whole daemon (join, leases,
 exchange, outer step) and drives the other ranks through a small command protocol of
-collectives on a gloo group — SETUP (the run's model and inner-optimizer settings as
+collectives on a gloo group: SETUP (the run's model and inner-optimizer settings as
 JSON), DATA (a leased shard's path in the shared work dir), LOAD (θ into the sharded
-model), STEP (one inner optimizer step), GATHER (the full parameters back to rank 0),
-STOP. The inner model is sharded with FSDP (`fully_shard` per decoder layer, then the
-root); every rank trains on its own windows of the leased shard, so one inner step of a
-W-rank node consumes W × batch_tokens tokens, and the node's contribution is weighted by
-them like any other node's. On a CPU the same code runs with gloo (what the tests use).
+model), SCHEDULE (the learning rate's position), STEP (one inner optimizer step), GATHER
+(the full parameters back to rank 0), STOP. The inner model is sharded with FSDP
+(`fully_shard` per decoder layer, then the root); every rank trains on its own windows
+of the leased shard, so one inner step of a W-rank node consumes W × batch_tokens
+tokens, and the node's contribution is weighted by them like any other node's. On a
+CPU the same code runs with gloo (what the tests use).
 
 Nothing crosses between ranks but tensors: commands and JSON as int64 / uint8 tensors,
 parameters through torch.distributed.checkpoint's full state dicts (no pickle).
@@ -35,7 +36,7 @@ from starling.diloco import flatten_parameters, load_flat_parameters
 from starling.model import ModelConfig, build_model
 from starling.train import InnerTrainer, StepStats, TrainConfig
 
-SETUP, DATA, LOAD, STEP, GATHER, STOP = range(1, 7)
+SETUP, DATA, LOAD, STEP, GATHER, STOP, SCHEDULE = range(1, 8)
 
 
 class InnerLoop(Protocol):
@@ -44,6 +45,10 @@ class InnerLoop(Protocol):
     def set_data(self, path: Path, dtype: str, seed: int) -> None: ...
 
     def load(self, flat: torch.Tensor) -> None: ...
+
+    def set_schedule_step(self, step: int) -> None:
+        """Where the inner learning-rate schedule is (in optimizer steps of
+        batch_tokens): the run's progress, not this node's own step count."""
 
     def step(self) -> StepStats: ...
 
@@ -65,6 +70,9 @@ class LocalInnerLoop:
 
     def load(self, flat: torch.Tensor) -> None:
         load_flat_parameters(self.model, flat)
+
+    def set_schedule_step(self, step: int) -> None:
+        self.trainer.steps_done = step
 
     def step(self) -> StepStats:
         assert self.batches is not None, "set_data first"
@@ -186,6 +194,10 @@ class ShardedInnerLoop:
         options = _full_state_options(broadcast_from_rank0=True)
         set_model_state_dict(self.model, self.mirror.state_dict(), options=options)
 
+    def set_schedule_step(self, step: int) -> None:
+        self.channel.send(SCHEDULE, {"step": step})
+        self.trainer.steps_done = step
+
     def step(self) -> StepStats:
         assert self.batches is not None, "set_data first"
         self.channel.send(STEP)
@@ -235,6 +247,9 @@ def run_follower(channel: NodeGroup) -> None:
             assert model is not None
             options = _full_state_options(broadcast_from_rank0=True)
             set_model_state_dict(model, {}, options=options)
+        elif command == SCHEDULE:
+            assert trainer is not None
+            trainer.steps_done = int(payload["step"])
         elif command == STEP:
             assert trainer is not None and batches is not None
             channel.mean(trainer.step(batches).loss)
