@@ -112,11 +112,15 @@ class NodeGroup:
         self._stopped = False
 
     def stop(self) -> None:
-        """Releases the other ranks (rank 0), then leaves the group; idempotent."""
+        """Releases the other ranks (rank 0), then leaves the group; idempotent. The
+        barrier makes every rank tear its process group down only once all of them are
+        done with it (one rank destroying it under another's last collective aborts
+        the process)."""
         if not self._stopped:
             self._stopped = True
             if self.rank == 0:
                 self.send(STOP)
+            dist.barrier(group=self.group)
             dist.destroy_process_group()
 
     def send(self, command: int, payload: dict[str, Any] | None = None) -> None:
