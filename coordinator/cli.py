@@ -169,3 +169,37 @@ def token_revoke(
 def _store(run_dir: Path) -> Store:
     run = RunDir.open(run_dir)  # checks it is a run directory
     return run.store()
+
+
+@app.command("health")
+def health_command(
+    run_dir: Annotated[Path, typer.Argument(help="The run directory being served.")],
+    host: Annotated[
+        str, typer.Option(help="Where to reach the coordinator (default: this machine).")
+    ] = "127.0.0.1",
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 5.0,
+) -> None:
+    """Exit 0 when the coordinator serving RUN_DIR answers gRPC's health check with
+    SERVING (a container health check); 1 otherwise. Dials RUN_DIR/join_url's port on
+    --host with TLS pinned to its fingerprint."""
+    from dataclasses import replace
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from starling.coordination import SERVICE, JoinUrl, open_coordinator_channel
+
+    url_file = run_dir / "join_url"
+    if not url_file.is_file():
+        raise ValueError(f"{url_file} does not exist: is the run being served?")
+    url = replace(JoinUrl.parse(url_file.read_text().strip()), host=host)
+    try:
+        with open_coordinator_channel(url, connect_timeout=timeout) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=timeout)
+    except (grpc.RpcError, OSError, ConnectionError) as err:
+        err_console.print(f"unhealthy: {err}")
+        raise typer.Exit(1) from None
+    serving = reply.status == health_pb2.HealthCheckResponse.SERVING
+    print("SERVING" if serving else health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+    raise typer.Exit(0 if serving else 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -57,6 +58,9 @@ def join_command(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve Prometheus metrics here (0: a free port).")
     ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address the metrics listen on (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
     compute_share: Annotated[
         float,
         typer.Option(
@@ -94,29 +98,37 @@ def join_command(
         compute_share=compute_share,
     )
     if not launched_by_torchrun():
-        _run_node(options, summary_json, metrics_port)
+        _run_node(options, summary_json, metrics_port, metrics_host)
         return
     # torchrun --nproc-per-node N -m starling node join URL: rank 0 is the node (network,
     # exchange, outer step); the other ranks only train their FSDP shards.
     group = NodeGroup(select_device(device))
     try:
         if group.rank == 0:
-            _run_node(replace(options, node_group=group), summary_json, metrics_port)
+            _run_node(replace(options, node_group=group), summary_json, metrics_port, metrics_host)
         else:
             run_follower(group)
     finally:
         group.stop()
+    # Everything is written and the group is gone; skip the interpreter's finalization,
+    # which can race gloo's C++ worker threads and abort a clean exit
+    # (pytorch/pytorch#179291: "terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def _run_node(options: NodeOptions, summary_json: Path | None, metrics_port: int | None) -> None:
+def _run_node(
+    options: NodeOptions, summary_json: Path | None, metrics_port: int | None, metrics_host: str
+) -> None:
     view = _LiveView() if err_console.is_terminal else None
     metrics = None
     if metrics_port is not None:
         from .metrics import NodeMetrics
 
-        metrics = NodeMetrics(metrics_port)
+        metrics = NodeMetrics(metrics_port, metrics_host)
         logging.getLogger("starling.node").info(
-            "metrics on http://127.0.0.1:%d/metrics", metrics.port
+            "metrics on http://%s:%d/metrics", metrics_host, metrics.port
         )
 
     def on_update(status: NodeStatus) -> None:

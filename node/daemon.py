@@ -207,13 +207,32 @@ class NodeDaemon:
 
     def _linger(self) -> None:
         """Before leaving: the committed means this node owns exist nowhere else, so it
-        serves them until every other contributor fetched them (or LINGER_S passed)."""
+        serves them until every other contributor fetched them (or LINGER_S passed). A
+        node that was the round's only contributor holds the only copy of the state:
+        it hands it to the coordinator as a checkpoint (nodes that were behind resume
+        from there)."""
         if self._last_commit is None:
             return
         round_, contributors = self._last_commit
         others = contributors - {self.identity.node_id}
-        if others and not self.peer.wait_served(round_, others, LINGER_S):
-            log.info("left before every contributor fetched round %d's means", round_)
+        if others:
+            if not self.peer.wait_served(round_, others, LINGER_S):
+                log.info("left before every contributor fetched round %d's means", round_)
+            return
+        if contributors and self.state_round == round_ + 1:
+            self._hand_over_state()
+
+    def _hand_over_state(self) -> None:
+        try:
+            latest = self.client.get_run().latest_checkpoint.round
+            if latest >= self.state_round:
+                return
+            blob = state_blob(self.state.params, self.state.momentum)
+            self.client.upload_checkpoint(self.state_round, blob, self.state.fingerprint())
+            self._event(f"handed the state over as checkpoint {self.state_round}")
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                log.warning("could not hand the state over: %s", err.details())
 
     def _join(self) -> pb.JoinResponse:
         endpoint = self.peer.endpoint
@@ -550,7 +569,6 @@ class NodeDaemon:
                 self.state.momentum[start:end] = before.momentum[start:end]
         self.state_round = round_ + 1
         fingerprint = self.state.fingerprint()
-        self._log_fingerprint(round_, fingerprint)
         self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
         reply = self._retry(lambda: self.client.report_fingerprint(round_, fingerprint))
         self._fingerprint_reports += 1
@@ -558,6 +576,7 @@ class NodeDaemon:
             self._event(f"round {round_}: fingerprint disagrees with the commit: resync")
             self._resync(self.state_round)
             return
+        self._log_fingerprint(round_, fingerprint)
         # Validation runs on its own copy of the model in a worker: never on the round's
         # critical path (a training replica in overlap mode is elsewhere, too).
         timing = dict(self._timings.get(round_, {}))
@@ -567,7 +586,9 @@ class NodeDaemon:
         self._maybe_checkpoint(round_, commit, fingerprint)
 
     def _log_fingerprint(self, round_: int, fingerprint: str) -> None:
-        """One JSON line per applied round (what `starling demo` compares across nodes)."""
+        """One JSON line per round this node holds the state after — applied, or taken
+        from a checkpoint or peer — unless the coordinator refused it at once (what
+        `starling demo` compares across nodes)."""
         with (self.run_dir / "fingerprints.jsonl").open("a") as log_file:
             log_file.write(json.dumps({"round": round_, "fingerprint": fingerprint}) + "\n")
 
@@ -663,6 +684,11 @@ class NodeDaemon:
         last 8); falls back to a fresh state when that is not possible."""
         self._set(phase="catching up")
         while self.state_round < current and not self.stop_event.is_set():
+            # A checkpoint past our state is one download instead of several means
+            # (and survives owners that left).
+            if self._retry(self.client.get_run).latest_checkpoint.round > self.state_round:
+                self._take_state(*self._latest_state(), source="a checkpoint")
+                continue
             missed = self._retry(lambda: self.client.get_round(self.state_round))
             if missed.phase != "committed" or not missed.commit.contributors:
                 if missed.phase == "committed":  # an empty round: nothing moved
@@ -678,7 +704,8 @@ class NodeDaemon:
                     return
                 skipped = self._lost(missed.round, missing, skipped)
             self._apply(missed.round, result.mean, missed.commit, skipped, spec.plan.bounds)
-            self._event(f"caught up with round {missed.round}")
+            if self.state_round == missed.round + 1:  # not resynced meanwhile
+                self._event(f"caught up with round {missed.round}")
 
     def _lost(self, round_: int, missing: list[int], skipped: list[int]) -> list[int]:
         """Shards whose committed mean nobody can fetch (their owner died after the
@@ -692,10 +719,17 @@ class NodeDaemon:
         from_peer = self._state_from_peer(at_least)
         if from_peer is None:
             return False
-        self.state, self.state_round = from_peer
-        self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
-        self._event(f"took the global state at round {self.state_round} from a peer")
+        self._take_state(*from_peer, source="a peer")
         return True
+
+    def _take_state(self, state: GlobalState, round_: int, source: str) -> None:
+        """Adopts a whole global state (`round_` rounds in) from a checkpoint or a peer,
+        both checked against the agreed fingerprint of round `round_` − 1."""
+        self.state, self.state_round = state, round_
+        self.peer.set_state(round_, state.params, state.momentum)
+        if round_ > 0:
+            self._log_fingerprint(round_ - 1, state.fingerprint())
+        self._event(f"took the global state at round {round_} from {source}")
 
     def _resync(self, at_least: int) -> None:
         """A fresh global state: a peer's, when one holds a state at least `at_least`
@@ -705,11 +739,8 @@ class NodeDaemon:
         the state.)"""
         self._resync_wanted.clear()
         self._reports_at_resync = self._fingerprint_reports
-        if self._adopt_peer_state(at_least):
-            return
-        self.state, self.state_round = self._latest_state()
-        self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
-        self._event(f"resynced from checkpoint {self.state_round} (need {at_least})")
+        if not self._adopt_peer_state(at_least):
+            self._take_state(*self._latest_state(), source="the latest checkpoint")
 
     def _state_from_peer(self, at_least: int) -> tuple[GlobalState, int] | None:
         """The first owner of the latest planned round that serves a state ≥ at_least
