@@ -233,3 +233,14 @@ def test_the_node_entrypoint_without_a_join_url_is_one_error_line(tmp_path: Path
     )
     assert result.returncode == 2
     assert result.stderr.startswith("error: no join URL")
+
+
+def test_the_systemd_unit_runs_a_real_node_command() -> None:
+    unit = (DOCKER.parent / "docs" / "starling-node.service").read_text()
+    exec_start = re.search(r"^ExecStart=(.*?)(?<!\\)$", unit, re.MULTILINE | re.DOTALL)
+    assert exec_start is not None
+    command = exec_start.group(1).replace("\\\n", " ").split()
+    assert command[1:3] == ["node", "join"] and command[3] == "${STARLING_JOIN_URL}"
+    options = {word for word in command if word.startswith("--")}
+    assert options and options <= _option_names("node", "join")
+    assert "KillSignal=SIGTERM" in unit  # the node's clean stop
