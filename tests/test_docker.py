@@ -244,3 +244,45 @@ def test_the_systemd_unit_runs_a_real_node_command() -> None:
     options = {word for word in command if word.startswith("--")}
     assert options and options <= _option_names("node", "join")
     assert "KillSignal=SIGTERM" in unit  # the node's clean stop
+
+
+def test_the_images_build_stage_makes_a_complete_wheel(tmp_path: Path) -> None:
+    # The build stage copies these paths and runs `pip wheel --no-deps .`: the wheel must
+    # hold every module of the three packages, the dashboard page and the entry points.
+    import zipfile
+
+    for dockerfile in DOCKERFILES:
+        text = dockerfile.read_text()
+        build_stage = text.split("\nFROM ", 2)[0] + "\nFROM " + text.split("\nFROM ", 2)[1]
+        copied = [
+            line.split()[1:-1] for line in build_stage.splitlines() if line.startswith("COPY ")
+        ]
+        context = tmp_path / dockerfile.stem / "src"
+        context.mkdir(parents=True)
+        for sources in copied:
+            for source in sources:
+                origin = DOCKER.parent / source
+                target = context / source
+                if origin.is_dir():
+                    shutil.copytree(origin, target, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(origin, target)
+        wheels = tmp_path / dockerfile.stem / "wheels"
+        build = subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps"]
+            + ["--no-build-isolation", "--wheel-dir", str(wheels), str(context)],
+            capture_output=True,
+            text=True,
+        )
+        assert build.returncode == 0, build.stderr[-2000:]
+        (wheel,) = wheels.glob("starling-*.whl")
+        names = set(zipfile.ZipFile(wheel).namelist())
+        for package, folder in (("starling", "src/starling"), ("starling/node", "node")):
+            for module in (DOCKER.parent / folder).glob("*.py"):
+                assert f"{package}/{module.name}" in names, module
+        for module in (DOCKER.parent / "coordinator").glob("*.py"):
+            assert f"starling/coordinator/{module.name}" in names, module
+        assert "starling/coordinator/dashboard.html" in names
+        entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+        text = zipfile.ZipFile(wheel).read(entry_points).decode()
+        assert "starling = starling.cli:main" in text and "node = starling.node.cli:app" in text
