@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -307,6 +308,10 @@ class Coordinator:
         if not verify(public_key, message, auth.signature):
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, "bad signature")
         self.guard.check(auth, self.clock())
+        if node is not None and node.state == "banned":  # by the admin: joining will not help
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED, f"this node is banned: {node.state_reason}"
+            )
         if node is not None and node.state != "active":
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"node is {node.state}: join again")
         current = self.store.current_round()
@@ -441,6 +446,9 @@ class Coordinator:
     # --- run description and files --------------------------------------------------------
 
     async def _get_run(self, _: pb.GetRunRequest) -> pb.RunInfo:
+        return self.run_info()
+
+    def run_info(self) -> pb.RunInfo:
         latest = self.store.checkpoints()[-1]
         return pb.RunInfo(
             run_id=self.run_id,
@@ -671,7 +679,16 @@ class Coordinator:
             "bytes_sent": request.bytes_sent,
             "bytes_received": request.bytes_received,
             "utilization": request.utilization,
+            "train_loss": request.train_loss,
+            "round_tokens": request.round_tokens,
         }
+        # Dashboard figures: a diverged node's NaN would break the charts (and SQLite
+        # stores NaN as NULL), an absurd one their scale.
+        for name in ("loss", "tokens_per_s", "utilization", "train_loss"):
+            if not math.isfinite(values[name]) or values[name] < 0:
+                raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"{name} must be finite and >= 0")
+        if request.utilization > 1.0 or request.round_tokens > MAX_REPORTED_TOKENS:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "implausible progress figures")
         with self.store.transaction():
             self.store.add_progress(node.node_id, self.clock(), values)
         return pb.ReportProgressResponse(ok=True)
@@ -806,6 +823,28 @@ class Coordinator:
         for entry in root.iterdir():
             if entry.name not in stored:
                 shutil.rmtree(entry, ignore_errors=True)
+
+    # --- admin actions (the dashboard's authenticated POSTs) ---------------------------------
+
+    def ban_node(self, node_id: str, reason: str) -> str | None:
+        """Bans a node: every request it signs is refused from now on and it cannot join
+        again; a contribution it already delivered to this round may still count.
+        Returns the reason recorded; None for an unknown node."""
+        if self.store.node(node_id) is None:
+            return None
+        reason = reason or "banned by the run's admin"
+        with self.store.transaction():
+            self.store.set_node_state(node_id, "banned", reason)
+        log.info("banned %s by the admin: %s", node_id, reason)
+        self._notify()
+        return reason
+
+    def revoke_join_token(self, token_id: str) -> bool:
+        with self.store.transaction():
+            found = self.store.revoke_join_token(token_id)
+        if found:
+            log.info("join token %s revoked by the admin", token_id)
+        return found
 
     # --- status -------------------------------------------------------------------------------
 

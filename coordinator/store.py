@@ -17,6 +17,14 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 
+# Columns added after databases of schema 1 were in use: (table, column, declaration).
+# Opening an older database adds them (ALTER TABLE ... ADD COLUMN keeps every row).
+ADDED_COLUMNS = (
+    ("nodes", "state_reason", "TEXT NOT NULL DEFAULT ''"),
+    ("progress", "train_loss", "REAL NOT NULL DEFAULT 0"),
+    ("progress", "round_tokens", "INTEGER NOT NULL DEFAULT 0"),
+)
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
@@ -34,6 +42,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     last_seen REAL NOT NULL,
     expires REAL NOT NULL,
     state TEXT NOT NULL,            -- active | left | expired | banned
+    state_reason TEXT NOT NULL DEFAULT '',  -- why an admin banned it
     phase TEXT NOT NULL DEFAULT '',
     state_round INTEGER NOT NULL DEFAULT 0,
     resync INTEGER NOT NULL DEFAULT 0,
@@ -112,7 +121,9 @@ CREATE TABLE IF NOT EXISTS progress (
     tokens_per_s REAL NOT NULL,
     bytes_sent INTEGER NOT NULL,
     bytes_received INTEGER NOT NULL,
-    utilization REAL NOT NULL
+    utilization REAL NOT NULL,
+    train_loss REAL NOT NULL DEFAULT 0,      -- mean over the node's inner steps; 0: unknown
+    round_tokens INTEGER NOT NULL DEFAULT 0  -- tokens the node trained in the round
 );
 CREATE INDEX IF NOT EXISTS progress_by_time ON progress (time);
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -146,6 +157,7 @@ class Node:
     resync: bool
     rounds_contributed: int
     tokens_trained: int
+    state_reason: str = ""  # why an admin banned it
 
 
 @dataclass(frozen=True)
@@ -181,11 +193,21 @@ class Store:
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.executescript("BEGIN;" + SCHEMA + "COMMIT;")
+        self._add_missing_columns()
+        # After the columns: the index of the latest progress report of each node.
+        self.db.execute("CREATE INDEX IF NOT EXISTS progress_by_node ON progress (node_id, id)")
         version = self.get_meta("schema_version")
         if version is None:
             self.set_meta("schema_version", str(SCHEMA_VERSION))
         elif int(version) != SCHEMA_VERSION:
             raise ValueError(f"{path}: schema version {version}, this coordinator reads 1")
+
+    def _add_missing_columns(self) -> None:
+        with self.transaction():
+            for table, column, declaration in ADDED_COLUMNS:
+                present = {row["name"] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     def close(self) -> None:
         self.db.close()
@@ -224,7 +246,7 @@ class Store:
                    memory_bytes = excluded.memory_bytes, upload_mbps = excluded.upload_mbps,
                    download_mbps = excluded.download_mbps, software = excluded.software,
                    last_seen = excluded.last_seen, expires = excluded.expires,
-                   state = 'active'""",
+                   state = 'active', state_reason = ''""",
             (
                 node.node_id,
                 node.public_key,
@@ -261,13 +283,21 @@ class Store:
         )
         self.db.execute("UPDATE data_leases SET expires = ? WHERE node_id = ?", (expires, node_id))
 
-    def set_node_state(self, node_id: str, state: str) -> None:
-        self.db.execute("UPDATE nodes SET state = ? WHERE node_id = ?", (state, node_id))
+    def set_node_state(self, node_id: str, state: str, reason: str = "") -> None:
+        self.db.execute(
+            "UPDATE nodes SET state = ?, state_reason = ? WHERE node_id = ?",
+            (state, reason, node_id),
+        )
         if state != "active":
             self.release_leases(node_id)
 
     def set_resync(self, node_id: str, resync: bool) -> None:
         self.db.execute("UPDATE nodes SET resync = ? WHERE node_id = ?", (int(resync), node_id))
+
+    def node_counts(self) -> dict[str, int]:
+        """Nodes by state (active, left, expired, banned)."""
+        rows = self.db.execute("SELECT state, count(*) AS n FROM nodes GROUP BY state")
+        return {str(row["state"]): int(row["n"]) for row in rows}
 
     def expire_nodes(self, now: float) -> list[str]:
         expired = [
@@ -438,6 +468,49 @@ class Store:
         )
         return [json.loads(row["commit_record"]) for row in rows]
 
+    def committed_rounds(self, limit: int) -> list[Round]:
+        """The newest `limit` committed rounds, newest first."""
+        rows = self.db.execute(
+            "SELECT * FROM rounds WHERE commit_record IS NOT NULL ORDER BY round DESC LIMIT ?",
+            (limit,),
+        )
+        return [_round(row) for row in rows]
+
+    def commit_history(self, after_round: int = -1) -> list[dict[str, Any]]:
+        """One row per committed round after `after_round`, oldest first: its tokens, the
+        run's committed tokens up to and including it (`tokens_total`), wire bytes,
+        duration, commit time and contributor count (read inside SQLite: no JSON parsing
+        of every commit record on each dashboard poll)."""
+        rows = self.db.execute(
+            """SELECT * FROM (
+                   SELECT round,
+                          json_extract(commit_record, '$.tokens') AS tokens,
+                          sum(json_extract(commit_record, '$.tokens'))
+                              OVER (ORDER BY round) AS tokens_total,
+                          json_extract(commit_record, '$.bytes') AS bytes,
+                          json_extract(commit_record, '$.duration_s') AS duration_s,
+                          json_extract(commit_record, '$.committed') AS committed,
+                          (SELECT count(*) FROM json_each(commit_record, '$.contributors'))
+                              AS contributors
+                   FROM rounds WHERE commit_record IS NOT NULL)
+               WHERE round > ? ORDER BY round""",
+            (after_round,),
+        )
+        return [dict(row) for row in rows]
+
+    def committed_count(self) -> int:
+        row = self.db.execute(
+            "SELECT count(*) AS n FROM rounds WHERE commit_record IS NOT NULL"
+        ).fetchone()
+        return int(row["n"])
+
+    def last_committed_round(self) -> int:
+        """The newest committed round; -1 before the first commit."""
+        row = self.db.execute(
+            "SELECT coalesce(max(round), -1) AS r FROM rounds WHERE commit_record IS NOT NULL"
+        ).fetchone()
+        return int(row["r"])
+
     def put_shard_report(self, round_: int, shard: int, owner: str, held: list[dict]) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO shard_reports (round, shard, owner, held) VALUES (?, ?, ?, ?)",
@@ -461,6 +534,14 @@ class Store:
     def exchange_reports(self, round_: int) -> list[sqlite3.Row]:
         return list(self.db.execute("SELECT * FROM exchange_reports WHERE round = ?", (round_,)))
 
+    def exchange_totals_by_node(self) -> dict[str, tuple[int, int]]:
+        """Node id → (bytes sent, bytes received) over every round it reported."""
+        rows = self.db.execute(
+            "SELECT node_id, sum(bytes_sent) AS sent, sum(bytes_received) AS received "
+            "FROM exchange_reports GROUP BY node_id"
+        )
+        return {str(r["node_id"]): (int(r["sent"]), int(r["received"])) for r in rows}
+
     def credit_contributors(self, node_ids: list[str]) -> None:
         self.db.executemany(
             "UPDATE nodes SET rounds_contributed = rounds_contributed + 1 WHERE node_id = ?",
@@ -483,7 +564,8 @@ class Store:
     def add_progress(self, node_id: str, now: float, values: dict[str, Any]) -> None:
         self.db.execute(
             "INSERT INTO progress (node_id, time, round, loss, tokens_per_s, bytes_sent, "
-            "bytes_received, utilization) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "bytes_received, utilization, train_loss, round_tokens) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 node_id,
                 now,
@@ -493,6 +575,8 @@ class Store:
                 values["bytes_sent"],
                 values["bytes_received"],
                 values["utilization"],
+                values.get("train_loss", 0.0),
+                values.get("round_tokens", 0),
             ),
         )
 
@@ -501,6 +585,33 @@ class Store:
             "SELECT * FROM progress WHERE time >= ? ORDER BY id DESC LIMIT ?", (since, limit)
         )
         return [dict(row) for row in rows][::-1]
+
+    def latest_progress(self) -> dict[str, dict[str, Any]]:
+        """Node id → its latest progress report."""
+        rows = self.db.execute(
+            """SELECT p.* FROM progress AS p
+               JOIN (SELECT node_id, max(id) AS id FROM progress GROUP BY node_id) AS latest
+               ON p.id = latest.id"""
+        )
+        return {str(row["node_id"]): dict(row) for row in rows}
+
+    def progress_by_round(self, after_round: int = -1) -> dict[int, dict[str, Any]]:
+        """Round → the nodes' reports for it, combined: validation loss (their mean: every
+        node evaluates the same global state), training loss (weighted by the tokens each
+        node trained; reports without tokens, from older nodes, do not count), summed
+        tokens/s, mean utilization, and how many nodes reported."""
+        rows = self.db.execute(
+            """SELECT round,
+                      avg(loss) AS val_loss,
+                      sum(train_loss * round_tokens) / nullif(sum(round_tokens), 0)
+                          AS train_loss,
+                      sum(tokens_per_s) AS tokens_per_s,
+                      avg(utilization) AS utilization,
+                      count(DISTINCT node_id) AS reports
+               FROM progress WHERE round > ? GROUP BY round ORDER BY round""",
+            (after_round,),
+        )
+        return {int(row["round"]): dict(row) for row in rows}
 
     # --- checkpoints ----------------------------------------------------------------
 

@@ -127,7 +127,7 @@ def test_tokens_create_list_revoke(run_dir: Path) -> None:
         (["coordinator", "serve", "/nonexistent/run"], "not a run directory"),
         (["coordinator", "token", "revoke", "{run}", "nope"], "no token with id"),
         (["coordinator", "token", "create", "{run}", "--expires", "soon"], "bad duration"),
-        (["status", "http://example.com"], "must start with starling://"),
+        (["status", "ftp://example.com"], "give the join URL (starling://...) or the dashboard"),
         (["status", "starling://example.com:1"], "no certificate fingerprint"),
         (["status", "starling://127.0.0.1:1", "--timeout", "2"], "coordinator at"),
     ],

@@ -473,44 +473,137 @@ def simulate_command(
 
 @app.command("status")
 def status_command(
-    url: Annotated[str, typer.Argument(help="The run's join URL (starling://host:port?fp=...).")],
+    url: Annotated[
+        str,
+        typer.Argument(
+            help="The run's join URL (starling://host:port?fp=...) or its dashboard "
+            "(http://host:port/)."
+        ),
+    ],
     json_output: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the coordinator.")] = 10.0,
 ) -> None:
-    """Show a run's progress: round, tokens, peers, last commit, latest checkpoint."""
+    """Show a run's summary, as the dashboard's header does: model, state, round, tokens
+    of the target with the ETA, loss, join URL; then its peers and latest rounds."""
+    if url.startswith(("http://", "https://")):
+        summary, recent = _status_over_http(url, timeout)
+    elif url.startswith("starling://"):
+        summary, recent = _status_over_grpc(url, timeout), None
+    else:
+        raise UsageError(
+            f"{url!r}: give the join URL (starling://...) or the dashboard (http://...)"
+        )
+    if json_output:
+        print(json.dumps(summary))
+        return
+    for line in _status_lines(summary, recent):
+        print(line)
+
+
+def _status_over_grpc(url: str, timeout: float) -> dict[str, Any]:
+    """The summary the coordinator's gRPC status gives (no loss: see status_json)."""
     import grpc
 
     from .coordination import CoordinatorClient, status_json
 
     try:
         with CoordinatorClient(url, timeout=timeout, connect_timeout=timeout) as client:
-            status = status_json(client.get_status())
+            return status_json(client.get_status(), client.get_run())
     except grpc.RpcError as err:
         code = err.code().name if hasattr(err, "code") else "UNKNOWN"
         raise ConnectionError(f"coordinator at {url}: {code}") from None
-    if json_output:
-        print(json.dumps(status))
-        return
-    commit = status["last_commit"]
-    ckpt = status["latest_checkpoint"]
-    share = status["tokens_trained"] / max(1, status["target_tokens"])
-    print(f"run      {status['run']} ({status['run_id']})")
-    print(f"round    {status['round']} ({status['phase']})")
-    print(f"tokens   {status['tokens_trained']:,} of {status['target_tokens']:,} ({share:.1%})")
-    print(f"peers    {len(status['peers'])} active")
-    for peer in status["peers"]:
+
+
+def _status_over_http(url: str, timeout: float) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The dashboard's own /api/status and its latest rounds."""
+    import urllib.error
+    import urllib.request
+
+    base = url.rstrip("/")
+
+    def get(path: str) -> Any:
+        try:
+            with urllib.request.urlopen(base + path, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            raise ConnectionError(f"dashboard at {url}: HTTP {err.code} for {path}") from None
+        except (urllib.error.URLError, TimeoutError, ValueError) as err:
+            raise ConnectionError(f"dashboard at {url}: {err}") from None
+
+    return get("/api/status"), get("/api/rounds?limit=5")["rounds"]
+
+
+def _status_lines(s: dict[str, Any], recent: list[dict[str, Any]] | None) -> list[str]:
+    """The summary for a terminal: the dashboard's header, then peers and rounds."""
+
+    def duration(seconds: float | None) -> str:
+        if seconds is None:
+            return "-"
+        seconds = max(0.0, seconds)
+        if seconds < 60:
+            return f"{seconds:.1f} s"
+        hours, rest = divmod(int(seconds), 3600)
+        return f"{hours}h {rest // 60:02d}m" if hours else f"{rest // 60}m {rest % 60:02d}s"
+
+    def loss(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = [f"run      {s['run']} ({s['run_id']})  {s['state']}"]
+    model = s["model"]
+    if model is not None:
+        layers = f"{model['layers']} layer{'s' if model['layers'] != 1 else ''}"
+        lines.append(
+            f"model    {model['preset']} · {model['parameters']:,} parameters · "
+            f"{layers} × {model['dim']} · codec {s['codec']}"
+        )
+    share = s["progress"] or 0.0
+    filled = round(24 * share)
+    pace = s["tokens_per_s"]
+    lines.append(
+        f"tokens   {'█' * filled}{'░' * (24 - filled)} {s['tokens_trained']:,} of "
+        f"{s['target_tokens']:,} ({share:.1%})  ETA {duration(s['eta_s'])}"
+        + (f" at {pace:,.0f} tokens/s" if pace else "")
+    )
+    lines.append(f"round    {s['round']} ({s['phase']}) · {s['rounds_committed']} committed")
+    if s["val_loss"] is not None or s["train_loss"] is not None:
+        val, train = loss(s["val_loss"]), loss(s["train_loss"])
+        lines.append(f"loss     validation {val} · training {train}")
+    nodes = s["nodes"]
+    lines.append(
+        f"peers    {nodes['active']} active ({nodes['owners']} owners, "
+        f"{nodes['client_only']} client-only)"
+    )
+    for peer in s["peers"]:
         role = "owner" if peer["reachable"] else "client-only"
-        print(
+        state = "resyncing" if peer["resync"] else peer["state"]
+        lines.append(
             f"  {peer['node_id'][:12]}  {peer['device'] or '?':<12} {role:<11} "
-            f"{peer['rounds_contributed']} rounds  {peer['tokens_trained']:,} tokens"
+            f"{peer['rounds_contributed']} rounds  {peer['tokens_trained']:,} tokens  {state}"
         )
-    if commit is not None:
-        print(
-            f"commit   round {commit['round']}: {len(commit['contributors'])} contributors, "
-            f"{commit['tokens']:,} tokens, fingerprint {(commit['fingerprint'] or '-')[:16]}"
+    commit = s["last_commit"]
+    if recent:
+        lines.append("rounds   (newest first)")
+        for r in recent:
+            ratio = r["compression_ratio"]
+            excluded = f", {len(r['excluded'])} excluded" if r["excluded"] else ""
+            lines.append(
+                f"  {r['round']:>5}  {duration(r['duration_s']):>8}  {r['tokens']:,} tokens  "
+                f"{len(r['contributors'])} contributors{excluded}  {r['bytes']:,} bytes"
+                + (f" ({ratio:.1f}× smaller than fp32)" if ratio else "")
+                + f"  val {loss(r['val_loss'])}"
+            )
+    elif commit is not None:
+        excluded = f", {len(commit['excluded'])} excluded" if commit["excluded"] else ""
+        lines.append(
+            f"commit   round {commit['round']}: {len(commit['contributors'])} contributors"
+            f"{excluded}, {commit['tokens']:,} tokens, {commit['bytes']:,} bytes, "
+            f"fingerprint {(commit['fingerprint'] or '-')[:16]}"
         )
+    ckpt = s["latest_checkpoint"]
     if ckpt is not None:
-        print(f"ckpt     round {ckpt['round']} sha256 {ckpt['sha256'][:16]}…")
+        lines.append(f"ckpt     round {ckpt['round']} sha256 {ckpt['sha256'][:16]}…")
+    lines.append(f"join     starling node join '{s['join_url']}'")
+    return lines
 
 
 # ------------------------------------------------------------------------- export

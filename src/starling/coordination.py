@@ -14,6 +14,7 @@ whatever protobuf library produced them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 import urllib.parse
@@ -396,49 +397,136 @@ class CoordinatorClient:
         raise AssertionError("unreachable")
 
 
-def status_json(status: pb.RunStatus) -> dict[str, Any]:
-    """`starling status --json`: the run's summary as plain JSON."""
-    last_commit = None
-    if status.HasField("last_commit"):
-        commit = status.last_commit
-        last_commit = {
-            "round": commit.round,
-            "contributors": {c.node_id: c.tokens for c in commit.contributors},
-            "tokens": commit.tokens,
-            "bytes": commit.bytes,
-            "duration_s": commit.duration_s,
-            "fingerprint": commit.fingerprint or None,
-            "excluded": {e.node_id: e.reason for e in commit.excluded},
-            "shards": [
-                {"shard": s.shard, "owner": s.owner, "status": s.status, "detail": s.detail}
-                for s in commit.shards
-            ],
-        }
+# --- the run's summary (`starling status`, the dashboard's header) ---------------------
+
+# How many of the newest commits set the run's pace (tokens/s, and so the ETA).
+THROUGHPUT_WINDOW = 10
+
+
+def run_throughput(commits: list[tuple[float, int, float]]) -> float | None:
+    """Committed tokens per second from recent commits, each (commit unix time, tokens,
+    duration s), oldest first. Over two or more: the tokens committed after the first
+    over the time from the first commit to the last (commit to commit is the run's pace
+    whether rounds queue or overlap). One commit: its tokens over its own duration.
+    None when there is nothing to go by."""
+    if len(commits) >= 2:
+        span = commits[-1][0] - commits[0][0]
+        tokens = sum(t for _, t, _ in commits[1:])
+        return tokens / span if span > 0 else None
+    if commits and commits[0][2] > 0:
+        return commits[0][1] / commits[0][2]
+    return None
+
+
+def run_state(phase: str, active_nodes: int, tokens_trained: int, target_tokens: int) -> str:
+    """One word for the run: finished (target reached), waiting (before the first round,
+    or nobody left to train), exchanging (the current round's exchange) or training (a
+    round training, or just committed: the next one opens at the coordinator's next
+    tick)."""
+    if target_tokens and tokens_trained >= target_tokens:
+        return "finished"
+    if phase == "waiting" or active_nodes == 0:
+        return "waiting"
+    return "exchanging" if phase == "exchange" else "training"
+
+
+def run_summary(info: pb.RunInfo) -> dict[str, Any]:
+    """The run's model and exchange settings, read from its RunInfo (config + manifest)."""
+    # Imported here: the run config pulls in the model (torch), which `starling status`
+    # needs only for this.
+    from .data.shards import Manifest
+    from .runconfig import RunConfig
+
+    config = RunConfig.from_toml(info.config_toml)
+    vocab_size = Manifest.from_dict(json.loads(info.manifest_json)).vocab_size
+    model = config.model_config(vocab_size)
+    return {
+        "model": {
+            "preset": config.model.preset,
+            "parameters": info.numel,
+            "dim": model.dim,
+            "layers": model.n_layers,
+            "heads": model.n_heads,
+            "kv_heads": model.n_kv_heads,
+            "ffn_dim": model.ffn_dim,
+            "vocab_size": vocab_size,
+            "seq_len": model.max_seq_len,
+        },
+        "codec": config.outer.codec,
+        "overlap": config.outer.overlap,
+    }
+
+
+def commit_json(commit: pb.Commit) -> dict[str, Any]:
+    return {
+        "round": commit.round,
+        "contributors": {c.node_id: c.tokens for c in commit.contributors},
+        "tokens": commit.tokens,
+        "bytes": commit.bytes,
+        "duration_s": commit.duration_s,
+        "fingerprint": commit.fingerprint or None,
+        "excluded": {e.node_id: e.reason for e in commit.excluded},
+        "shards": [
+            {"shard": s.shard, "owner": s.owner, "status": s.status, "detail": s.detail}
+            for s in commit.shards
+        ],
+        "committed": commit.committed_unix,
+    }
+
+
+def status_json(status: pb.RunStatus, info: pb.RunInfo | None = None) -> dict[str, Any]:
+    """`starling status --json` and the dashboard's `/api/status`: the run's summary as
+    plain JSON. From the gRPC RunStatus alone, what it cannot tell (loss, the pace over
+    several commits, departed nodes) is None; the coordinator's /api/status fills it."""
+    last_commit = commit_json(status.last_commit) if status.HasField("last_commit") else None
     latest = None
     if status.HasField("latest_checkpoint"):
         ckpt = status.latest_checkpoint
         latest = {"round": ckpt.round, "sha256": ckpt.sha256, "size": ckpt.size}
+    peers = [
+        {
+            "node_id": p.node_id,
+            "device": p.device,
+            "reachable": p.reachable,
+            "state": p.state,
+            "last_seen_s": round(p.last_seen_s, 3),
+            "rounds_contributed": p.rounds_contributed,
+            "tokens_trained": p.tokens_trained,
+            "resync": p.resync,
+        }
+        for p in status.peers
+    ]
+    pace = None
+    if last_commit is not None:
+        pace = run_throughput(
+            [(last_commit["committed"], last_commit["tokens"], last_commit["duration_s"])]
+        )
+    remaining = max(0, status.target_tokens - status.tokens_trained)
     return {
         "run": status.name,
         "run_id": status.run_id,
+        "join_url": status.join_url,
+        **(run_summary(info) if info is not None else dict.fromkeys(("model", "codec", "overlap"))),
+        "state": run_state(status.phase, len(peers), status.tokens_trained, status.target_tokens),
         "round": status.round,
         "phase": status.phase,
         "tokens_trained": status.tokens_trained,
         "target_tokens": status.target_tokens,
-        "peers": [
-            {
-                "node_id": p.node_id,
-                "device": p.device,
-                "reachable": p.reachable,
-                "state": p.state,
-                "last_seen_s": round(p.last_seen_s, 3),
-                "rounds_contributed": p.rounds_contributed,
-                "tokens_trained": p.tokens_trained,
-                "resync": p.resync,
-            }
-            for p in status.peers
-        ],
+        "progress": min(1.0, status.tokens_trained / status.target_tokens)
+        if status.target_tokens
+        else None,
+        "tokens_per_s": pace,
+        "eta_s": remaining / pace if pace else None,
+        "rounds_committed": 0 if last_commit is None else last_commit["round"] + 1,
+        "val_loss": None,
+        "train_loss": None,
+        "nodes": {
+            "active": len(peers),
+            "owners": sum(p["reachable"] for p in peers),
+            "client_only": sum(not p["reachable"] for p in peers),
+            "catching_up": sum(p["resync"] for p in peers),
+        },
+        "peers": peers,
         "last_commit": last_commit,
         "latest_checkpoint": latest,
-        "join_url": status.join_url,
     }
