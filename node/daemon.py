@@ -18,6 +18,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -90,7 +91,8 @@ class NodeStatus:
     phase: str = "starting"
     step: int = 0
     steps: int = 0
-    loss: float | None = None
+    loss: float | None = None  # the latest inner step's training loss
+    val_loss: float | None = None  # validation loss of the latest applied global state
     tokens_per_s: float = 0.0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -237,7 +239,11 @@ class NodeDaemon:
     def _join(self) -> pb.JoinResponse:
         endpoint = self.peer.endpoint
         fingerprint = "" if endpoint is None else endpoint.cert_fingerprint or ""
-        capabilities = pb.Capabilities(device=str(self.device), software=f"starling {__version__}")
+        capabilities = pb.Capabilities(
+            device=_device_name(self.device),
+            memory_bytes=_device_memory(self.device),
+            software=f"starling {__version__}",
+        )
         joined = self._retry(
             lambda: self.client.join(
                 capabilities,
@@ -634,6 +640,7 @@ class NodeDaemon:
             f"round {round_} committed: {len(commit.contributors)} contributors, "
             f"{commit.tokens:,} tokens, val loss {val_loss:.4f}"
         )
+        self._set(val_loss=val_loss)
         self._report_progress(round_, val_loss, timing)
 
     def _report_progress(self, round_: int, loss: float, timing: dict[str, float]) -> None:
@@ -829,6 +836,25 @@ class NodeDaemon:
         self.status.events.append(text)
         del self.status.events[:-20]
         self.on_update(self.status)
+
+
+def _device_name(device: torch.device) -> str:
+    """ "cpu", "mps", or "cuda:0 NVIDIA GeForce RTX 4090" (what the dashboard shows)."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+    return str(device)
+
+
+def _device_memory(device: torch.device) -> int:
+    """Bytes of memory the device trains in: the GPU's, else the machine's RAM."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return 0
 
 
 def _address_toward(host: str) -> str:

@@ -128,7 +128,7 @@ def run_demo(root: Path, nodes: int, rounds: int, inner_steps: int, quiet: bool)
         if not url.startswith("starling://"):
             raise RuntimeError(f"the coordinator did not start: see {root / 'coordinator.log'}")
         say(f"coordinator: {url}")
-        say(f"dashboard:   {dashboard}api/status")
+        say(f"dashboard:   {dashboard}")
         node_dirs = [root / "nodes" / f"node{i}" for i in range(nodes)]
         for node_dir in node_dirs:
             node_dir.mkdir(parents=True, exist_ok=True)

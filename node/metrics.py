@@ -20,6 +20,9 @@ class NodeMetrics:
         self.round = gauge("round", "Round this node is in.")
         self.tokens_per_s = gauge("tokens_per_second", "Training throughput this round.")
         self.loss = gauge("loss", "Latest training loss (nats per token).")
+        self.val_loss = gauge(
+            "val_loss", "Validation loss of the latest applied global state (nats per token)."
+        )
         self.sent = gauge("bytes_sent", "Exchange bytes sent since the node started.")
         self.received = gauge("bytes_received", "Exchange bytes received since the start.")
         self.contributed = gauge("rounds_contributed", "Rounds whose mean included this node.")
@@ -33,6 +36,8 @@ class NodeMetrics:
         self.tokens_per_s.set(status.tokens_per_s)
         if status.loss is not None:
             self.loss.set(status.loss)
+        if status.val_loss is not None:
+            self.val_loss.set(status.val_loss)
         self.sent.set(status.bytes_sent)
         self.received.set(status.bytes_received)
         self.contributed.set(status.rounds_contributed)

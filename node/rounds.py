@@ -27,6 +27,7 @@ from starling.v1 import peer_pb2
 
 REPORT_GRACE_S = 5.0  # the coordinator waits this long past the deadline for reports
 POLL_S = 10.0  # one long poll of the round's state
+SERVED_WAIT_S = 30.0  # how long an owner's exchange report waits for the others' fetches
 T = TypeVar("T")
 
 
@@ -105,19 +106,41 @@ def exchange_round(
     sent = sum(t.sent for t in traffic.values())
     received = sum(t.received for t in traffic.values())
     failed = sorted({o for _, r in results for o in r.failed_owners})
+    exchange_s = sum(r.wall_s for _, r in results)
+    # The report waits (in the background) until the others fetched the means this node
+    # owns, so the bytes it served them are counted too.
+    others = set(spec.participants) - {client.identity.node_id if client.identity else ""}
+    threading.Thread(
+        target=_report_exchange,
+        args=(client, peer, spec.round, others, exchange_s, failed),
+        name="exchange-report",
+        daemon=True,
+    ).start()
+    return ExchangeOutcome(mean, commit, skipped, missing, [r for _, r in results], sent, received)
+
+
+def _report_exchange(
+    client: CoordinatorClient,
+    peer: ExchangePeer,
+    round_: int,
+    others: set[str],
+    exchange_s: float,
+    failed: list[str],
+) -> None:
     try:
+        peer.wait_served(round_, others, SERVED_WAIT_S)
+        traffic = peer.traffic(round_)
         client.report_exchange(
             pb.ReportExchangeRequest(
-                round=spec.round,
-                bytes_sent=sent,
-                bytes_received=received,
-                exchange_s=sum(r.wall_s for _, r in results),
+                round=round_,
+                bytes_sent=sum(t.sent for t in traffic.values()),
+                bytes_received=sum(t.received for t in traffic.values()),
+                exchange_s=exchange_s,
                 failed_owners=failed,
             )
         )
-    except grpc.RpcError:
-        pass  # accounting only: the round is committed either way
-    return ExchangeOutcome(mean, commit, skipped, missing, [r for _, r in results], sent, received)
+    except (grpc.RpcError, RuntimeError, ValueError):
+        pass  # accounting only: the round is committed either way (or the node stopped)
 
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)

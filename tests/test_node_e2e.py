@@ -270,6 +270,7 @@ def test_a_node_killed_mid_exchange_does_not_stop_the_run(e2e) -> None:
     assert metrics["starling_node_bytes_sent"] > 0
     assert metrics["starling_node_round"] >= killed_at
     assert 0 < metrics["starling_node_utilization"] <= 1
+    assert 0 < metrics["starling_node_val_loss"] < 10
 
 
 def scrape_metrics(log: str) -> dict[str, float]:
