@@ -358,10 +358,10 @@ def test_overlapped_rounds_train_while_the_previous_round_exchanges(e2e) -> None
 
 
 def test_a_slow_node_trains_fewer_steps_and_weighs_by_its_tokens(e2e) -> None:
-    # Rounds close at a global token budget (160 steps of 512 tokens, a few seconds): a
+    # Rounds close at a global token budget (640 steps of 512 tokens, a few seconds): a
     # node that trains a fifth of the time does fewer inner steps, and the mean weighs
     # it by its tokens.
-    run = e2e(min_nodes=3, round_tokens=160 * 512)
+    run = e2e(min_nodes=3, round_tokens=640 * 512)
     for name in ("fast1", "fast2"):
         run.join(name, "--max-rounds", "4")
     run.join("slow", "--compute-share", "0.2")
@@ -372,16 +372,22 @@ def test_a_slow_node_trains_fewer_steps_and_weighs_by_its_tokens(e2e) -> None:
         name: json.loads((run.root / name / "summary.json").read_text())["node_id"]
         for name in ("fast1", "fast2")
     }
+    totals = {"slow": 0, "fast1": 0, "fast2": 0}
     shared = 0
-    for commit in commits.values():
+    for round_, commit in commits.items():
         tokens = commit["contributors"]
         assert commit["tokens"] == sum(tokens.values())
-        if len(tokens) < 3:
-            continue  # a round one of them missed (joining, catching up)
+        # Round 0 is a warm-up (nodes start training as they finish loading); a round one
+        # of them missed (catching up) says nothing about speed.
+        if round_ == 0 or len(tokens) < 3:
+            continue
         shared += 1
-        slow = sum(count for node, count in tokens.items() if node not in ids.values())
-        assert slow < 0.6 * min(tokens[ids["fast1"]], tokens[ids["fast2"]]), tokens
+        for node, count in tokens.items():
+            name = next((n for n, i in ids.items() if i == node), "slow")
+            totals[name] += count
     assert shared >= 2, commits
+    # Over the rounds all three trained in, the slow node did far fewer inner steps.
+    assert totals["slow"] < 0.6 * min(totals["fast1"], totals["fast2"]), (totals, commits)
     assert_agree(run.fingerprints("slow"), run.fingerprints("fast1"))
     assert_agree(run.fingerprints("fast2"), run.fingerprints("fast1"))
 
