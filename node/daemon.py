@@ -554,7 +554,7 @@ class NodeDaemon:
         contributors = {c.node_id for c in outcome.commit.contributors}
         self._last_commit = (round_, contributors)
         if self.identity.node_id in contributors:
-            self.status.rounds_contributed += 1
+            self._set(rounds_contributed=self.status.rounds_contributed + 1)
 
     def _apply(
         self,
