@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from starling.coordination import THROUGHPUT_WINDOW, run_state, run_throughput, status_json
 
-from .store import Node
+from .store import Node, Round, Store
 
 if TYPE_CHECKING:
     from .service import Coordinator
@@ -57,16 +57,7 @@ def status(coordinator: Coordinator) -> dict[str, Any]:
                 "catching_up": sum(_catching_up(n) for n in active),
                 **{state: counts.get(state, 0) for state in PEER_STATES if state != "active"},
             },
-            "current_round": None
-            if current is None
-            else {
-                "round": current.round,
-                "phase": current.phase,
-                "opened": current.opened,
-                "deadline": current.deadline,
-                "budget": current.budget,
-                "tokens": store.round_token_total(current.round),
-            },
+            "current_round": None if current is None else _round_json(store, current),
         }
     )
     return summary
@@ -179,12 +170,7 @@ def rounds(coordinator: Coordinator, limit: int = 20) -> dict[str, Any]:
     in_progress = None
     if current is not None and current.phase != "committed":
         in_progress = {
-            "round": current.round,
-            "phase": current.phase,
-            "opened": current.opened,
-            "deadline": current.deadline,
-            "budget": current.budget,
-            "tokens": store.round_token_total(current.round),
+            **_round_json(store, current),
             "participants": None if current.plan is None else len(current.plan["participants"]),
         }
     return {"now": coordinator.clock(), "current": in_progress, "rounds": rows}
@@ -322,3 +308,15 @@ def _float_or_none(text: str | None) -> float | None:
     except ValueError:
         return None
     return value if value is not None and math.isfinite(value) else None
+
+
+def _round_json(store: Store, round_: Round) -> dict[str, Any]:
+    """A round as the API shows it: phase, times (unix s), budget, tokens so far."""
+    return {
+        "round": round_.round,
+        "phase": round_.phase,
+        "opened": round_.opened,
+        "deadline": round_.deadline,
+        "budget": round_.budget,
+        "tokens": store.round_token_total(round_.round),
+    }

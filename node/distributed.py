@@ -65,8 +65,7 @@ class LocalInnerLoop:
         self.batches: SequenceBatcher | None = None
 
     def set_data(self, path: Path, dtype: str, seed: int) -> None:
-        tokens = np.memmap(path, dtype=dtype, mode="r")
-        self.batches = SequenceBatcher([tokens], self.cfg.seq_len, self.cfg.micro_batch_size, seed)
+        self.batches = _shard_batches(self.cfg, str(path), dtype, seed)
 
     def load(self, flat: torch.Tensor) -> None:
         load_flat_parameters(self.model, flat)
@@ -222,11 +221,15 @@ class ShardedInnerLoop:
         self.channel.stop()
 
 
+def _shard_batches(cfg: TrainConfig, path: str, dtype: str, seed: int) -> SequenceBatcher:
+    """Endless batches from one leased shard (read by memory map)."""
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    return SequenceBatcher([tokens], cfg.seq_len, cfg.micro_batch_size, seed)
+
+
 def _rank_batches(cfg: TrainConfig, path: str, dtype: str, seed: int) -> SequenceBatcher:
     """This rank's windows of the shard: its own shuffle (seed, rank)."""
-    tokens = np.memmap(path, dtype=dtype, mode="r")
-    rank_seed = seed * 1009 + dist.get_rank()
-    return SequenceBatcher([tokens], cfg.seq_len, cfg.micro_batch_size, rank_seed)
+    return _shard_batches(cfg, path, dtype, seed * 1009 + dist.get_rank())
 
 
 def run_follower(channel: NodeGroup) -> None:

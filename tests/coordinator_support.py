@@ -32,6 +32,29 @@ CORPUS = "\n\n".join(
 )
 
 
+def micro_run_toml(name: str, target_tokens: int, corpus: Path) -> str:
+    """The [run], [model] and [data] sections of a run small enough for end-to-end tests
+    with real processes: a one-layer, 32-wide model on the byte tokenizer."""
+    return f"""
+[run]
+name = "{name}"
+target_tokens = {target_tokens}
+
+[model]
+preset = "tiny"
+dim = 32
+n_layers = 1
+n_heads = 2
+n_kv_heads = 2
+max_seq_len = 64
+
+[data]
+source = "{corpus}"
+tokenizer = "bytes"
+shard_tokens = 16384
+"""
+
+
 def make_template(root: Path) -> Path:
     corpus = root / "corpus.txt"
     corpus.write_text(CORPUS)

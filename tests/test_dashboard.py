@@ -30,31 +30,15 @@ from starling.identity import Identity
 
 from .browser import Browser
 from .conftest import run_cli
-from .coordinator_support import CORPUS, wait_for
+from .coordinator_support import CORPUS, micro_run_toml, wait_for
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 INNER_STEPS = 4
 BATCH_TOKENS = 512
 TARGET_TOKENS = 400_000
 
+# After [run], [model] and [data] (micro_run_toml).
 CONFIG = f"""
-[run]
-name = "dashboard-e2e"
-target_tokens = {TARGET_TOKENS}
-
-[model]
-preset = "tiny"
-dim = 32
-n_layers = 1
-n_heads = 2
-n_kv_heads = 2
-max_seq_len = 64
-
-[data]
-source = "{{corpus}}"
-tokenizer = "bytes"
-shard_tokens = 16384
-
 [round]
 inner_steps = {INNER_STEPS}
 deadline_s = 60.0
@@ -101,7 +85,8 @@ class LiveRun:
 def live_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveRun]:
     root = tmp_path_factory.mktemp("dashboard")
     (root / "corpus.txt").write_text(CORPUS)
-    (root / "run.toml").write_text(CONFIG.format(corpus=root / "corpus.txt"))
+    corpus = root / "corpus.txt"
+    (root / "run.toml").write_text(micro_run_toml("dashboard-e2e", TARGET_TOKENS, corpus) + CONFIG)
     init = run_cli("coordinator", "init", str(root / "run"), "--config", str(root / "run.toml"))
     assert init.returncode == 0, init.stderr
     coordinator = subprocess.Popen(

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from .conftest import run_cli
-from .coordinator_support import CORPUS
+from .coordinator_support import CORPUS, micro_run_toml
 
 DOCKER = Path(__file__).resolve().parents[1] / "docker"
 DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
@@ -134,24 +134,8 @@ def _options_used(script: str, command: str) -> set[str]:
     return options
 
 
+# After [run], [model] and [data] (micro_run_toml).
 CONFIG = """
-[run]
-name = "docker"
-target_tokens = 1000000
-
-[model]
-preset = "tiny"
-dim = 32
-n_layers = 1
-n_heads = 2
-n_kv_heads = 2
-max_seq_len = 64
-
-[data]
-source = "{corpus}"
-tokenizer = "bytes"
-shard_tokens = 16384
-
 [round]
 inner_steps = 2
 
@@ -163,7 +147,8 @@ micro_batch_size = 8
 
 def test_the_entrypoint_scripts_create_serve_and_join_a_run(tmp_path: Path) -> None:
     (tmp_path / "corpus.txt").write_text(CORPUS)
-    (tmp_path / "run.toml").write_text(CONFIG.format(corpus=tmp_path / "corpus.txt"))
+    corpus = tmp_path / "corpus.txt"
+    (tmp_path / "run.toml").write_text(micro_run_toml("docker", 1_000_000, corpus) + CONFIG)
     run_dir = tmp_path / "run-dir"
     run_dir.mkdir()  # an empty volume
     env = {

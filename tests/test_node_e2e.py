@@ -19,26 +19,10 @@ import pytest
 from starling.coordination import CoordinatorClient
 
 from .conftest import run_cli
-from .coordinator_support import wait_for
+from .coordinator_support import micro_run_toml, wait_for
 
+# After [run], [model] and [data] (micro_run_toml).
 CONFIG = """
-[run]
-name = "e2e"
-target_tokens = 10000000
-
-[model]
-preset = "tiny"
-dim = 32
-n_layers = 1
-n_heads = 2
-n_kv_heads = 2
-max_seq_len = 64
-
-[data]
-source = "{corpus}"
-tokenizer = "bytes"
-shard_tokens = 16384
-
 [round]
 inner_steps = 3
 tokens = {round_tokens}
@@ -84,8 +68,8 @@ class Run:
         (root / "corpus.txt").write_text(CORPUS)
         config = root / "run.toml"
         config.write_text(
-            CONFIG.format(
-                corpus=root / "corpus.txt",
+            micro_run_toml("e2e", 10_000_000, root / "corpus.txt")
+            + CONFIG.format(
                 every=every,
                 lease=lease,
                 min_nodes=min_nodes,

@@ -25,9 +25,8 @@ def _commands() -> list[list[str]]:
             line = line.split("  #")[0].strip()
             for part in re.split(r"&&|\|\|", line):
                 words = shlex.split(part.strip().strip("()"), comments=True)
-                if words[:1] == ["starling"] or words[:2] == ["python", "bench"]:
-                    commands.append(words)
-                elif words[:1] == ["python"] and words[1:2] and words[1].startswith("bench/"):
+                is_bench = words[:1] == ["python"] and words[1:2] and words[1].startswith("bench/")
+                if words[:1] == ["starling"] or is_bench:
                     commands.append(words)
     return commands
 
