@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from starling.exchange.owner import REJECTED
 from starling.exchange.plan import ShardPlan
 
 from .store import Node
@@ -73,9 +74,12 @@ def commit_record(
     opened: float,
     now: float,
     wire_bytes: int,
+    exclusions: dict[int, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """All-or-nothing per contributor: the mean includes exactly the participants whose
-    slice reached every shard that committed, with the same token weight everywhere."""
+    slice reached every shard that committed, with the same token weight everywhere.
+    `exclusions`: shard → node id → why its owner left that participant out."""
+    exclusions = exclusions or {}
     participants = [p["node_id"] for p in plan["participants"]]
     include = set(participants)
     excluded: dict[str, str] = {}
@@ -92,8 +96,9 @@ def commit_record(
             status = "reassigned" if key in plan["reassigned"] else "committed"
             detail = plan["reassigned"].get(key, "")
             holders = {h["node_id"] for h in held}
-            for node_id in include - holders:
-                excluded.setdefault(node_id, f"missing from shard {shard}")
+            for node_id in sorted(include - holders):
+                why = exclusions.get(shard, {}).get(node_id, "missing")
+                excluded.setdefault(node_id, f"shard {shard}: {why}")
             include &= holders
             for h in held:
                 if h["node_id"] in weights:
@@ -119,6 +124,16 @@ def commit_record(
         "shards": shards,
         "excluded": {n: excluded[n] for n in sorted(excluded) if n not in contributors},
         "committed": now,
+    }
+
+
+def offenders(record: dict[str, Any]) -> dict[str, str]:
+    """The nodes a commit excluded for a poisoned contribution (not for a fault such
+    as a missed deadline), and why."""
+    return {
+        node_id: reason
+        for node_id, reason in record["excluded"].items()
+        if reason.split(": ", 1)[-1].startswith(REJECTED)
     }
 
 

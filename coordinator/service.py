@@ -57,6 +57,10 @@ REPORT_GRACE_S = 5.0  # owners' reports may arrive this long after the exchange 
 TICK_S = 0.2
 DIAL_BACK_TIMEOUT_S = 3.0
 MAX_REPORTED_TOKENS = 1 << 40
+# A node whose contributions were rejected as poisoned (robust screening by the shard
+# owners) in this many rounds is banned: one rejection can be bad luck, three cannot.
+BAN_AFTER_OFFENCES = 3
+MAX_REASON_CHARS = 200
 
 
 class Refused(Exception):
@@ -606,8 +610,13 @@ class Coordinator:
                     "payload_hash": contributor.payload_hash.hex(),
                 }
             )
+        excluded = {e.node_id: e.reason[:MAX_REASON_CHARS] for e in request.excluded}
+        if not set(excluded) <= participants:
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT, "excludes a node that is not a participant"
+            )
         with self.store.transaction():
-            self.store.put_shard_report(request.round, request.shard, node.node_id, held)
+            self.store.put_shard_report(request.round, request.shard, node.node_id, held, excluded)
         await self._advance()
         after = self.store.round(request.round)
         return pb.ReportShardResponse(decided=after is not None and after.phase == "committed")
@@ -1014,6 +1023,7 @@ class Coordinator:
             assert self.peer is not None
             timeout = spec.deadline - self.clock() + REPORT_GRACE_S
             held = await asyncio.to_thread(self.peer.holders, spec.round, max(timeout, 1.0))
+            excluded = await asyncio.to_thread(self.peer.excluded, spec.round)
             with self.store.transaction():
                 for shard in mine:
                     self.store.put_shard_report(
@@ -1024,6 +1034,7 @@ class Coordinator:
                             {"node_id": n, "tokens": t, "payload_hash": h.hex()}
                             for n, (t, h) in sorted(held.get(shard, {}).items())
                         ],
+                        excluded.get(shard, {}),
                     )
             await self._advance()
 
@@ -1059,11 +1070,25 @@ class Coordinator:
             self._notify()
             return
         record = rounds.commit_record(
-            round_.round, plan, reports, round_.opened, now, self._wire_bytes(round_.round)
+            round_.round,
+            plan,
+            reports,
+            round_.opened,
+            now,
+            self._wire_bytes(round_.round),
+            self.store.shard_exclusions(round_.round),
         )
         with self.store.transaction():
             self._put(round_, phase="committed", commit=record)
             self.store.credit_contributors(list(record["contributors"]))
+            for node_id, reason in rounds.offenders(record).items():
+                count = self.store.add_offence(node_id)
+                log.warning("round %d: %s rejected (%d): %s", round_.round, node_id, count, reason)
+                if count >= BAN_AFTER_OFFENCES:
+                    self.store.set_node_state(
+                        node_id, "banned", f"rejected in {count} rounds; last: {reason}"
+                    )
+                    log.warning("banned %s: rejected in %d rounds", node_id, count)
         log.info(
             "round %d committed: %d contributors, %d tokens",
             round_.round,

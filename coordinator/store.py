@@ -23,6 +23,8 @@ ADDED_COLUMNS = (
     ("nodes", "state_reason", "TEXT NOT NULL DEFAULT ''"),
     ("progress", "train_loss", "REAL NOT NULL DEFAULT 0"),
     ("progress", "round_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("shard_reports", "excluded", "TEXT NOT NULL DEFAULT '{}'"),
+    ("nodes", "offences", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 SCHEMA = """
@@ -157,7 +159,8 @@ class Node:
     resync: bool
     rounds_contributed: int
     tokens_trained: int
-    state_reason: str = ""  # why an admin banned it
+    state_reason: str = ""  # why it was banned (by the admin, or for rejected contributions)
+    offences: int = 0  # rounds in which its contribution was rejected as poisoned
 
 
 @dataclass(frozen=True)
@@ -511,11 +514,35 @@ class Store:
         ).fetchone()
         return int(row["r"])
 
-    def put_shard_report(self, round_: int, shard: int, owner: str, held: list[dict]) -> None:
+    def put_shard_report(
+        self,
+        round_: int,
+        shard: int,
+        owner: str,
+        held: list[dict],
+        excluded: dict[str, str] | None = None,
+    ) -> None:
+        """`held`: [{node_id, tokens, payload_hash}]; `excluded`: node id → the owner's
+        reason."""
         self.db.execute(
-            "INSERT OR REPLACE INTO shard_reports (round, shard, owner, held) VALUES (?, ?, ?, ?)",
-            (round_, shard, owner, json.dumps(held)),
+            "INSERT OR REPLACE INTO shard_reports (round, shard, owner, held, excluded) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (round_, shard, owner, json.dumps(held), json.dumps(excluded or {})),
         )
+
+    def shard_exclusions(self, round_: int) -> dict[int, dict[str, str]]:
+        """Shard → node id → why its owner excluded that participant."""
+        rows = self.db.execute(
+            "SELECT shard, excluded FROM shard_reports WHERE round = ?", (round_,)
+        )
+        return {int(r["shard"]): json.loads(r["excluded"]) for r in rows}
+
+    def add_offence(self, node_id: str) -> int:
+        """Counts one round in which the node's contribution was rejected; returns its
+        count so far."""
+        self.db.execute("UPDATE nodes SET offences = offences + 1 WHERE node_id = ?", (node_id,))
+        row = self.db.execute("SELECT offences FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
+        return int(row["offences"]) if row is not None else 0
 
     def shard_reports(self, round_: int) -> dict[int, tuple[str, list[dict[str, Any]]]]:
         rows = self.db.execute(

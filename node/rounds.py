@@ -187,13 +187,20 @@ class _ShardReporter:
     def _report(self, spec: RoundSpec, shards: list[int]) -> None:
         timeout = spec.deadline - time.time() + REPORT_GRACE_S
         held = self.peer.holders(spec.round, max(timeout, 1.0))
+        excluded = self.peer.excluded(spec.round)
         for shard in shards:
             contributors = [
                 peer_pb2.Contributor(node_id=n, tokens=t, payload_hash=h)
                 for n, (t, h) in sorted(held.get(shard, {}).items())
             ]
+            exclusions = [
+                peer_pb2.Exclusion(node_id=n, reason=r)
+                for n, r in sorted(excluded.get(shard, {}).items())
+            ]
             until = spec.deadline + spec.gather_timeout_s
-            report = functools.partial(self.client.report_shard, spec.round, shard, contributors)
+            report = functools.partial(
+                self.client.report_shard, spec.round, shard, contributors, exclusions
+            )
             try:
                 _retrying(report, until)
             except grpc.RpcError:

@@ -45,7 +45,7 @@ def test_a_contributor_is_in_every_shard_or_in_none() -> None:
     }
     record = rounds.commit_record(3, p, reports, opened=100.0, now=112.5, wire_bytes=999)
     assert record["contributors"] == {"a": 10, "b": 10}
-    assert record["excluded"] == {"c": "missing from shard 1"}
+    assert record["excluded"] == {"c": "shard 1: missing"}
     assert record["tokens"] == 20 and record["bytes"] == 999 and record["duration_s"] == 12.5
     assert [s["status"] for s in record["shards"]] == ["committed", "committed"]
 

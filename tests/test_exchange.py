@@ -27,6 +27,7 @@ from starling.exchange import (
     ShardPlan,
     encode_shards,
 )
+from starling.exchange.harness import payload_of
 from starling.exchange.owner import weighted_mean_f64
 from starling.exchange.transport import CHUNK_BYTES
 from starling.identity import (
@@ -101,7 +102,7 @@ def test_fp32_mean_is_exact_over_tls_with_a_client_only_peer(make_peers) -> None
     peers = make_peers(4, client_only=1)
     assert peers[-1].endpoint is None and peers[-1].port is None
     numel = 3 * CHUNK_BYTES // 4 + 12_345  # several chunks per shard, ragged end
-    deltas = [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    deltas = [payload_of(i, numel) for i in range(4)]
     tokens = [512, 1024, 256, 2048]
     spec = spec_for(peers, 0, "fp32", numel)
     assert spec.plan.num_shards == 3  # the client-only peer owns nothing
@@ -137,9 +138,7 @@ def test_fp32_mean_is_exact_over_tls_with_a_client_only_peer(make_peers) -> None
 def test_codec_means_stay_within_the_codecs_bound(make_peers, codec_name: str) -> None:
     peers = make_peers(3, tls=False)
     numel = 50_000
-    deltas = [
-        torch.randn(numel, generator=torch.Generator().manual_seed(10 + i)) * 0.01 for i in range(3)
-    ]
+    deltas = [payload_of(10 + i, numel) * 0.01 for i in range(3)]
     tokens = [100, 300, 600]
     spec = spec_for(peers, 0, codec_name, numel)
     results = reduce_together(peers, spec, deltas, tokens)
@@ -169,12 +168,12 @@ def test_external_decision_makes_each_contributor_all_or_nothing(make_peers) -> 
     for peer in peers:
         peer.open_round(spec)
     codec = make_codec("fp32")
-    first_shard = codec.encode(torch.full((spec.plan.size(0),), 1e3))
+    first_shard = codec.encode(payload_of(3, numel)[: spec.plan.size(0)].clone())
     raw = RawSender(peers[0], spec)
     assert raw.send(raw.header(partial, first_shard), [first_shard]) == grpc.StatusCode.OK
     raw.channel.close()
 
-    deltas = [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    deltas = [payload_of(i, numel) for i in range(3)]
     tokens = [10, 20, 30]
     with ThreadPoolExecutor(4) as pool:
         running = pool.submit(reduce_together, peers, spec, deltas, tokens)
@@ -199,7 +198,7 @@ def test_external_decision_makes_each_contributor_all_or_nothing(make_peers) -> 
 def test_a_dead_owners_shard_is_reassigned_and_completes(make_peers) -> None:
     peers = make_peers(3)
     numel = 90_000
-    deltas = [torch.randn(numel, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    deltas = [payload_of(i, numel) for i in range(2)]
     tokens = [3, 1]
     spec = spec_for(peers, 4, "fp32", numel, deadline_s=3.0, members=peers[:2])
     spec = RoundSpec(**{**spec.__dict__, "gather_timeout_s": 2.0})
@@ -235,7 +234,7 @@ def test_a_dead_owners_shard_is_reassigned_and_completes(make_peers) -> None:
 
 
 def test_weighted_mean_is_exact_and_independent_of_blocking() -> None:
-    values = [torch.randn(100_003, generator=torch.Generator().manual_seed(i)) for i in range(5)]
+    values = [payload_of(i, 100_003) for i in range(5)]
     tokens = [1, 7, (1 << 29) - 1, 12345, 3]
     expected = exact_mean(values, tokens).float()
     for block in (1, 1000, 1 << 16, 1 << 20):
@@ -426,6 +425,8 @@ def test_malformed_and_hostile_streams_get_precise_codes_and_never_touch_the_mea
     impersonation = h(mallory, bad, sender=honest.node_id)  # signed by mallory as honest
     assert raw.send(impersonation, [bad]) == code.UNAUTHENTICATED
 
+    # Once rejected, even a well-formed contribution from mallory stays out this round.
+    assert raw.send(h(mallory, good), [good]) == code.PERMISSION_DENIED
     # The honest contribution goes in once; a replay is refused.
     assert raw.send(h(honest, good), [good[:700], good[700:]]) == code.OK
     assert raw.send(h(honest, good), [good]) == code.ALREADY_EXISTS
@@ -438,8 +439,9 @@ def test_malformed_and_hostile_streams_get_precise_codes_and_never_touch_the_mea
     header = messages[0].header
     payload = b"".join(m.data for m in messages[1:])
     assert [c.node_id for c in header.contributors] == [honest.node_id]
+    # Mallory's first signed offence (the wrong codec) excluded it from the round.
     assert [(e.node_id, e.reason) for e in header.excluded] == [
-        (mallory.node_id, "sent only malformed streams")
+        (mallory.node_id, f"rejected: codec 4, the run uses {codec.codec_id}")
     ]
     assert payload == codec.encode(codec.decode(good, numel))  # the mean of one = itself
     assert raw.send(h(mallory, bad), [bad]) == code.DEADLINE_EXCEEDED  # committed

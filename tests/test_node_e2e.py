@@ -227,10 +227,15 @@ def test_a_late_joiner_catches_up_and_agrees(e2e) -> None:
     for name in ("a", "b"):
         assert run.nodes[name].wait(240) == 0, run.log(name)
     mine, theirs = run.fingerprints("late"), run.fingerprints("a")
-    assert len(mine) >= 4  # rounds caught up on, then contributed to
-    for round_, fingerprint in mine.items():
-        assert theirs[round_] == fingerprint, f"round {round_}"
     assert_agree(run.fingerprints("b"), theirs)
+    assert len(mine) >= 4  # rounds caught up on, then contributed to
+    # a and b may stop one round before the late node does: that last round has
+    # no other witness, but every round the others hold must agree.
+    shared = [round_ for round_ in mine if round_ in theirs]
+    assert len(shared) >= 3, (mine, theirs)
+    for round_ in shared:
+        assert theirs[round_] == mine[round_], f"round {round_}"
+    assert all(round_ > max(theirs) for round_ in mine if round_ not in theirs)
 
 
 def test_a_node_killed_mid_exchange_does_not_stop_the_run(e2e) -> None:

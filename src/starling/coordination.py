@@ -320,9 +320,15 @@ class CoordinatorClient:
         return self._signed("GetRound", request, pb.RoundState, extra_timeout=wait_s)
 
     def report_shard(
-        self, round_: int, shard: int, held: list[peer_pb2.Contributor]
+        self,
+        round_: int,
+        shard: int,
+        held: list[peer_pb2.Contributor],
+        excluded: list[peer_pb2.Exclusion] | None = None,
     ) -> pb.ReportShardResponse:
-        request = pb.ReportShardRequest(round=round_, shard=shard, held=held)
+        request = pb.ReportShardRequest(
+            round=round_, shard=shard, held=held, excluded=excluded or []
+        )
         return self._signed("ReportShard", request, pb.ReportShardResponse)
 
     def report_exchange(self, request: pb.ReportExchangeRequest) -> pb.ReportExchangeResponse:

@@ -51,10 +51,17 @@ FAULTS = (
 )
 
 
+SHARED_SEED = (1 << 31) - 1
+
+
 @functools.lru_cache(maxsize=8)
 def payload_of(seed: int, numel: int) -> torch.Tensor:
-    """The contribution of the peer with this seed: N(0, 1) values, shape (numel,)."""
-    return torch.randn(numel, generator=torch.Generator().manual_seed(seed))
+    """The contribution of the peer with this seed, shape (numel,): a direction every
+    peer shares plus N(0, 1) values of its own. Like the pseudo-gradients of one round,
+    contributions agree in direction; the owners' screening (starling.robust) excludes
+    ones that do not."""
+    shared = torch.randn(numel, generator=torch.Generator().manual_seed(SHARED_SEED))
+    return shared.add_(torch.randn(numel, generator=torch.Generator().manual_seed(seed)))
 
 
 def spec_to_json(spec: RoundSpec) -> dict[str, Any]:

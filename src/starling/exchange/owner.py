@@ -29,12 +29,16 @@ from starling.identity import (
     payload_hasher,
     verify,
 )
+from starling.robust import screen
 from starling.v1 import peer_pb2, peer_pb2_grpc
 
 HASH_BYTES = 32
 # A contribution's weight (tokens in one round) stays below 2**29 so that its products
 # with fp32 values are exact in float64 (see weighted_mean_f64).
 MAX_TOKENS = (1 << 29) - 1
+# Exclusion reasons that start with this mark an offence (a poisoned contribution), not
+# a fault such as a missed deadline: the coordinator bans repeat offenders.
+REJECTED = "rejected"
 
 
 class ExchangeAbort(Exception):
@@ -105,8 +109,11 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         upload: RateLimiter,
         download: RateLimiter,
         keep_rounds: int = 8,
+        screening: bool = True,
     ) -> None:
         self.identity = identity
+        # Off only for a control run that shows what poisoned updates do (bench/chaos.py).
+        self.screening = screening
         self.run_id = run_id
         self.ledger = ledger
         self.upload = upload
@@ -160,7 +167,7 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         shards can commit before the deadline."""
         for (r, _), reduction in self._reductions.items():
             if r == round_ and node_id not in reduction.held and not reduction.closed:
-                reduction.excluded[node_id] = reason
+                reduction.excluded.setdefault(node_id, reason)
                 if not reduction.waiting_for():
                     self._commit_soon(reduction)
 
@@ -177,13 +184,19 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             for s, r in reductions.items()
         }
 
-    def decide(self, round_: int, include: set[str]) -> None:
+    def excluded(self, round_: int) -> dict[int, dict[str, str]]:
+        """Per shard this node owns in `round_`: the participants it left out, and why
+        (read after holders())."""
+        return {s: dict(r.excluded) for (r_, s), r in self._reductions.items() if r_ == round_}
+
+    async def decide(self, round_: int, include: set[str]) -> None:
         """Commits this node's shards of `round_` over exactly `include` (the
         contributors complete in every shard of the round), so each contributor is in
         the whole mean or in none of it. Closes a shard still open."""
-        for (r, _), reduction in self._reductions.items():
+        for (r, _), reduction in list(self._reductions.items()):
             if r == round_:
                 self._commit_soon(reduction)
+                await reduction.closed_event.wait()
                 missing = include - set(reduction.held)
                 if missing:
                     raise ValueError(f"shard {reduction.shard} does not hold {sorted(missing)}")
@@ -326,8 +339,9 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         raise ExchangeAbort(grpc.StatusCode.NOT_FOUND, f"round {round_} is no longer kept")
 
     def _check_header(self, header: peer_pb2.ContributionHeader) -> _ShardReduction:
-        """Everything that can be checked before a byte of payload arrives."""
-        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        """Everything that can be checked before a byte of payload arrives. Once the
+        signature verifies, a header that does not fit the round (codec, length, size)
+        is the sender's offence, recorded as such."""
         self._check_run(header.run_id)
         reduction = self._reduction(header.round, header.shard)
         spec = reduction.spec
@@ -336,28 +350,6 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             raise ExchangeAbort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{header.sender!r} is not a participant of round {header.round}",
-            )
-        if header.codec_id != reduction.codec.codec_id:
-            raise ExchangeAbort(
-                invalid, f"codec {header.codec_id}, the run uses {reduction.codec.codec_id}"
-            )
-        if header.numel != reduction.numel:
-            raise ExchangeAbort(
-                invalid, f"shard {header.shard} has {reduction.numel} values, not {header.numel}"
-            )
-        if not 0 < header.tokens <= MAX_TOKENS:
-            raise ExchangeAbort(invalid, f"tokens must be in 1..{MAX_TOKENS}, got {header.tokens}")
-        if len(header.payload_hash) != HASH_BYTES:
-            raise ExchangeAbort(invalid, "payload_hash must be 32 bytes")
-        expected = reduction.codec.encoded_size(reduction.numel)
-        if header.payload_bytes > expected:
-            raise ExchangeAbort(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"declares {header.payload_bytes} bytes; the codec's size is {expected}",
-            )
-        if header.payload_bytes != expected:
-            raise ExchangeAbort(
-                invalid, f"declares {header.payload_bytes} bytes; the codec's size is {expected}"
             )
         message = contribution_message(
             header.run_id,
@@ -380,7 +372,21 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             raise ExchangeAbort(
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"shard {header.shard} already committed"
             )
+        try:
+            _check_fits(header, reduction)
+        except ExchangeAbort as err:
+            self._reject(reduction, header.sender, err)
+            raise
         return reduction
+
+    def _reject(self, reduction: _ShardReduction, sender: str, err: ExchangeAbort) -> None:
+        """Excludes a signed contribution that is malformed (an offence, unlike a missed
+        deadline) from the round, and commits early if nobody else is awaited."""
+        if reduction.closed or sender in reduction.held:
+            return
+        reduction.excluded.setdefault(sender, f"{REJECTED}: {err}")  # the first offence
+        if not reduction.waiting_for():
+            self._commit_soon(reduction)
 
     async def _receive(
         self, request_iterator: AsyncIterator[peer_pb2.ContributionChunk | memoryview]
@@ -467,11 +473,20 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
                     grpc.StatusCode.INVALID_ARGUMENT, f"bad payload: {err}"
                 ) from None
 
-        values = await asyncio.to_thread(check_and_decode)
+        try:
+            values = await asyncio.to_thread(check_and_decode)
+        except ExchangeAbort as err:
+            self._reject(reduction, header.sender, err)
+            raise
         if reduction.closed:
             raise ExchangeAbort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"shard {header.shard} committed before this contribution was checked",
+            )
+        if header.sender in reduction.excluded:
+            raise ExchangeAbort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"excluded from this round: {reduction.excluded[header.sender]}",
             )
         reduction.held[header.sender] = _Held(header.tokens, header.payload_hash, values)
         if not reduction.waiting_for():
@@ -498,8 +513,9 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         )
 
     def _commit_soon(self, reduction: _ShardReduction) -> None:
-        """Closes the shard to contributions (all delivered, excluded, or the deadline);
-        commits it at once when owners decide, else waits for decide()."""
+        """Closes the shard to contributions (all delivered, excluded, or the deadline),
+        screens what it holds, then commits it at once when owners decide, else waits
+        for decide()."""
         if reduction.closed:
             return
         reduction.closed = True
@@ -508,7 +524,25 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             if node_id not in reduction.receiving:
                 reason = "no contribution before the deadline"
             reduction.excluded[node_id] = reason
-        reduction.closed_event.set()
+        task = asyncio.get_running_loop().create_task(self._screen(reduction))
+        task.add_done_callback(lambda t: t.exception())
+
+    async def _screen(self, reduction: _ShardReduction) -> None:
+        """Excludes poisoned contributions (robust.screen) before anything reads the
+        shard's holders or its mean."""
+        held = dict(reduction.held)  # arrival order: a copy arrives after its original
+        try:
+            if self.screening:
+                offenders = await asyncio.to_thread(
+                    screen,
+                    {n: h.values for n, h in held.items()},
+                    {n: h.payload_hash for n, h in held.items()},
+                )
+                for node_id, reason in offenders.items():
+                    del reduction.held[node_id]
+                    reduction.excluded[node_id] = f"{REJECTED}: {reason}"
+        finally:
+            reduction.closed_event.set()
         if reduction.spec.decision == "owner":
             self._start_commit(reduction, set(reduction.held))
 
@@ -561,6 +595,32 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         reduction.mean = CommittedMean(header, payload, messages)
         reduction.held.clear()  # the decoded contributions are no longer needed
         reduction.done.set()
+
+
+def _check_fits(header: peer_pb2.ContributionHeader, reduction: _ShardReduction) -> None:
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    if header.codec_id != reduction.codec.codec_id:
+        raise ExchangeAbort(
+            invalid, f"codec {header.codec_id}, the run uses {reduction.codec.codec_id}"
+        )
+    if header.numel != reduction.numel:
+        raise ExchangeAbort(
+            invalid, f"shard {header.shard} has {reduction.numel} values, not {header.numel}"
+        )
+    if not 0 < header.tokens <= MAX_TOKENS:
+        raise ExchangeAbort(invalid, f"tokens must be in 1..{MAX_TOKENS}, got {header.tokens}")
+    if len(header.payload_hash) != HASH_BYTES:
+        raise ExchangeAbort(invalid, "payload_hash must be 32 bytes")
+    expected = reduction.codec.encoded_size(reduction.numel)
+    if header.payload_bytes > expected:
+        raise ExchangeAbort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"declares {header.payload_bytes} bytes; the codec's size is {expected}",
+        )
+    if header.payload_bytes != expected:
+        raise ExchangeAbort(
+            invalid, f"declares {header.payload_bytes} bytes; the codec's size is {expected}"
+        )
 
 
 def _weighted_mean_payload(

@@ -137,11 +137,18 @@ class ExchangePeer:
             return {}
         return self._run(self.owner.holders(round_, timeout))
 
+    def excluded(self, round_: int) -> dict[int, dict[str, str]]:
+        """Per shard this node owns in `round_`: the participants left out, and why."""
+        if self.owner is None:
+            return {}
+        owner = self.owner
+        return self._run(_call(lambda: owner.excluded(round_)))
+
     def decide(self, round_: int, include: set[str]) -> None:
         """Commits this node's shards of an "external"-decision round over `include`."""
         if self.owner is not None:
             owner = self.owner
-            self._run(_call(lambda: owner.decide(round_, include)))
+            self._run(owner.decide(round_, include))
 
     def all_reduce(
         self,

@@ -1,0 +1,70 @@
+"""The owners' screen of a shard's contributions (starling.robust), on synthetic
+pseudo-gradients that share a direction the way one round's do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from starling.robust import leave_one_out_cosines, screen
+
+NUMEL = 50_000
+
+
+def honest_round(k: int, seed: int = 0, shared: float = 0.6) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    common = torch.randn(NUMEL, generator=gen)
+    return {f"n{i}": common * shared + torch.randn(NUMEL, generator=gen) for i in range(k)}
+
+
+def poisoned(values: dict[str, torch.Tensor], name: str, kind: str) -> dict[str, torch.Tensor]:
+    v = values[name]
+    noise = torch.randn(NUMEL, generator=torch.Generator().manual_seed(99))
+    changed = {"scale": v * 100, "sign_flip": -v, "noise": noise * v.norm() / noise.norm()}
+    return {**values, name: changed[kind]}
+
+
+@pytest.mark.parametrize("k", [3, 4, 8])
+@pytest.mark.parametrize("kind", ["scale", "sign_flip", "noise"])
+def test_one_poisoned_update_is_excluded_and_no_honest_one(k: int, kind: str) -> None:
+    values = poisoned(honest_round(k), "n1", kind)
+    excluded = screen(values)
+    assert list(excluded) == ["n1"]
+    expected = "norm" if kind == "scale" else "direction"
+    assert excluded["n1"].startswith(expected)
+
+
+def test_two_of_eight_poisoned_are_both_excluded() -> None:
+    values = poisoned(poisoned(honest_round(8), "n2", "sign_flip"), "n5", "noise")
+    assert sorted(screen(values)) == ["n2", "n5"]
+
+
+def test_honest_rounds_keep_everyone() -> None:
+    for seed in range(20):
+        for shared in (0.2, 0.6, 2.0):  # weak to strong agreement
+            assert screen(honest_round(8, seed, shared)) == {}
+
+
+def test_copies_are_excluded_by_hash_and_the_original_kept() -> None:
+    values = honest_round(4)
+    values["n3"] = values["n0"]  # a copy arrives after its original
+    hashes = {n: bytes([i]) * 32 for i, n in enumerate(values)}
+    hashes["n3"] = hashes["n0"]
+    assert screen(values, hashes) == {"n3": "a copy of n0's contribution"}
+
+
+def test_two_contributions_cannot_be_judged_and_unrelated_ones_are_not() -> None:
+    assert screen(poisoned(honest_round(2), "n0", "sign_flip")) == {}
+    gen = torch.Generator().manual_seed(5)
+    unrelated = {f"n{i}": torch.randn(NUMEL, generator=gen) for i in range(6)}
+    assert screen(unrelated) == {}  # no common direction: the check does not apply
+
+
+def test_leave_one_out_cosines_match_a_direct_computation() -> None:
+    values = honest_round(5, seed=3)
+    norms = {n: float(v.double().norm()) for n, v in values.items()}
+    cosines = leave_one_out_cosines(values, norms)
+    for name, v in values.items():
+        rest = sum(u.double() / norms[n] for n, u in values.items() if n != name)
+        direct = float(torch.nn.functional.cosine_similarity(v.double(), rest, dim=0))
+        assert cosines[name] == pytest.approx(direct, abs=1e-9)
