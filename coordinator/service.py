@@ -57,9 +57,6 @@ REPORT_GRACE_S = 5.0  # owners' reports may arrive this long after the exchange 
 TICK_S = 0.2
 DIAL_BACK_TIMEOUT_S = 3.0
 MAX_REPORTED_TOKENS = 1 << 40
-# A node whose contributions were rejected as poisoned (robust screening by the shard
-# owners) in this many rounds is banned: one rejection can be bad luck, three cannot.
-BAN_AFTER_OFFENCES = 3
 MAX_REASON_CHARS = 200
 
 
@@ -183,7 +180,13 @@ class Coordinator:
             await self._own_shards(current)
 
     async def _start_peer(self, advertise_host: str, port: int) -> ExchangePeer:
-        config = PeerConfig(self.run_id, host=self.host, port=port, advertise_host=advertise_host)
+        config = PeerConfig(
+            self.run_id,
+            host=self.host,
+            port=port,
+            advertise_host=advertise_host,
+            screen=self.config.defences.screen,
+        )
         tls = self.run.certificate if self.tls else None
         return await asyncio.to_thread(ExchangePeer, self.run.identity, config, tls)
 
@@ -1084,7 +1087,8 @@ class Coordinator:
             for node_id, reason in rounds.offenders(record).items():
                 count = self.store.add_offence(node_id)
                 log.warning("round %d: %s rejected (%d): %s", round_.round, node_id, count, reason)
-                if count >= BAN_AFTER_OFFENCES:
+                ban_after = self.config.defences.ban_after_offences
+                if ban_after and count >= ban_after:
                     self.store.set_node_state(
                         node_id, "banned", f"rejected in {count} rounds; last: {reason}"
                     )

@@ -3,6 +3,7 @@ through the `starling.commands` entry point (the core never imports the node).""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Annotated
 
+import grpc
 import typer
 from rich.console import Console
 from rich.live import Live
@@ -145,16 +147,22 @@ def _run_node(
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    if view is not None:
-        with view.live:
+    refused = None
+    try:
+        with view.live if view is not None else contextlib.nullcontext():
             daemon.run_forever()
-    else:
-        daemon.run_forever()
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.PERMISSION_DENIED:
+            raise
+        refused = err.details()  # banned, or the join token revoked: retrying cannot help
     if metrics is not None:
         metrics.close()
     summary = daemon.summary()
     if summary_json is not None:
         summary_json.write_text(json.dumps(summary))
+    if refused is not None:
+        err_console.print(f"refused by the coordinator: {refused}")
+        raise typer.Exit(3)
     err_console.print(f"left after {summary['rounds_contributed']} rounds")
 
 

@@ -156,6 +156,7 @@ class NodeDaemon:
             advertise_host=advertise,
             reachable=not self.options.client_only,
             limits=limits,
+            screen=self.config.defences.screen,
         )
         return ExchangePeer(self.identity, config, tls)
 

@@ -132,3 +132,18 @@ def test_checkpoint_round_trip_and_a_flipped_byte_is_refused(tmp_path: Path) -> 
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="corrupt"):
         load_checkpoint(tmp_path)
+
+
+def test_a_state_checkpoint_with_any_one_flipped_byte_is_refused(tmp_path: Path) -> None:
+    from starling.checkpoint import read_state_checkpoint, save_state_checkpoint, state_blob
+
+    blob = state_blob(torch.randn(1000), torch.randn(1000))
+    save_state_checkpoint(tmp_path, blob, {"round": 4})
+    assert read_state_checkpoint(tmp_path)[0] == blob
+    path = tmp_path / "state.safetensors"
+    for position in (0, 8, len(blob) // 2, len(blob) - 1):  # header length, header, data
+        data = bytearray(blob)
+        data[position] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(CheckpointError, match="corrupt"):
+            read_state_checkpoint(tmp_path)

@@ -61,6 +61,7 @@ class Run:
         min_nodes: int = 2,
         overlap: bool = False,
         round_tokens: int = 0,
+        extra_toml: str = "",
     ):
         from .coordinator_support import CORPUS
 
@@ -76,6 +77,7 @@ class Run:
                 overlap="true" if overlap else "false",
                 round_tokens=round_tokens,
             )
+            + extra_toml
         )
         self.run_dir = root / "run"
         init = run_cli("coordinator", "init", str(self.run_dir), "--config", str(config))

@@ -92,6 +92,15 @@ class MembershipSection:
 
 
 @dataclass(frozen=True)
+class DefencesSection:
+    # Shard owners screen contributions (starling.robust) before the mean. Off only for
+    # a control run that shows what poisoned updates do.
+    screen: bool = True
+    # A node rejected as poisoned in this many rounds is banned; 0: never banned.
+    ban_after_offences: int = 3
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     model: ModelSection = field(default_factory=ModelSection)
@@ -101,6 +110,7 @@ class RunConfig:
     outer: OuterSection = field(default_factory=OuterSection)
     checkpoints: CheckpointSection = field(default_factory=CheckpointSection)
     membership: MembershipSection = field(default_factory=MembershipSection)
+    defences: DefencesSection = field(default_factory=DefencesSection)
 
     def __post_init__(self) -> None:
         checks = [
@@ -123,6 +133,7 @@ class RunConfig:
             ),
             (self.membership.data_lease_s > 0, "membership.data_lease_s must be positive"),
             (self.membership.min_nodes > 0, "membership.min_nodes must be positive"),
+            (self.defences.ban_after_offences >= 0, "defences.ban_after_offences must be ≥ 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -177,6 +188,7 @@ class RunConfig:
             "outer": OuterSection,
             "checkpoints": CheckpointSection,
             "membership": MembershipSection,
+            "defences": DefencesSection,
         }
         unknown = set(data) - set(sections) - {"model", "train"}
         if unknown:

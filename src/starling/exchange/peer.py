@@ -69,6 +69,7 @@ class PeerConfig:
     # which keeps shaped links busiest (bench/exchange.py); more: a slow owner holds up
     # the others less.
     streams: int = 1
+    screen: bool = True  # owners screen contributions (starling.robust) before the mean
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -216,6 +217,7 @@ class ExchangePeer:
             self.upload,
             self.download,
             self.config.keep_rounds,
+            self.config.screen,
         )
         self._server, port = await create_server(
             self.owner, self.config.host, self.config.port, self.tls

@@ -1,0 +1,176 @@
+"""A Byzantine node: `python bench/poisoned_node.py KIND <the arguments of starling>`
+runs the starling CLI (e.g. `node join URL ...`) with every contribution it makes
+poisoned in one way. What the owners' checks must stop (bench/chaos.py, and
+tests/test_poisoning.py):
+
+  nan        a NaN in the pseudo-gradient (its codec payload carries a NaN scale)
+  scale      the pseudo-gradient × 100
+  sign_flip  the pseudo-gradient × −1
+  noise      Gaussian noise with the pseudo-gradient's norm
+  shape      every shard's payload encodes one value too few
+  stale      each remote shard gets last round's signed contribution (round r−1)
+  replay     besides its own contribution, another node's signed contribution that
+             this node received as an owner last round, re-sent for this round
+  copy       on the shard it owns, another node's payload of this round instead of
+             its own (its other shards carry its honest slices)
+
+Each poisoned push prints one line `POISON {"kind", "round", "shard", "status"}` to
+stderr, with the status the owner answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sys
+import time
+from typing import Any
+
+import grpc
+import torch
+
+import starling.node.daemon as daemon
+from starling.cli import main
+from starling.codecs import ErrorFeedback
+from starling.exchange import client as exchange_client
+from starling.exchange import owner as exchange_owner
+from starling.exchange.plan import RoundSpec, ShardPlan
+
+KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy")
+kind = sys.argv.pop(1)
+if kind not in KINDS:
+    raise SystemExit(f"poison kind must be one of {', '.join(KINDS)}")
+
+
+def report(round_: int, shard: int, status: str) -> None:
+    line = {"kind": kind, "round": round_, "shard": shard, "status": status}
+    print("POISON " + json.dumps(line), file=sys.stderr, flush=True)
+
+
+# --- poisoned values: the pseudo-gradient before it is encoded -----------------------
+
+encode_shards = daemon.encode_shards
+
+
+def poisoned_encode(
+    plan: ShardPlan, delta: torch.Tensor, feedback: ErrorFeedback
+) -> tuple[list[bytes], Any]:
+    delta = delta.clone()
+    if kind == "nan":
+        delta[0] = float("nan")
+    elif kind == "scale":
+        delta *= 100
+    elif kind == "sign_flip":
+        delta.neg_()
+    elif kind == "noise":
+        noise = torch.randn_like(delta)
+        delta = noise * (delta.norm() / noise.norm())
+    payloads, rest = encode_shards(plan, delta, feedback)
+    if kind == "shape":
+        payloads = [
+            feedback.codec.encode(delta[plan.bounds[s] : plan.bounds[s + 1] - 1].clone())
+            for s in range(plan.num_shards)
+        ]
+    return payloads, rest
+
+
+daemon.encode_shards = poisoned_encode  # type: ignore[assignment]
+
+# --- poisoned messages: stale, replayed, copied ----------------------------------------
+
+push = exchange_client.ExchangeClient._push
+sent: dict[int, tuple[int, bytes]] = {}  # shard -> (round, payload) of our last push
+received: dict[int, list[tuple[Any, bytes]]] = {}  # round -> [(header, payload)] as owner
+
+
+async def poisoned_push(
+    self: exchange_client.ExchangeClient,
+    spec: RoundSpec,
+    shard: int,
+    tokens: int,
+    payload: bytes,
+    local: exchange_owner.OwnerService | None,
+    window: asyncio.Semaphore | None = None,
+) -> None:
+    remote = spec.owners[shard].node_id != self.identity.node_id
+    if kind == "stale" and remote and shard in sent and sent[shard][0] < spec.round:
+        old_round, old_payload = sent[shard]
+        stale = dataclasses.replace(spec, round=old_round)  # signed for round r−1
+        sent[shard] = (spec.round, payload)
+        await _reported(push(self, stale, shard, tokens, old_payload, local, window), spec, shard)
+        return
+    sent[shard] = (spec.round, payload)
+    await push(self, spec, shard, tokens, payload, local, window)
+    if kind == "replay" and remote:
+        for header, body in received.get(spec.round - 1, []):
+            if header.shard == shard:  # another node's signature, this round's number
+                header = type(header).FromString(header.SerializeToString())
+                header.round = spec.round
+                await _reported(_raw_push(self, spec, shard, header, body), spec, shard)
+                break
+
+
+async def _raw_push(
+    self: exchange_client.ExchangeClient, spec: RoundSpec, shard: int, header: Any, body: bytes
+) -> None:
+    calls = await self._calls(spec.owners[shard])
+    stream = self._stream(spec.round, spec.owners[shard].node_id, header, body)
+    await calls.push_contribution(stream, timeout=max(0.1, spec.deadline - time.time()))
+
+
+async def _reported(call: Any, spec: RoundSpec, shard: int) -> None:
+    try:
+        await call
+        report(spec.round, shard, "OK")
+    except exchange_client.ExchangeError as err:
+        report(spec.round, shard, err.code.name if err.code else str(err))
+    except grpc.aio.AioRpcError as err:
+        report(spec.round, shard, err.code().name)
+
+
+exchange_client.ExchangeClient._push = poisoned_push  # type: ignore[method-assign]
+
+accept = exchange_owner.OwnerService._accept
+
+
+async def capturing_accept(
+    self: exchange_owner.OwnerService, reduction: Any, header: Any, payload: Any
+) -> None:
+    if header.sender != self.identity.node_id:
+        received.setdefault(header.round, []).append((header, bytes(payload)))
+        for old in [r for r in received if r < header.round - 1]:
+            del received[old]
+    await accept(self, reduction, header, payload)
+
+
+exchange_owner.OwnerService._accept = capturing_accept  # type: ignore[method-assign]
+
+contribute_local = exchange_owner.OwnerService.contribute_local
+
+
+async def copying_contribute_local(
+    self: exchange_owner.OwnerService, round_: int, shard: int, tokens: int, payload: bytes
+) -> None:
+    if kind == "copy":
+        spec = self._specs[round_]
+        while time.time() < spec.deadline - 1.0:  # a copy needs an original first
+            others = [p for h, p in received.get(round_, []) if h.shard == shard]
+            if others:
+                payload = others[0]
+                break
+            await asyncio.sleep(0.05)
+        try:
+            await contribute_local(self, round_, shard, tokens, payload)
+            report(round_, shard, "OK")
+        except exchange_owner.ExchangeAbort as err:
+            report(round_, shard, err.code.name)
+            raise
+        return
+    await contribute_local(self, round_, shard, tokens, payload)
+
+
+exchange_owner.OwnerService.contribute_local = copying_contribute_local  # type: ignore[method-assign]
+
+sys.argv[0] = "starling"
+main()

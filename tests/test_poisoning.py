@@ -1,0 +1,51 @@
+"""A poisoned node among honest ones, all real processes on loopback: the shard owners
+exclude its contributions in the same round, the commit says why, honest nodes are
+never excluded, and the coordinator bans it after repeated offences."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .coordinator_support import wait_for
+from .test_node_e2e import assert_agree, e2e  # noqa: F401  (the fixture)
+
+POISONED_NODE = Path(__file__).resolve().parents[1] / "bench" / "poisoned_node.py"
+HONEST = ("a", "b", "c")
+
+
+def node_id(run, name: str) -> str:
+    return json.loads((run.root / name / "summary.json").read_text())["node_id"]
+
+
+def test_a_sign_flipping_node_is_excluded_every_round_then_banned(e2e) -> None:  # noqa: F811
+    run = e2e(min_nodes=4, extra_toml="\n[defences]\nban_after_offences = 3\n")
+    for name in HONEST:
+        run.join(name, "--max-rounds", "5")
+    run.join("mallory", launcher=(str(POISONED_NODE), "sign_flip"))
+    assert run.nodes["mallory"].wait(300) == 3  # refused once banned
+    assert "refused by the coordinator: this node is banned" in run.log("mallory")
+    assert "Traceback" not in run.log("mallory")
+    for name in HONEST:
+        assert run.nodes[name].wait(300) == 0, run.log(name)
+    honest = {node_id(run, n) for n in HONEST}
+    mallory = node_id(run, "mallory")
+    commits = run.commits()
+    poisoned_rounds = [r for r, c in commits.items() if mallory in c["excluded"]]
+    assert len(poisoned_rounds) == 3, commits  # three offences, then banned
+    for round_, commit in commits.items():
+        assert set(commit["contributors"]) == honest, (round_, commit)  # never an honest one out
+        if round_ in poisoned_rounds:
+            reason = commit["excluded"][mallory]
+            assert "rejected: direction disagrees" in reason, reason
+    wait_for(lambda: run.status() is not None, 10, "status")
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{run.run_dir / 'coordinator.db'}?mode=ro", uri=True)
+    state, reason, offences = db.execute(
+        "SELECT state, state_reason, offences FROM nodes WHERE node_id = ?", (mallory,)
+    ).fetchone()
+    db.close()
+    assert (state, offences) == ("banned", 3) and reason.startswith("rejected in 3 rounds")
+    assert_agree(run.fingerprints("a"), run.fingerprints("b"))
+    assert_agree(run.fingerprints("a"), run.fingerprints("c"))
