@@ -138,7 +138,7 @@ def test_a_state_checkpoint_with_any_one_flipped_byte_is_refused(tmp_path: Path)
     from starling.checkpoint import read_state_checkpoint, save_state_checkpoint, state_blob
 
     blob = state_blob(torch.randn(1000), torch.randn(1000))
-    save_state_checkpoint(tmp_path, blob, {"round": 4})
+    save_state_checkpoint(tmp_path, blob, {"round": 4, "model": {"preset": "tiny"}})
     assert read_state_checkpoint(tmp_path)[0] == blob
     path = tmp_path / "state.safetensors"
     for position in (0, 8, len(blob) // 2, len(blob) - 1):  # header length, header, data
