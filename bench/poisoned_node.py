@@ -13,6 +13,11 @@ tests/test_poisoning.py):
              this node received as an owner last round, re-sent for this round
   copy       on the shard it owns, another node's payload of this round instead of
              its own (its other shards carry its honest slices)
+  none       honest (bench/chaos.py runs every node through here)
+
+With STARLING_CHAOS_DUMP=DIR set, every payload pushed is written to
+DIR/ROUND/SHARD/NODE.bin and every mean gathered to DIR/ROUND/mean-NODE.safetensors,
+so that bench/chaos.py can check each committed mean against its listed contributions.
 
 Each poisoned push prints one line `POISON {"kind", "round", "shard", "status"}` to
 stderr, with the status the owner answered.
@@ -23,12 +28,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
+from safetensors.torch import save_file
 
 import starling.node.daemon as daemon
 from starling.cli import main
@@ -37,7 +45,8 @@ from starling.exchange import client as exchange_client
 from starling.exchange import owner as exchange_owner
 from starling.exchange.plan import RoundSpec, ShardPlan
 
-KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy")
+KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy", "none")
+DUMP = os.environ.get("STARLING_CHAOS_DUMP")
 kind = sys.argv.pop(1)
 if kind not in KINDS:
     raise SystemExit(f"poison kind must be one of {', '.join(KINDS)}")
@@ -94,6 +103,10 @@ async def poisoned_push(
     window: asyncio.Semaphore | None = None,
 ) -> None:
     remote = spec.owners[shard].node_id != self.identity.node_id
+    if DUMP:
+        folder = Path(DUMP) / str(spec.round) / str(shard)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{self.identity.node_id}.bin").write_bytes(payload)
     if kind == "stale" and remote and shard in sent and sent[shard][0] < spec.round:
         old_round, old_payload = sent[shard]
         stale = dataclasses.replace(spec, round=old_round)  # signed for round r−1
@@ -130,6 +143,25 @@ async def _reported(call: Any, spec: RoundSpec, shard: int) -> None:
 
 
 exchange_client.ExchangeClient._push = poisoned_push  # type: ignore[method-assign]
+
+all_reduce = exchange_client.ExchangeClient.all_reduce
+
+
+async def dumping_all_reduce(
+    self: exchange_client.ExchangeClient, spec: RoundSpec, *args: Any, **kwargs: Any
+) -> Any:
+    result = await all_reduce(self, spec, *args, **kwargs)
+    if DUMP:
+        folder = Path(DUMP) / str(spec.round)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"mean": result.mean.contiguous()},
+            str(folder / f"mean-{self.identity.node_id}.safetensors"),
+        )
+    return result
+
+
+exchange_client.ExchangeClient.all_reduce = dumping_all_reduce  # type: ignore[method-assign]
 
 accept = exchange_owner.OwnerService._accept
 

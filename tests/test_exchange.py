@@ -449,3 +449,40 @@ def test_malformed_and_hostile_streams_get_precise_codes_and_never_touch_the_mea
         list(raw.stub.FetchMean(peer_pb2.FetchMeanRequest(run_id="x", round=7), timeout=5))
     assert err.value.code() == code.FAILED_PRECONDITION
     raw.channel.close()
+
+
+def test_a_copy_of_another_contribution_and_a_stale_one_are_rejected(make_peers) -> None:
+    (owner,) = make_peers(1, tls=False)
+    honest, copycat, other = Identity.generate(), Identity.generate(), Identity.generate()
+    numel = 20_000
+    codec = make_codec("fp32")
+    spec = RoundSpec(
+        run_id=RUN,
+        round=7,
+        codec="fp32",
+        plan=ShardPlan((0, numel)),
+        owners=(owner.endpoint,),
+        participants={i.node_id: i.public_key for i in (honest, copycat, other)},
+        deadline=time.time() + 60,
+        gather_timeout_s=10.0,
+    )
+    owner.open_round(spec)
+    raw = RawSender(owner, spec)
+    original = codec.encode(payload_of(1, numel))
+    code = grpc.StatusCode
+    assert raw.send(raw.header(copycat, original, round=6), [original]) == code.NOT_FOUND  # stale
+    assert raw.send(raw.header(honest, original), [original]) == code.OK
+    # Signed by the copycat itself, so the signature verifies: only the bytes give it away.
+    assert raw.send(raw.header(copycat, original), [original]) == code.OK
+    mine = codec.encode(payload_of(2, numel))
+    assert raw.send(raw.header(other, mine), [mine]) == code.OK  # the last one: commits
+    messages = list(
+        peer_pb2_grpc.PeerStub(raw.channel).FetchMean(
+            peer_pb2.FetchMeanRequest(run_id=RUN, round=7, shard=0), timeout=20
+        )
+    )
+    header = messages[0].header
+    assert sorted(c.node_id for c in header.contributors) == sorted([honest.node_id, other.node_id])
+    assert [(e.node_id, e.reason) for e in header.excluded] == [
+        (copycat.node_id, f"rejected: a copy of {honest.node_id}'s contribution")
+    ]
