@@ -83,7 +83,9 @@ lr = 0.003
 warmup_steps = 5
 
 [checkpoints]
-every = 1000
+# Every round: a node that falls behind after the others left resyncs from the latest
+# checkpoint (the means of rounds whose owners left are gone).
+every = 1
 
 [membership]
 heartbeat_s = 0.5

@@ -63,6 +63,10 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 RECONNECT_S = 60.0  # how long the node keeps retrying an unreachable coordinator
 LONG_POLL_S = 10.0
 LINGER_S = 20.0  # how long a leaving owner keeps serving its last round's means
+# A resync that lands on the same round as the one before made no progress (the means
+# after it are lost, and no peer or newer checkpoint has the state yet): wait before the
+# next try, doubling up to this, instead of spinning.
+RESYNC_BACKOFF_MAX_S = 30.0
 
 
 @dataclass
@@ -125,6 +129,8 @@ class NodeDaemon:
         self.peer = self._start_peer()
         self.started = time.monotonic()
         self.state_round = 0  # rounds committed and applied to our global state
+        self._last_resync_round = -1
+        self._futile_resyncs = 0
         self._timings: dict[int, dict[str, float]] = {}
         self._rejoining = threading.Lock()
         self._evaluations = ThreadPoolExecutor(1, thread_name_prefix="evaluate")
@@ -749,6 +755,17 @@ class NodeDaemon:
         self._reports_at_resync = self._fingerprint_reports
         if not self._adopt_peer_state(at_least):
             self._take_state(*self._latest_state(), source="the latest checkpoint")
+        if self.state_round != self._last_resync_round:
+            self._futile_resyncs = 0
+        else:
+            self._futile_resyncs += 1
+            wait = min(RESYNC_BACKOFF_MAX_S, 0.5 * 2**self._futile_resyncs)
+            self._event(
+                f"round {self.state_round}: the agreed state cannot be rebuilt yet (means "
+                f"lost, no peer or newer checkpoint holds it): next try in {wait:.0f} s"
+            )
+            self.stop_event.wait(wait)
+        self._last_resync_round = self.state_round
 
     def _state_from_peer(self, at_least: int) -> tuple[GlobalState, int] | None:
         """The first owner of the latest planned round that serves a state ≥ at_least
