@@ -95,6 +95,7 @@ min_nodes = {nodes}
 
 [defences]
 screen = {screen}
+screen_direction = {direction}
 ban_after_offences = 0
 """
 
@@ -118,6 +119,9 @@ class Scenario:
                 nodes=args.nodes,
                 batch_tokens=BATCH_TOKENS,
                 screen="true" if args.defences == "on" else "false",
+                # Judged by direction only where poison is measured: off by default in
+                # runs (see [defences] in starling.runconfig).
+                direction="true" if args.defences == "on" and args.poison else "false",
             )
         )
         self.run_dir = root / "run"
@@ -365,7 +369,7 @@ def main() -> None:
         "defences": args.defences,
         "codec": args.codec,
         "rounds_planned": args.rounds,
-        **{k: v for k, v in faulty.items()},
+        **faulty,
         "deadline_s": args.deadline_s,
         "detection_rate": (
             faulty["poisoned_rejected"] / faulty["poisoned_contributions"]

@@ -186,6 +186,7 @@ class Coordinator:
             port=port,
             advertise_host=advertise_host,
             screen=self.config.defences.screen,
+            screen_direction=self.config.defences.screen_direction,
         )
         tls = self.run.certificate if self.tls else None
         return await asyncio.to_thread(ExchangePeer, self.run.identity, config, tls)

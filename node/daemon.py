@@ -163,6 +163,7 @@ class NodeDaemon:
             reachable=not self.options.client_only,
             limits=limits,
             screen=self.config.defences.screen,
+            screen_direction=self.config.defences.screen_direction,
         )
         return ExchangePeer(self.identity, config, tls)
 

@@ -19,7 +19,9 @@ def node_id(run, name: str) -> str:
 
 
 def test_a_sign_flipping_node_is_excluded_every_round_then_banned(e2e) -> None:  # noqa: F811
-    run = e2e(min_nodes=4, extra_toml="\n[defences]\nban_after_offences = 3\n")
+    run = e2e(
+        min_nodes=4, extra_toml="\n[defences]\nscreen_direction = true\nban_after_offences = 3\n"
+    )
     for name in HONEST:
         run.join(name, "--max-rounds", "5")
     run.join("mallory", launcher=(str(POISONED_NODE), "sign_flip"))

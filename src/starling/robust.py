@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from statistics import median
 
 import torch
 
@@ -47,11 +48,13 @@ BLOCK = 1 << 16  # values per block: statistics in float64 without a full-size c
 
 
 def screen(
-    values: Mapping[str, torch.Tensor], hashes: Mapping[str, bytes] | None = None
+    values: Mapping[str, torch.Tensor],
+    hashes: Mapping[str, bytes] | None = None,
+    direction: bool = True,
 ) -> dict[str, str]:
     """Node id → why it is excluded, for the contributions in `values` (node id →
     fp32 tensor of shape (numel,), in arrival order; `hashes`: node id → payload hash,
-    for the copy check)."""
+    for the copy check; `direction`: False skips the direction check)."""
     excluded: dict[str, str] = {}
     if hashes is not None:
         first: dict[bytes, str] = {}
@@ -65,21 +68,23 @@ def screen(
     if len(kept) < MIN_FOR_STATISTICS:
         return excluded
     norms = {n: _norm(values[n]) for n in kept}
-    median = _median([norms[n] for n in kept])
-    if median == 0.0:
+    typical_norm = median([norms[n] for n in kept])
+    if typical_norm == 0.0:
         return excluded
     for node_id in kept:
-        ratio = norms[node_id] / median
+        ratio = norms[node_id] / typical_norm
         if ratio > NORM_RATIO:
             excluded[node_id] = f"norm {ratio:.1f}x the round's median (limit {NORM_RATIO:g}x)"
     kept = [n for n in kept if n not in excluded and norms[n] > 0.0]
+    if not direction:
+        return excluded
     numel = next(iter(values.values())).numel()
     noise = NOISE_SIGMAS / math.sqrt(max(numel, 1))
     while len(kept) >= MIN_FOR_STATISTICS:
         cosines = leave_one_out_cosines({n: values[n] for n in kept}, norms)
         worst = min(kept, key=lambda n: cosines[n])
         rest = [n for n in kept if n != worst]
-        typical = _median(list(leave_one_out_cosines({n: values[n] for n in rest}, norms).values()))
+        typical = median(list(leave_one_out_cosines({n: values[n] for n in rest}, norms).values()))
         if typical <= noise:
             break  # no common direction: nothing to measure against
         if cosines[worst] >= COSINE_RATIO * typical:
@@ -119,9 +124,3 @@ def _dot(v: torch.Tensor, total: torch.Tensor) -> float:
     return sum(
         float(b.double().dot(t)) for b, t in zip(v.split(BLOCK), total.split(BLOCK), strict=True)
     )
-
-
-def _median(xs: list[float]) -> float:
-    s = sorted(xs)
-    mid = len(s) // 2
-    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2

@@ -96,6 +96,11 @@ class DefencesSection:
     # Shard owners screen contributions (starling.robust) before the mean. Off only for
     # a control run that shows what poisoned updates do.
     screen: bool = True
+    # The direction check of the screen. Off by default: an honest node that trains far
+    # fewer tokens than the others (--compute-share) has been seen at cosine −0.2 with
+    # them, and would be cut and banned. Copies, norms and malformed payloads are
+    # screened either way.
+    screen_direction: bool = False
     # A node rejected as poisoned in this many rounds is banned; 0: never banned.
     ban_after_offences: int = 3
 

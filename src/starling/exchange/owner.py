@@ -73,6 +73,9 @@ class _ShardReduction:
     shard: int
     codec: Codec
     held: dict[str, _Held] = field(default_factory=dict)
+    # Every sender whose contribution was accepted; unlike `held`, kept after the commit
+    # frees the values, so a replay is refused as such before and after.
+    accepted: set[str] = field(default_factory=set)
     receiving: set[str] = field(default_factory=set)
     excluded: dict[str, str] = field(default_factory=dict)
     closed: bool = False  # no contribution is accepted once closed
@@ -110,10 +113,12 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         download: RateLimiter,
         keep_rounds: int = 8,
         screening: bool = True,
+        screen_direction: bool = True,
     ) -> None:
         self.identity = identity
         # Off only for a control run that shows what poisoned updates do (bench/chaos.py).
         self.screening = screening
+        self.screen_direction = screen_direction
         self.run_id = run_id
         self.ledger = ledger
         self.upload = upload
@@ -363,7 +368,7 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         )
         if not verify(public_key, message, header.signature):
             raise ExchangeAbort(grpc.StatusCode.UNAUTHENTICATED, "signature does not verify")
-        if header.sender in reduction.held or header.sender in reduction.receiving:
+        if header.sender in reduction.accepted or header.sender in reduction.receiving:
             raise ExchangeAbort(
                 grpc.StatusCode.ALREADY_EXISTS,
                 f"{header.sender} already contributed to shard {header.shard}",
@@ -489,6 +494,7 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
                 f"excluded from this round: {reduction.excluded[header.sender]}",
             )
         reduction.held[header.sender] = _Held(header.tokens, header.payload_hash, values)
+        reduction.accepted.add(header.sender)
         if not reduction.waiting_for():
             self._commit_soon(reduction)
 
@@ -537,6 +543,7 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
                     screen,
                     {n: h.values for n, h in held.items()},
                     {n: h.payload_hash for n, h in held.items()},
+                    self.screen_direction,
                 )
                 for node_id, reason in offenders.items():
                     del reduction.held[node_id]

@@ -70,6 +70,7 @@ class PeerConfig:
     # the others less.
     streams: int = 1
     screen: bool = True  # owners screen contributions (starling.robust) before the mean
+    screen_direction: bool = True  # ... including the direction check
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -218,6 +219,7 @@ class ExchangePeer:
             self.download,
             self.config.keep_rounds,
             self.config.screen,
+            self.config.screen_direction,
         )
         self._server, port = await create_server(
             self.owner, self.config.host, self.config.port, self.tls
