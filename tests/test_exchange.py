@@ -359,6 +359,23 @@ class RawSender:
         return self.push(messages + [peer_pb2.ContributionChunk(data=d) for d in data])
 
 
+def one_owner_round(owner: ExchangePeer, numel: int, participants: list[Identity]) -> RawSender:
+    """Opens round 7 (fp32, one shard of `numel` values, owned by `owner`) and returns a
+    raw sender to it."""
+    spec = RoundSpec(
+        run_id=RUN,
+        round=7,
+        codec="fp32",
+        plan=ShardPlan((0, numel)),
+        owners=(owner.endpoint,),
+        participants={i.node_id: i.public_key for i in participants},
+        deadline=time.time() + 60,
+        gather_timeout_s=10.0,
+    )
+    owner.open_round(spec)
+    return RawSender(owner, spec)
+
+
 def test_malformed_and_hostile_streams_get_precise_codes_and_never_touch_the_mean(
     make_peers,
 ) -> None:
@@ -366,18 +383,7 @@ def test_malformed_and_hostile_streams_get_precise_codes_and_never_touch_the_mea
     honest, mallory, outsider = Identity.generate(), Identity.generate(), Identity.generate()
     numel = 1000
     codec = make_codec("fp32")
-    spec = RoundSpec(
-        run_id=RUN,
-        round=7,
-        codec="fp32",
-        plan=ShardPlan((0, numel)),
-        owners=(owner.endpoint,),
-        participants={i.node_id: i.public_key for i in (honest, mallory)},
-        deadline=time.time() + 60,
-        gather_timeout_s=10.0,
-    )
-    owner.open_round(spec)
-    raw = RawSender(owner, spec)
+    raw = one_owner_round(owner, numel, [honest, mallory])
     good = codec.encode(torch.randn(numel))
     bad = codec.encode(torch.full((numel,), 1e6))  # what mallory would love to slip in
     nan = bytearray(bad)
@@ -456,18 +462,7 @@ def test_a_copy_of_another_contribution_and_a_stale_one_are_rejected(make_peers)
     honest, copycat, other = Identity.generate(), Identity.generate(), Identity.generate()
     numel = 20_000
     codec = make_codec("fp32")
-    spec = RoundSpec(
-        run_id=RUN,
-        round=7,
-        codec="fp32",
-        plan=ShardPlan((0, numel)),
-        owners=(owner.endpoint,),
-        participants={i.node_id: i.public_key for i in (honest, copycat, other)},
-        deadline=time.time() + 60,
-        gather_timeout_s=10.0,
-    )
-    owner.open_round(spec)
-    raw = RawSender(owner, spec)
+    raw = one_owner_round(owner, numel, [honest, copycat, other])
     original = codec.encode(payload_of(1, numel))
     code = grpc.StatusCode
     assert raw.send(raw.header(copycat, original, round=6), [original]) == code.NOT_FOUND  # stale
