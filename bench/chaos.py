@@ -13,8 +13,10 @@ in and every round is a trial (tests/test_poisoning.py covers the ban).
 
 Prints one JSON object: rounds_planned, rounds_committed, max_round_s (the longest
 exchange phase, from round close to commit), deadline_s, contributions_excluded
-(reason → count), false_exclusions (honest contributions rejected as poisoned),
-poisoned_contributions / poisoned_rejected / detection_rate, final_val_loss,
+(reason → count), false_exclusions (honest contributions rejected as poisoned) out of
+honest_contributions (false_positive_rate), poisoned_contributions / poisoned_rejected /
+detection_rate (counted in rounds with at least 3 honest contributions: fewer cannot be
+screened), final_val_loss,
 baseline_val_loss, loss_ratio, mean_exact, mean_max_abs_err, wall_s.
 """
 
@@ -39,12 +41,14 @@ from typing import Any
 from safetensors.torch import load_file
 
 from starling.codecs import make_codec
+from starling.coordination import JoinUrl
 from starling.exchange.owner import weighted_mean_f64
 from starling.identity import Identity
 
 HERE = Path(__file__).resolve().parent
 NODE = HERE / "poisoned_node.py"
 BATCH_TOKENS = 1024
+MIN_HONEST = 3  # honest contributions a round needs for its poisoned ones to count
 KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy")
 
 CONFIG = """
@@ -97,6 +101,7 @@ min_nodes = {nodes}
 screen = {screen}
 screen_direction = {direction}
 ban_after_offences = 0
+requests_per_s = {requests_per_s}
 """
 
 
@@ -113,15 +118,16 @@ class Scenario:
             CONFIG.format(
                 seed=args.seed,
                 inner_steps=args.inner_steps,
-                round_tokens=args.nodes * args.inner_steps * BATCH_TOKENS,
+                round_tokens=getattr(
+                    args, "round_tokens", args.nodes * args.inner_steps * BATCH_TOKENS
+                ),
                 deadline_s=args.deadline_s,
                 codec=args.codec,
                 nodes=args.nodes,
                 batch_tokens=BATCH_TOKENS,
                 screen="true" if args.defences == "on" else "false",
-                # Judged by direction only where poison is measured: off by default in
-                # runs (see [defences] in starling.runconfig).
-                direction="true" if args.defences == "on" and args.poison else "false",
+                direction="true" if args.defences == "on" else "false",
+                requests_per_s=getattr(args, "requests_per_s", 50.0),
             )
         )
         self.run_dir = root / "run"
@@ -133,24 +139,123 @@ class Scenario:
         )
         if init.returncode != 0:
             raise SystemExit(f"coordinator init failed: {init.stderr[-2000:]}")
-        self.coordinator = subprocess.Popen(
-            [*starling, "coordinator", "serve", str(self.run_dir), "--grpc-port", "0"],
-            stdout=subprocess.PIPE,
-            stderr=(root / "coordinator.log").open("w"),
-            text=True,
-            start_new_session=True,
-        )
+        self.coordinator = self._serve(0)
         assert self.coordinator.stdout is not None
         self.url = self.coordinator.stdout.readline().strip()
         if not self.url.startswith("starling://"):
             raise SystemExit(f"coordinator did not start: {(root / 'coordinator.log').read_text()}")
+        self.port = JoinUrl.parse(self.url).port
         self.poisoned = set(range(args.poisoned)) if faults and args.poison else set()
         self.nodes: dict[int, subprocess.Popen[str]] = {}
+        # Churn runs until it ends, whatever the rounds.
+        max_rounds = 1_000_000 if faults and getattr(args, "churn_minutes", 0) else None
         for index in range(args.nodes):
             kind = args.poison if index in self.poisoned else "none"
-            self.nodes[index] = self._join(index, kind)
+            self.nodes[index] = self._join(index, kind, max_rounds)
 
-    def _join(self, index: int, kind: str) -> subprocess.Popen[str]:
+    def _serve(self, port: int) -> subprocess.Popen[str]:
+        starling = [sys.executable, "-m", "starling"]
+        return subprocess.Popen(
+            [*starling, "coordinator", "serve", str(self.run_dir), "--grpc-port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=(self.root / "coordinator.log").open("a"),
+            text=True,
+            start_new_session=True,
+        )
+
+    def kill_coordinator(self, times: int, rng: random.Random) -> list[dict[str, Any]]:
+        """Kills the coordinator -9 `times` times, each after a random round and a random
+        part of a round, and restarts it on the same port at once. Each time: whether
+        everything committed before the kill (membership, rounds, commit records,
+        checkpoint hashes) reads the same after the restart, and how long until every
+        node still running was heard from again."""
+        restarts = []
+        targets = sorted(rng.randint(1, max(1, self.args.rounds - 3)) for _ in range(times))
+        for target in targets:
+            wait_for_commits(self, target, 600)
+            time.sleep(rng.uniform(0, 1.0))
+            os.killpg(self.coordinator.pid, signal.SIGKILL)
+            self.coordinator.wait(10)
+            before = self.snapshot()
+            killed_at = time.time()
+            self.coordinator = self._serve(self.port)
+            assert self.coordinator.stdout is not None
+            if not self.coordinator.stdout.readline().startswith("starling://"):
+                raise SystemExit("the coordinator did not restart")
+            after = self.snapshot()
+            restarts.append(
+                {
+                    "after_commits": len(before["commits"]),
+                    "state_identical": _same_committed(before, after),
+                    "reconnect_s": self._reconnect_s(killed_at, before["active"]),
+                }
+            )
+        return restarts
+
+    def snapshot(self) -> dict[str, Any]:
+        rows = self.db("SELECT round, commit_record FROM rounds WHERE commit_record IS NOT NULL")
+        return {
+            "active": {n for (n,) in self.db("SELECT node_id FROM nodes WHERE state = 'active'")},
+            "members": dict(self.db("SELECT node_id, public_key FROM nodes")),
+            "commits": dict(rows),
+            "checkpoints": dict(self.db("SELECT round, sha256 FROM checkpoints")),
+            "round": self.db("SELECT max(round) FROM rounds")[0][0],
+        }
+
+    def _reconnect_s(self, killed_at: float, active: set[str]) -> float | None:
+        """Seconds from the kill until every node that was active and is still running
+        has made a request of the new coordinator (its last_seen moves past the kill)."""
+        running = {i for i, p in self.nodes.items() if p.poll() is None}
+        ids = self.node_ids()
+        waiting = {ids[i] for i in running if i in ids} & active
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            seen = dict(self.db("SELECT node_id, last_seen FROM nodes"))
+            if all(seen.get(n, 0) > killed_at for n in waiting):
+                return round(max((seen[n] for n in waiting), default=killed_at) - killed_at, 2)
+            time.sleep(0.1)
+        return None
+
+    def churn(self, minutes: float, every_s: float, rng: random.Random) -> dict[str, Any]:
+        """For `minutes`, every ~`every_s` seconds (0.5 to 1.5 of it, at random) either
+        starts a new honest node or kills -9 a running one (never below two). Returns the
+        longest time without a commit while churning, and the coordinator's memory."""
+        wait_for_commits(self, 1, 600)  # the run is going
+        rss_start = rss_bytes(self.coordinator.pid)
+        started = time.time()
+        end = time.monotonic() + minutes * 60
+        events: Counter[str] = Counter()
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(0.5, 1.5) * every_s)
+            alive = [i for i, p in self.nodes.items() if p.poll() is None]
+            if len(alive) > 2 and (rng.random() < 0.5 or len(alive) >= 2 * self.args.nodes):
+                victim = rng.choice(alive)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.nodes[victim].pid, signal.SIGKILL)
+                events["killed"] += 1
+            else:
+                index = max(self.nodes) + 1
+                self.nodes[index] = self._join(index, "none", max_rounds=1_000_000)
+                events["started"] += 1
+        ended = time.time()
+        commits = sorted(
+            json.loads(c)["committed"]
+            for (c,) in self.db("SELECT commit_record FROM rounds WHERE commit_record IS NOT NULL")
+        )
+        inside = [started] + [c for c in commits if started <= c <= ended] + [ended]
+        gaps = [b - a for a, b in zip(inside, inside[1:], strict=False)]
+        rss_end = rss_bytes(self.coordinator.pid)
+        return {
+            "churn_minutes": minutes,
+            "churn_events": dict(events),
+            "churn_rounds_committed": len(inside) - 2,
+            "churn_max_gap_s": round(max(gaps), 2),
+            "coordinator_rss_start_mb": round(rss_start / 2**20, 1),
+            "coordinator_rss_end_mb": round(rss_end / 2**20, 1),
+            "coordinator_rss_growth": round(rss_end / rss_start - 1, 4),
+        }
+
+    def _join(self, index: int, kind: str, max_rounds: int | None = None) -> subprocess.Popen[str]:
         work = self.root / f"node{index}"
         work.mkdir()
         log = (work / "node.log").open("w")
@@ -167,7 +272,7 @@ class Scenario:
                 "--device",
                 "cpu",
                 "--max-rounds",
-                str(self.args.rounds),
+                str(self.args.rounds if max_rounds is None else max_rounds),
                 "--summary-json",
                 str(work / "summary.json"),
             ],
@@ -216,10 +321,17 @@ class Scenario:
         return kills
 
     def wait(self, timeout: float) -> None:
+        """Until the honest nodes finish their rounds; then the poisoned ones are
+        stopped (their rejected rounds do not count toward --max-rounds, so they would
+        go on alone, in rounds too small to screen)."""
         deadline = time.monotonic() + timeout
-        for process in self.nodes.values():
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(max(1.0, deadline - time.monotonic()))
+        for index, process in self.nodes.items():
+            if index not in self.poisoned:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(max(1.0, deadline - time.monotonic()))
+        for index in self.poisoned:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.nodes[index].pid, signal.SIGKILL)
 
     def close(self) -> None:
         for process in [*self.nodes.values(), self.coordinator]:
@@ -234,21 +346,55 @@ class Scenario:
         return {i: Identity.load_or_create(k).node_id for i, k in keys.items() if k.is_file()}
 
 
+def _same_committed(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Everything committed before a kill reads the same after the restart (later
+    rounds may have committed meanwhile)."""
+    kept = before["checkpoints"]  # old ones may be pruned meanwhile; the newest is kept
+    return (
+        before["members"].items() <= after["members"].items()
+        and before["commits"].items() <= after["commits"].items()
+        and all(after["checkpoints"].get(r, h) == h for r, h in kept.items())
+        and (not kept or max(kept) in after["checkpoints"])
+        and after["round"] >= before["round"]
+    )
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def wait_for_commits(scenario: Scenario, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while scenario.committed() < count:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"fewer than {count} rounds committed within {timeout} s")
+        time.sleep(0.1)
+
+
 def measure(scenario: Scenario) -> dict[str, Any]:
     rows = scenario.db("SELECT round, plan, commit_record FROM rounds ORDER BY round")
     commits = [(r, json.loads(p), json.loads(c)) for r, p, c in rows if c is not None]
     ids = scenario.node_ids()
     poisoned_ids = {ids[i] for i in scenario.poisoned if i in ids}
     excluded: Counter[str] = Counter()
-    false_exclusions = poisoned_total = poisoned_rejected = 0
+    false_exclusions = poisoned_total = poisoned_rejected = honest_total = 0
     longest = 0.0
     for _, plan, commit in commits:
         exchange_opened = plan["deadline"] - scenario.args.deadline_s
         longest = max(longest, commit["committed"] - exchange_opened)
         participants = {p["node_id"] for p in plan["participants"]}
-        for node_id in participants & poisoned_ids:
-            poisoned_total += 1
-            poisoned_rejected += node_id not in commit["contributors"]
+        honest = participants - poisoned_ids
+        honest_total += len(honest)
+        # A trial: a poisoned contribution in a round the screen can judge (at least
+        # three honest contributions to compare it with).
+        if len(honest) >= MIN_HONEST:
+            for node_id in participants & poisoned_ids:
+                poisoned_total += 1
+                poisoned_rejected += node_id not in commit["contributors"]
         for node_id, reason in commit["excluded"].items():
             excluded[_reason_class(reason)] += 1
             if "rejected" in reason and node_id not in poisoned_ids:
@@ -262,6 +408,7 @@ def measure(scenario: Scenario) -> dict[str, Any]:
         "max_round_s": round(longest, 2),
         "contributions_excluded": dict(excluded),
         "false_exclusions": false_exclusions,
+        "honest_contributions": honest_total,
         "poisoned_contributions": poisoned_total,
         "poisoned_rejected": poisoned_rejected,
         "final_val_loss": losses[0][1] if losses else None,
@@ -314,6 +461,13 @@ def run_scenario(root: Path, args: argparse.Namespace, faults: bool) -> dict[str
     scenario = Scenario(root, args, faults)
     try:
         kills: list[dict] = []
+        churn: dict[str, Any] = {}
+        if faults and args.churn_minutes:
+            churn = scenario.churn(args.churn_minutes, args.churn_every_s, random.Random(args.seed))
+            scenario.close()  # churn runs until it ends, not to a number of rounds
+        restarts: list[dict[str, Any]] = []
+        if faults and args.kill_coordinator:
+            restarts = scenario.kill_coordinator(args.kill_coordinator, random.Random(args.seed))
         if faults and args.kill:
             honest = [i for i in range(args.nodes) if i not in scenario.poisoned]
             rng = random.Random(args.seed)
@@ -322,7 +476,12 @@ def run_scenario(root: Path, args: argparse.Namespace, faults: bool) -> dict[str
         scenario.wait(args.timeout)
         result = measure(scenario)
         result["kills"] = kills
-        return result
+        if restarts:
+            result["coordinator_restarts"] = restarts
+            result["coordinator_state_identical"] = all(r["state_identical"] for r in restarts)
+            seconds = [r["reconnect_s"] for r in restarts]
+            result["max_reconnect_s"] = None if None in seconds else max(seconds)
+        return {**result, **churn}
     finally:
         scenario.close()
 
@@ -332,9 +491,19 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=6)
     parser.add_argument("--kill", type=int, default=0, help="nodes killed -9 at random points")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument(
+        "--churn-minutes", type=float, default=0.0, help="start or kill a node every few s"
+    )
+    parser.add_argument("--churn-every-s", type=float, default=5.0)
+    parser.add_argument(
+        "--kill-coordinator", type=int, default=0, help="kill -9 and restart it this often"
+    )
     parser.add_argument("--poison", choices=KINDS, help="what the poisoned nodes send")
     parser.add_argument("--poisoned", type=int, default=1, help="how many nodes are poisoned")
     parser.add_argument("--defences", choices=("on", "off"), default="on")
+    parser.add_argument(
+        "--baseline", choices=("on", "off"), default="on", help="also run without faults"
+    )
     parser.add_argument("--codec", default="fp32")
     parser.add_argument("--inner-steps", type=int, default=10)
     parser.add_argument("--deadline-s", type=float, default=15.0, help="exchange deadline")
@@ -351,14 +520,19 @@ def main() -> None:
         parser.error("--poisoned must be at least 1 and leave an honest node")
     if args.rounds < 2:
         parser.error("--rounds must be at least 2")
+    if args.kill_coordinator < 0:
+        parser.error("--kill-coordinator must be ≥ 0")
+    if args.churn_minutes < 0 or args.churn_every_s <= 0:
+        parser.error("--churn-minutes must be ≥ 0 and --churn-every-s positive")
     make_codec(args.codec)
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="starling-chaos-") as tmp:
         root = args.work_dir or Path(tmp)
-        baseline = run_scenario(
-            root / "baseline", argparse.Namespace(**{**vars(args), "defences": "on"}), faults=False
-        )
+        baseline: dict[str, Any] = {}
+        if args.baseline == "on":
+            clean = argparse.Namespace(**{**vars(args), "defences": "on"})
+            baseline = run_scenario(root / "baseline", clean, faults=False)
         faulty = run_scenario(root / "faults", args, faults=True)
     err = faulty["mean_max_abs_err"]
     result = {
@@ -376,12 +550,17 @@ def main() -> None:
             if faulty["poisoned_contributions"]
             else None
         ),
-        "baseline_val_loss": baseline["final_val_loss"],
-        "baseline_rounds_committed": baseline["rounds_committed"],
-        "baseline_false_exclusions": baseline["false_exclusions"],
+        "false_positive_rate": (
+            faulty["false_exclusions"] / faulty["honest_contributions"]
+            if faulty["honest_contributions"]
+            else None
+        ),
+        "baseline_val_loss": baseline.get("final_val_loss"),
+        "baseline_rounds_committed": baseline.get("rounds_committed"),
+        "baseline_false_exclusions": baseline.get("false_exclusions"),
         "loss_ratio": (
             faulty["final_val_loss"] / baseline["final_val_loss"]
-            if faulty["final_val_loss"] and baseline["final_val_loss"]
+            if faulty["final_val_loss"] and baseline.get("final_val_loss")
             else None
         ),
         "mean_exact": err is not None and err <= 1e-6,

@@ -41,6 +41,7 @@ from starling.identity import (
     request_message,
     verify,
 )
+from starling.serving import RequestLimits, RequestThrottle, guarded
 from starling.v1 import coordinator_pb2 as pb
 from starling.v1 import peer_pb2
 
@@ -131,6 +132,9 @@ class Coordinator:
         self.run_id = run_id
         self.numel = int(numel)
         self.guard = ReplayGuard(clock())
+        defences = self.config.defences
+        self.request_limits = RequestLimits(defences.requests_per_s, defences.request_burst)
+        self.throttle = RequestThrottle(self.request_limits)
         # Served with every Join and GetRun; the file never changes while serving.
         self._manifest_json = (run.path / "data" / "manifest.json").read_text(encoding="utf-8")
         self.peer: ExchangePeer | None = None
@@ -187,6 +191,7 @@ class Coordinator:
             advertise_host=advertise_host,
             screen=self.config.defences.screen,
             screen_direction=self.config.defences.screen_direction,
+            request_limits=self.request_limits,
         )
         tls = self.run.certificate if self.tls else None
         return await asyncio.to_thread(ExchangePeer, self.run.identity, config, tls)
@@ -261,7 +266,12 @@ class Coordinator:
             request_deserializer=None,
             response_serializer=pb.CheckpointInfo.SerializeToString,
         )
-        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+        # Whole files (data shards, checkpoints) cost ten calls of the budget: a node
+        # fetches a few when it joins and one data shard in many rounds.
+        costs = {"FetchFile": 10.0, "UploadCheckpoint": 10.0}
+        return grpc.method_handlers_generic_handler(
+            SERVICE, guarded(handlers, self.throttle, costs)
+        )
 
     def _public(
         self, handler: Callable[[Any], Awaitable[Message]]
@@ -541,6 +551,8 @@ class Coordinator:
     async def _get_round(
         self, request: pb.GetRoundRequest, _: Node | None, __: grpc.aio.ServicerContext
     ) -> pb.RoundState:
+        if not math.isfinite(request.wait_s):  # NaN would wait until the round changes
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "wait_s must be a finite number")
         deadline = time.monotonic() + min(max(request.wait_s, 0.0), LONG_POLL_MAX_S)
         while True:
             changed = self._changed

@@ -59,7 +59,12 @@ from .rounds import ExchangeOutcome, exchange_round, spec_from_state
 
 log = logging.getLogger("starling.node")
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# RESOURCE_EXHAUSTED: over the coordinator's request budget; the backoff waits it out.
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
 RECONNECT_S = 60.0  # how long the node keeps retrying an unreachable coordinator
 LONG_POLL_S = 10.0
 LINGER_S = 20.0  # how long a leaving owner keeps serving its last round's means
@@ -410,14 +415,16 @@ class NodeDaemon:
                 pool.shutdown(wait=True)
 
     def _wait_for_change(self, state: pb.RoundState) -> None:
+        """Until `state` changes: the round opens (no round yet, or the last one
+        committed and the next is not open: a committed round never changes again, so
+        waiting on it would sit out the whole long poll), closes or commits."""
         self._set(phase="waiting")
-        self._retry(
-            lambda: self.client.get_round(
-                None if not state.phase else state.round,
-                known_version=state.version,
-                wait_s=2.0,
-            )
-        )
+        round_: int | None
+        if state.phase == "committed":
+            round_, known_version = state.round + 1, 0  # any version: it opened
+        else:
+            round_, known_version = (state.round if state.phase else None), state.version
+        self._retry(lambda: self.client.get_round(round_, known_version=known_version, wait_s=2.0))
 
     # --- training ---------------------------------------------------------------------
 

@@ -4,18 +4,25 @@ The coordinator counts the tokens each node trains in a round (the round closes 
 token budget, or when every node did its inner steps). A blocking ReportTokens call
 after every inner step would cost one round trip per step — 50 ms on a home link, as
 much as a GPU step — so a reporter thread sends what has accumulated whenever no report
-is in flight: one report per step on a fast link, several steps per report on a slow
-one, and never a stall of the training loop.
+is in flight, at most one every MIN_INTERVAL_S: one report per step on a fast link
+with slow steps, several steps per report otherwise, and never a stall of the training
+loop.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
 
 from starling.v1 import coordinator_pb2 as pb
+
+# At most one report per this long (besides the last): a tiny model's inner step takes a
+# few milliseconds, and a report per step from every node would be hundreds of requests
+# a second each (over the coordinator's per-peer budget, [defences] requests_per_s).
+MIN_INTERVAL_S = 0.1
 
 # (file, tokens, done) → the coordinator's reply; retries and rejoins are the caller's.
 SendReport = Callable[[str, int, bool], pb.ReportTokensResponse]
@@ -88,6 +95,7 @@ class TokenReporter:
                 del self._pending[file]
                 done = self._done and not self._pending  # `done` rides on the last report
                 self._in_flight = True
+            sent_at = time.monotonic()
             try:
                 reply = self._send(file, tokens, done)
                 if reply.closed:
@@ -106,6 +114,12 @@ class TokenReporter:
                 with self._lock:
                     self._in_flight = False
                     self._lock.notify_all()
+                    # Paced: tokens trained meanwhile ride on the next report (the last
+                    # one, `done`, goes at once).
+                    self._lock.wait_for(
+                        lambda: self._stopping or self._done or self.closed.is_set(),
+                        max(0.0, sent_at + MIN_INTERVAL_S - time.monotonic()),
+                    )
 
     def _fail(self, err: BaseException) -> None:
         with self._lock:

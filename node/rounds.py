@@ -10,6 +10,7 @@ decision, push again to the owner that replaced a dead one, and gather the means
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +30,8 @@ REPORT_GRACE_S = 5.0  # the coordinator waits this long past the deadline for re
 POLL_S = 10.0  # one long poll of the round's state
 SERVED_WAIT_S = 30.0  # how long an owner's exchange report waits for the others' fetches
 T = TypeVar("T")
+
+log = logging.getLogger("starling.node")
 
 
 @dataclass
@@ -106,6 +109,16 @@ def exchange_round(
     sent = sum(t.sent for t in traffic.values())
     received = sum(t.received for t in traffic.values())
     failed = sorted({o for _, r in results for o in r.failed_owners})
+    for _, result in results:
+        for outcome in result.shards:
+            if outcome.push_error is not None:
+                log.warning(
+                    "round %d: our contribution to shard %d (owner %s) failed: %s",
+                    spec.round,
+                    outcome.shard,
+                    outcome.owner[:12],
+                    outcome.push_error,
+                )
     exchange_s = sum(r.wall_s for _, r in results)
     # The report waits (in the background) until the others fetched the means this node
     # owns, so the bytes it served them are counted too.

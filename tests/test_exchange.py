@@ -481,3 +481,40 @@ def test_a_copy_of_another_contribution_and_a_stale_one_are_rejected(make_peers)
     assert [(e.node_id, e.reason) for e in header.excluded] == [
         (copycat.node_id, f"rejected: a copy of {honest.node_id}'s contribution")
     ]
+
+
+def test_a_push_whose_status_was_lost_mid_stream_is_tried_again() -> None:
+    """A server that answers while the client still writes its stream (an owner that
+    had not opened the round) leaves the client with INTERNAL "Internal error from
+    Core", not the owner's status: the push is retried like UNAVAILABLE. Any other
+    INTERNAL is final."""
+    from starling.exchange.client import ExchangeClient
+    from starling.exchange.transport import TrafficLedger
+
+    client = ExchangeClient(
+        Identity.generate(), TrafficLedger(), RateLimiter(None), RateLimiter(None)
+    )
+
+    def failing(details: str, times: int):
+        calls = []
+
+        async def attempt() -> str:
+            calls.append(1)
+            if len(calls) <= times:
+                raise grpc.aio.AioRpcError(
+                    grpc.StatusCode.INTERNAL,
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details=details,
+                )
+            return "pushed"
+
+        return attempt, calls
+
+    attempt, calls = failing("Internal error from Core", 2)
+    assert asyncio.run(client._retry(time.time() + 10, "owner", attempt)) == "pushed"
+    assert len(calls) == 3
+    attempt, calls = failing("something else broke", 1)
+    with pytest.raises(ExchangeError, match="INTERNAL"):
+        asyncio.run(client._retry(time.time() + 10, "owner", attempt))
+    assert len(calls) == 1

@@ -24,7 +24,7 @@ from .coordinator_support import micro_run_toml, wait_for
 # After [run], [model] and [data] (micro_run_toml).
 CONFIG = """
 [round]
-inner_steps = 3
+inner_steps = {inner_steps}
 tokens = {round_tokens}
 deadline_s = 120.0
 exchange_deadline_s = 8.0
@@ -62,6 +62,7 @@ class Run:
         overlap: bool = False,
         round_tokens: int = 0,
         extra_toml: str = "",
+        inner_steps: int = 3,
     ):
         from .coordinator_support import CORPUS
 
@@ -76,6 +77,7 @@ class Run:
                 min_nodes=min_nodes,
                 overlap="true" if overlap else "false",
                 round_tokens=round_tokens,
+                inner_steps=inner_steps,
             )
             + extra_toml
         )
@@ -219,10 +221,14 @@ def test_the_demo_trains_and_every_node_agrees(tmp_path: Path) -> None:
 
 
 def test_a_late_joiner_catches_up_and_agrees(e2e) -> None:
-    run = e2e(every=100)  # no checkpoint after θ₀: the joiner must apply missed means
+    # No checkpoint after θ₀: the joiner must apply missed means. It takes a second or
+    # two to start: rounds of 60 inner steps (a few tenths of a second on the micro
+    # model) keep round 0's mean among the last 8 rounds' that owners keep, and a and b
+    # run long enough to be there when it contributes.
+    run = e2e(every=100, inner_steps=60)
     for name in ("a", "b"):
-        run.join(name, "--max-rounds", "6")
-    wait_for(lambda: run.committed() >= 3, 180, "3 committed rounds")
+        run.join(name, "--max-rounds", "12")
+    wait_for(lambda: run.committed() >= 1, 180, "a committed round")
     late = run.join("late", "--max-rounds", "2")
     assert late.wait(240) == 0, run.log("late")
     assert "caught up with round 0" in run.log("late")
@@ -230,7 +236,7 @@ def test_a_late_joiner_catches_up_and_agrees(e2e) -> None:
         assert run.nodes[name].wait(240) == 0, run.log(name)
     mine, theirs = run.fingerprints("late"), run.fingerprints("a")
     assert_agree(run.fingerprints("b"), theirs)
-    assert len(mine) >= 4  # rounds caught up on, then contributed to
+    assert len(mine) >= 3  # rounds caught up on, then contributed to
     # a and b may stop one round before the late node does: that last round has
     # no other witness, but every round the others hold must agree.
     shared = [round_ for round_ in mine if round_ in theirs]

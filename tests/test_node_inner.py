@@ -29,3 +29,51 @@ def test_the_schedule_position_is_the_runs(tmp_path: Path) -> None:
     assert second.lr == cfg.lr * lr_multiplier(601, cfg)
     assert first.lr < 0.7 * cfg.lr  # well into the cosine decay, not in warm-up
     assert first.tokens == 256
+
+
+def test_after_a_commit_the_node_waits_for_the_next_round_to_open() -> None:
+    """A committed round never changes again: waiting for *it* to change sat out the
+    whole 2 s long poll between rounds (seen as rounds of 2.2 s instead of 0.4 s)."""
+    from node.daemon import NodeDaemon
+    from starling.v1 import coordinator_pb2 as pb
+
+    asked: list[tuple[int | None, int]] = []
+
+    class Client:
+        def get_round(
+            self, round_: int | None = None, known_version: int = 0, wait_s: float = 0.0
+        ) -> pb.RoundState:
+            asked.append((round_, known_version))
+            return pb.RoundState()
+
+    daemon = object.__new__(NodeDaemon)  # only the waiting logic: no run, no network
+    daemon.client = Client()  # type: ignore[assignment]
+    daemon._retry = lambda call, rejoin=True: call()  # type: ignore[method-assign]
+    daemon._set = lambda **changes: None  # type: ignore[method-assign]
+    daemon._wait_for_change(pb.RoundState(round=4, phase="committed", version=7))
+    daemon._wait_for_change(pb.RoundState(round=4, phase="exchange", version=7))
+    daemon._wait_for_change(pb.RoundState())  # no round yet
+    assert asked == [(5, 0), (4, 7), (None, 0)]
+
+
+def test_token_reports_are_paced_and_lose_nothing() -> None:
+    """A report per inner step of a tiny model would be hundreds of requests a second:
+    reports go at most every MIN_INTERVAL_S, the tokens trained meanwhile ride on the
+    next one, and the last (`done`) goes at once."""
+    from node.reporting import TokenReporter
+    from starling.v1 import coordinator_pb2 as pb
+
+    sent: list[tuple[str, int, bool]] = []
+
+    def send(file: str, tokens: int, done: bool) -> pb.ReportTokensResponse:
+        sent.append((file, tokens, done))
+        return pb.ReportTokensResponse()
+
+    reporter = TokenReporter(send)
+    for step in range(200):
+        reporter.add("train/000000.bin", 512, done=step == 199)
+    reporter.flush(10.0)
+    reporter.close()
+    assert sum(tokens for _, tokens, _ in sent) == 200 * 512
+    assert len(sent) <= 10  # 200 steps in a few milliseconds: batched
+    assert sent[-1][2] is True and not any(done for _, _, done in sent[:-1])

@@ -68,3 +68,16 @@ def test_leave_one_out_cosines_match_a_direct_computation() -> None:
         rest = sum(u.double() / norms[n] for n, u in values.items() if n != name)
         direct = float(torch.nn.functional.cosine_similarity(v.double(), rest, dim=0))
         assert cosines[name] == pytest.approx(direct, abs=1e-9)
+
+
+def test_a_light_contribution_is_not_judged_by_direction_but_by_its_norm() -> None:
+    """An honest node that trained a sixth of the others' tokens can point away from
+    them; with the tokens in view it is kept (its weight is as small), while a full-weight
+    flipped update in the same round is still cut, and a light one scaled ×100 too."""
+    values = poisoned(poisoned(honest_round(5), "n4", "sign_flip"), "n1", "sign_flip")
+    tokens = {"n0": 6000, "n1": 6000, "n2": 6000, "n3": 6000, "n4": 1000}
+    excluded = screen(values, tokens=tokens)
+    assert list(excluded) == ["n1"] and excluded["n1"].startswith("direction")
+    assert sorted(screen(values)) == ["n1", "n4"]  # without tokens both are judged
+    scaled = poisoned(honest_round(5), "n4", "scale")
+    assert list(screen(scaled, tokens=tokens)) == ["n4"]

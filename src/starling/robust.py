@@ -21,6 +21,9 @@ round measured), while noise sits at 0 and a flipped update below it. A round wh
 honest median is within noise of 0 has no common direction to judge by, and the
 check is skipped.
 
+A contribution trained on far fewer tokens than the round's median is not judged by
+direction (LIGHT_TOKEN_SHARE): it is noisy, and light in the mean.
+
 Norm and direction need at least MIN_FOR_STATISTICS contributions: with two, nobody
 can tell which one is wrong. Honest pseudo-gradients of one round agree in direction
 (they descend the same loss from the same θ); see bench/chaos.py for the measured
@@ -44,6 +47,12 @@ COSINE_RATIO = 0.1
 # Random noise of n values has cosine ~ N(0, 1/√n) with any fixed direction: a cosine
 # below NOISE_SIGMAS/√n tells nothing.
 NOISE_SIGMAS = 6.0
+# A contribution trained on less than this share of the round's median tokens is not
+# judged by direction: a pseudo-gradient of a few inner steps is mostly noise (an
+# honest node at ~1/6 of the others' tokens measured cosine −0.2 against their 0.4),
+# and its weight in the token-weighted mean, hence the harm it can do, is as small.
+# It still counts in the others' reference, and its norm is still checked.
+LIGHT_TOKEN_SHARE = 0.5
 BLOCK = 1 << 16  # values per block: statistics in float64 without a full-size copy
 
 
@@ -51,10 +60,12 @@ def screen(
     values: Mapping[str, torch.Tensor],
     hashes: Mapping[str, bytes] | None = None,
     direction: bool = True,
+    tokens: Mapping[str, int] | None = None,
 ) -> dict[str, str]:
     """Node id → why it is excluded, for the contributions in `values` (node id →
     fp32 tensor of shape (numel,), in arrival order; `hashes`: node id → payload hash,
-    for the copy check; `direction`: False skips the direction check)."""
+    for the copy check; `direction`: False skips the direction check; `tokens`: node
+    id → its weight, so that light contributions are not judged by direction)."""
     excluded: dict[str, str] = {}
     if hashes is not None:
         first: dict[bytes, str] = {}
@@ -80,9 +91,13 @@ def screen(
         return excluded
     numel = next(iter(values.values())).numel()
     noise = NOISE_SIGMAS / math.sqrt(max(numel, 1))
-    while len(kept) >= MIN_FOR_STATISTICS:
+    judged = set(kept)
+    if tokens is not None:
+        typical_tokens = median([tokens[n] for n in kept])
+        judged = {n for n in kept if tokens[n] >= LIGHT_TOKEN_SHARE * typical_tokens}
+    while len(kept) >= MIN_FOR_STATISTICS and judged & set(kept):
         cosines = leave_one_out_cosines({n: values[n] for n in kept}, norms)
-        worst = min(kept, key=lambda n: cosines[n])
+        worst = min((n for n in kept if n in judged), key=lambda n: cosines[n])
         rest = [n for n in kept if n != worst]
         typical = median(list(leave_one_out_cosines({n: values[n] for n in rest}, norms).values()))
         if typical <= noise:

@@ -96,13 +96,18 @@ class DefencesSection:
     # Shard owners screen contributions (starling.robust) before the mean. Off only for
     # a control run that shows what poisoned updates do.
     screen: bool = True
-    # The direction check of the screen. Off by default: an honest node that trains far
-    # fewer tokens than the others (--compute-share) has been seen at cosine −0.2 with
-    # them, and would be cut and banned. Copies, norms and malformed payloads are
-    # screened either way.
-    screen_direction: bool = False
+    # The direction check of the screen (the only one that catches a sign-flipped
+    # update). Contributions trained on under half the round's median tokens are not
+    # judged by it (starling.robust.LIGHT_TOKEN_SHARE): an honest node at a sixth of the
+    # others' tokens was seen at cosine −0.2.
+    screen_direction: bool = True
     # A node rejected as poisoned in this many rounds is banned; 0: never banned.
     ban_after_offences: int = 3
+    # Requests per second one peer (one address; each connection on loopback) may make
+    # of the coordinator on average, and at once after being idle; beyond that it is
+    # answered RESOURCE_EXHAUSTED (starling.serving). Honest nodes make a few a second.
+    requests_per_s: float = 50.0
+    request_burst: float = 200.0
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,8 @@ class RunConfig:
             (self.membership.data_lease_s > 0, "membership.data_lease_s must be positive"),
             (self.membership.min_nodes > 0, "membership.min_nodes must be positive"),
             (self.defences.ban_after_offences >= 0, "defences.ban_after_offences must be ≥ 0"),
+            (self.defences.requests_per_s > 0, "defences.requests_per_s must be positive"),
+            (self.defences.request_burst >= 1, "defences.request_burst must be at least 1"),
         ]
         for ok, message in checks:
             if not ok:

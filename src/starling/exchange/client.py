@@ -45,6 +45,11 @@ T = TypeVar("T")
 # opened the round yet (participants and owners learn of a round at slightly
 # different times).
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+# What gRPC reports to a client still writing its stream when the server has already
+# answered (an owner that had not opened the round yet refuses right after the header,
+# while the data chunks are on their way): the server's own status is lost, so the push
+# is tried again like an UNAVAILABLE one. Seen once rounds followed each other closely.
+LOST_STATUS = (grpc.StatusCode.INTERNAL, "Internal error from Core")
 
 
 class ExchangeError(Exception):
@@ -274,7 +279,8 @@ class ExchangeClient:
             except (OSError, ConnectionError) as err:  # fetching the pinned certificate
                 code, details = grpc.StatusCode.UNAVAILABLE, str(err)
             remaining = deadline - time.time()
-            if code not in RETRYABLE or remaining <= delay:
+            retryable = code in RETRYABLE or (code, details) == LOST_STATUS
+            if not retryable or remaining <= delay:
                 raise ExchangeError(owner, f"{code.name}: {details}", code)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(2.0, delay * 2)

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from starling.serving import RequestThrottle, guarded
 from starling.v1 import peer_pb2
 
 DATA_TAG = 0x12  # field number 2, wire type 2 (length-delimited)
@@ -105,9 +106,12 @@ def serialize(item: Any) -> bytes:
     return item if isinstance(item, bytes) else item.SerializeToString()
 
 
-def add_peer_service(servicer: Any, server: grpc.aio.Server) -> None:
+def add_peer_service(
+    servicer: Any, server: grpc.aio.Server, throttle: RequestThrottle | None = None
+) -> None:
     """Registers the Peer service like the generated add_PeerServicer_to_server, but
-    with the data-path (de)serializers above."""
+    with the data-path (de)serializers above, behind starling.serving's guard
+    (malformed requests answered INVALID_ARGUMENT; the throttle, if any, in front)."""
     handlers = {
         "PushContribution": grpc.stream_unary_rpc_method_handler(
             servicer.PushContribution,
@@ -125,7 +129,10 @@ def add_peer_service(servicer: Any, server: grpc.aio.Server) -> None:
             response_serializer=serialize,
         ),
     }
-    generic = grpc.method_handlers_generic_handler(PEER_SERVICE, handlers)
+    # The global state is a whole-model download: a node asks for it once when it
+    # joins or falls behind.
+    costs = {"FetchState": 10.0}
+    generic = grpc.method_handlers_generic_handler(PEER_SERVICE, guarded(handlers, throttle, costs))
     server.add_generic_rpc_handlers((generic,))
 
 

@@ -36,6 +36,9 @@ HASH_BYTES = 32
 # A contribution's weight (tokens in one round) stays below 2**29 so that its products
 # with fp32 values are exact in float64 (see weighted_mean_f64).
 MAX_TOKENS = (1 << 29) - 1
+# No run gets near 2**32 rounds (136 years at one a second): a round number past it is a
+# malformed request, not a round this owner has yet to open.
+MAX_ROUND = 1 << 32
 # Exclusion reasons that start with this mark an offence (a poisoned contribution), not
 # a fault such as a missed deadline: the coordinator bans repeat offenders.
 REJECTED = "rejected"
@@ -339,6 +342,10 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             raise ExchangeAbort(
                 grpc.StatusCode.NOT_FOUND, f"shard {shard} of round {round_} is not owned here"
             )
+        if round_ >= MAX_ROUND:
+            raise ExchangeAbort(grpc.StatusCode.INVALID_ARGUMENT, f"round {round_} is absurd")
+        # Later than any this owner opened: it may be the next one (or this owner fell
+        # behind and resyncs), so the sender retries until its deadline.
         if not self._specs or round_ > max(self._specs):
             raise ExchangeAbort(grpc.StatusCode.UNAVAILABLE, f"round {round_} is not open yet")
         raise ExchangeAbort(grpc.StatusCode.NOT_FOUND, f"round {round_} is no longer kept")
@@ -544,6 +551,7 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
                     {n: h.values for n, h in held.items()},
                     {n: h.payload_hash for n, h in held.items()},
                     self.screen_direction,
+                    {n: h.tokens for n, h in held.items()},
                 )
                 for node_id, reason in offenders.items():
                     del reduction.held[node_id]

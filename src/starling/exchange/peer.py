@@ -28,6 +28,7 @@ from starling.exchange.transport import (
     TrafficLedger,
 )
 from starling.identity import Identity, TlsCertificate
+from starling.serving import DEFAULT_REQUEST_LIMITS, RequestLimits, RequestThrottle
 from starling.v1 import peer_pb2
 
 T = TypeVar("T")
@@ -35,12 +36,18 @@ PEER_SERVICE = peer_pb2.DESCRIPTOR.services_by_name["Peer"].full_name
 
 
 async def create_server(
-    service: OwnerService, host: str, port: int, tls: TlsCertificate | None
+    service: OwnerService,
+    host: str,
+    port: int,
+    tls: TlsCertificate | None,
+    request_limits: RequestLimits | None = DEFAULT_REQUEST_LIMITS,
 ) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server for the Peer service (plus health and reflection) on
-    host:port (port 0: any free one); returns it with the bound port."""
+    host:port (port 0: any free one), each peer held to `request_limits` (None: no
+    limit); returns it with the bound port."""
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    add_peer_service(service, server)
+    throttle = None if request_limits is None else RequestThrottle(request_limits)
+    add_peer_service(service, server, throttle)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (PEER_SERVICE, reflection.SERVICE_NAME, health.SERVICE_NAME)
@@ -71,6 +78,8 @@ class PeerConfig:
     streams: int = 1
     screen: bool = True  # owners screen contributions (starling.robust) before the mean
     screen_direction: bool = True  # ... including the direction check
+    # What one peer may ask of this owner service (starling.serving); None: no limit.
+    request_limits: RequestLimits | None = DEFAULT_REQUEST_LIMITS
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -222,7 +231,7 @@ class ExchangePeer:
             self.config.screen_direction,
         )
         self._server, port = await create_server(
-            self.owner, self.config.host, self.config.port, self.tls
+            self.owner, self.config.host, self.config.port, self.tls, self.config.request_limits
         )
         return port
 
