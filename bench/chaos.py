@@ -126,7 +126,9 @@ class Scenario:
                 nodes=args.nodes,
                 batch_tokens=BATCH_TOKENS,
                 screen="true" if args.defences == "on" else "false",
-                direction="true" if args.defences == "on" else "false",
+                # Judged by direction only where poison is measured: off by default in
+                # runs (see [defences] in starling.runconfig).
+                direction="true" if args.defences == "on" and args.poison else "false",
                 requests_per_s=getattr(args, "requests_per_s", 50.0),
             )
         )

