@@ -374,6 +374,8 @@ def wait_for_commits(scenario: Scenario, count: int, timeout: float) -> None:
     while scenario.committed() < count:
         if time.monotonic() > deadline:
             raise SystemExit(f"fewer than {count} rounds committed within {timeout} s")
+        if scenario.coordinator.poll() is not None:
+            raise SystemExit("the coordinator died")
         time.sleep(0.1)
 
 

@@ -38,7 +38,8 @@ from typing import Any
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from chaos import Scenario  # noqa: E402  (a sibling script)
+import chaos  # noqa: E402  (a sibling script)
+from chaos import Scenario  # noqa: E402
 
 from starling.coordination import JoinUrl  # noqa: E402
 from starling.v1 import coordinator_pb2 as pb  # noqa: E402
@@ -57,15 +58,9 @@ def commits(scenario: Scenario) -> list[tuple[int, float, float]]:
 
 
 def wait_for_commits(scenario: Scenario, count: int, timeout: float) -> list:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        done = commits(scenario)
-        if len(done) >= count:
-            return done
-        if scenario.coordinator.poll() is not None:
-            raise SystemExit("the coordinator died")
-        time.sleep(0.1)
-    raise SystemExit(f"fewer than {count} rounds committed within {timeout} s")
+    """chaos.wait_for_commits, then the commits."""
+    chaos.wait_for_commits(scenario, count, timeout)
+    return commits(scenario)
 
 
 CHECKPOINT_0 = pb.FetchFileRequest(path="checkpoints/0/state.safetensors").SerializeToString()
