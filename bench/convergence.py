@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--outer-lr", type=float, default=OuterConfig().lr)
     parser.add_argument("--outer-momentum", type=float, default=OuterConfig().momentum)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="where replicas train (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "starling"))
     parser.add_argument("--plot", default=None, help="PNG of loss vs tokens and vs bytes")
@@ -68,7 +69,7 @@ def main() -> None:
         lr=args.lr,
         warmup_steps=args.warmup_steps,
         seed=args.seed,
-        device="cpu",
+        device=args.device,
     )
     outer = OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum)
     runs = [SimConfig(strategy="ddp", workers=args.workers, steps=args.steps, model=args.model)]

@@ -286,6 +286,11 @@ class NodeDaemon:
             model = build_model(model_cfg, seed=self.config.run.seed, device=self.device)
             trainer = InnerTrainer(model, self.train_cfg, self.device)
             self.inner = LocalInnerLoop(model, trainer, self.train_cfg)
+            log.info(
+                "training on %s (%s)",
+                _device_name(self.device),
+                f"{trainer.amp_dtype} autocast" if trainer.amp_dtype else "fp32",
+            )
         val = [self._shard_tokens(s.file, s.sha256) for s in self.manifest.shards["val"]]
         self.val_batches = evaluation_batches(
             val, self.train_cfg.seq_len, self.train_cfg.micro_batch_size, 4

@@ -26,7 +26,7 @@ from starling.coordination import CoordinatorClient
 from starling.data import TokenDataset, evaluation_batches
 from starling.diloco import load_flat_parameters
 from starling.model import ModelConfig, build_model
-from starling.train import InnerTrainer, TrainConfig
+from starling.train import InnerTrainer, TrainConfig, select_device
 
 app = typer.Typer(invoke_without_command=True)
 err_console = Console(stderr=True)
@@ -73,12 +73,22 @@ def demo_command(
     json_output: Annotated[
         bool, typer.Option("--json", help="Non-interactive; a JSON summary as the last line.")
     ] = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="The nodes' device, or a comma list taken in turn (cuda,cpu: node 0 on "
+            "the GPU, node 1 on the CPU, ...): a mixed run shows bit-identical states."
+        ),
+    ] = "cpu",
 ) -> None:
     """Run a coordinator and N nodes on this machine on the embedded corpus."""
     if nodes < 1 or rounds < 1 or inner_steps < 1:
         raise ValueError("--nodes, --rounds and --inner-steps must be at least 1")
+    devices = [d.strip() for d in device.split(",")]
+    for name in devices:
+        select_device(name)  # a clear error now, not in a node's log later
     root = work_dir or Path(tempfile.mkdtemp(prefix="starling-demo-"))
-    summary = run_demo(root, nodes, rounds, inner_steps, quiet=json_output)
+    summary = run_demo(root, nodes, rounds, inner_steps, quiet=json_output, devices=devices)
     if json_output:
         print(json.dumps(summary))
 
@@ -87,7 +97,15 @@ def _starling(*args: str) -> list[str]:
     return [sys.executable, "-m", "starling", *args]
 
 
-def run_demo(root: Path, nodes: int, rounds: int, inner_steps: int, quiet: bool) -> dict[str, Any]:
+def run_demo(
+    root: Path,
+    nodes: int,
+    rounds: int,
+    inner_steps: int,
+    quiet: bool,
+    devices: list[str] | None = None,
+) -> dict[str, Any]:
+    devices = devices or ["cpu"]
     started = time.monotonic()
     root.mkdir(parents=True, exist_ok=True)
     run_dir = root / "run"
@@ -130,7 +148,7 @@ def run_demo(root: Path, nodes: int, rounds: int, inner_steps: int, quiet: bool)
         say(f"coordinator: {url}")
         say(f"dashboard:   {dashboard}")
         node_dirs = [root / "nodes" / f"node{i}" for i in range(nodes)]
-        for node_dir in node_dirs:
+        for i, node_dir in enumerate(node_dirs):
             node_dir.mkdir(parents=True, exist_ok=True)
             log = (node_dir / "node.log").open("w")
             children.append(
@@ -144,7 +162,7 @@ def run_demo(root: Path, nodes: int, rounds: int, inner_steps: int, quiet: bool)
                         "--max-rounds",
                         str(rounds),
                         "--device",
-                        "cpu",
+                        devices[i % len(devices)],
                         "--summary-json",
                         str(node_dir / "summary.json"),
                     ),
@@ -189,6 +207,7 @@ def run_demo(root: Path, nodes: int, rounds: int, inner_steps: int, quiet: bool)
     summary = {
         "rounds_committed": status.last_commit.round + 1 if status.HasField("last_commit") else 0,
         "nodes": nodes,
+        "devices": [devices[i % len(devices)] for i in range(nodes)],
         "initial_val_loss": initial_loss,
         "final_val_loss": final_loss,
         "fingerprints_agree": agree,

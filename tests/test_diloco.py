@@ -251,6 +251,8 @@ def test_simulate_cli_json_and_plot(pydoc_dir: Path, tmp_path: Path) -> None:
         (["--speeds", "1,fast"], "comma-separated"),
         (["--speeds", "1,1,1"], "needs 4 values"),
         (["--outer-momentum", "1.5"], "outer momentum"),
+        (["--device", "tpu"], "device must be one of"),
+        (["--device", "mps"], "MPS backend is not available"),
     ],
 )
 def test_simulate_cli_bad_input(pydoc_dir: Path, args: list[str], message: str) -> None:

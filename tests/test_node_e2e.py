@@ -335,6 +335,8 @@ def test_ctrl_c_leaves_cleanly_and_a_coordinator_restart_is_survived(e2e) -> Non
         (["node", "join", "starling://127.0.0.1:1", "--max-rounds", "0"], "--max-rounds"),
         (["node", "join", "starling://127.0.0.1:1", "--upload-mbps", "-3"], "--upload-mbps"),
         (["demo", "--nodes", "0"], "at least 1"),
+        (["demo", "--device", "cpu,tpu"], "unknown device 'tpu'"),
+        (["demo", "--device", "cpu,mps"], "MPS backend is not available"),
     ],
 )
 def test_node_and_demo_bad_input_is_one_error_line(args: list[str], message: str) -> None:

@@ -401,6 +401,13 @@ def simulate_command(
     eval_every: Annotated[int, typer.Option(help="Rounds (ddp: steps) between evals.")] = 0,
     eval_batches: Annotated[int, typer.Option(help="Validation batches.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of weights, data and dropouts.")] = 0,
+    device: Annotated[
+        str,
+        typer.Option(
+            help="Where the replicas train: cpu (bit-reproducible), cuda, mps or auto. The "
+            "outer step runs on the CPU either way."
+        ),
+    ] = "cpu",
     plot_path: Annotated[
         Path | None, typer.Option("--plot", help="Write a PNG of loss vs tokens and bytes.")
     ] = None,
@@ -445,7 +452,7 @@ def simulate_command(
         warmup_steps=warmup_steps,
         eval_batches=eval_batches,
         seed=seed,
-        device="cpu",
+        device=device,
     )
     data_dir = resolve_data(data, cache_dir or default_cache_dir(), tokenizer, 0, sources=True)
     simulation = Simulation(sim_cfg, train_cfg, TokenDataset(data_dir))

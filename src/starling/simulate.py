@@ -38,7 +38,7 @@ from .diloco import (
     weighted_mean,
 )
 from .model import build_model, model_config
-from .train import InnerTrainer, TrainConfig
+from .train import InnerTrainer, TrainConfig, select_device
 
 STRATEGIES = ("ddp", "diloco")
 
@@ -116,13 +116,13 @@ class Simulation:
         self.cfg = cfg
         self.train_cfg = train_cfg
         self.dataset = dataset
-        self.device = torch.device("cpu")
+        self.device = select_device(train_cfg.device)
         mcfg = model_config(
             cfg.model,
             vocab_size=dataset.manifest.vocab_size,
             max_seq_len=max(train_cfg.seq_len, model_config(cfg.model).max_seq_len),
         )
-        self.initial = build_model(mcfg, seed=train_cfg.seed)
+        self.initial = build_model(mcfg, seed=train_cfg.seed)  # stays on the CPU: θ's source
         self.n_params = self.initial.num_parameters()
         self.val = evaluation_batches(
             dataset.split("val"),
@@ -137,7 +137,7 @@ class Simulation:
         return SequenceBatcher(self.dataset.split("train"), self.train_cfg.seq_len, batch, seed)
 
     def _eval(self, params: torch.Tensor) -> float:
-        model = build_model(self.initial.config)
+        model = build_model(self.initial.config, device=self.device)
         load_flat_parameters(model, params)
         return InnerTrainer(model, self.train_cfg, self.device).evaluate(self.val)
 
@@ -155,7 +155,7 @@ class Simulation:
         global_cfg = replace(
             self.train_cfg, batch_tokens=self.train_cfg.batch_tokens * k, steps=cfg.steps
         )
-        model = build_model(self.initial.config, seed=self.train_cfg.seed)
+        model = build_model(self.initial.config, seed=self.train_cfg.seed, device=self.device)
         trainer = InnerTrainer(model, global_cfg, self.device)
         batches = self._batcher(0, global_cfg.micro_batch_size)
         fp32 = make_codec("fp32")
@@ -199,7 +199,8 @@ class Simulation:
         speeds = cfg.speeds or (1.0,) * cfg.workers
         state = GlobalState.from_model(self.initial)
         replicas = [
-            build_model(self.initial.config, seed=self.train_cfg.seed) for _ in range(cfg.workers)
+            build_model(self.initial.config, seed=self.train_cfg.seed, device=self.device)
+            for _ in range(cfg.workers)
         ]
         inner_cfg = replace(self.train_cfg, steps=cfg.steps)
         trainers = [InnerTrainer(m, inner_cfg, self.device) for m in replicas]

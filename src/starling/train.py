@@ -102,6 +102,8 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
 
 
 def select_device(name: str) -> torch.device:
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; choose one of {', '.join(DEVICES)}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
