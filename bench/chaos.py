@@ -315,12 +315,21 @@ class Scenario:
                     return kills
                 time.sleep(0.05)
             if round_s is None:
-                round_s = (time.monotonic() - self.started) / max(self.committed(), 1)
+                round_s = self.round_s()
             time.sleep(rng.uniform(0, round_s))
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.nodes[victim].pid, signal.SIGKILL)
             kills.append({"node": victim, "after_commits": self.committed()})
         return kills
+
+    def round_s(self) -> float:
+        """The mean time between commits so far (not counting the nodes' start-up,
+        which can take longer than many rounds); 1 s before two commits."""
+        times = sorted(
+            json.loads(c)["committed"]
+            for (c,) in self.db("SELECT commit_record FROM rounds WHERE commit_record IS NOT NULL")
+        )
+        return (times[-1] - times[0]) / (len(times) - 1) if len(times) >= 2 else 1.0
 
     def wait(self, timeout: float) -> None:
         """Until the honest nodes finish their rounds; then the poisoned ones are
@@ -441,7 +450,7 @@ def mean_error(scenario: Scenario, commits: list[tuple[int, dict, dict]]) -> flo
         means = sorted((dump / str(round_)).glob("mean-*.safetensors"))
         if not contributors or not means:
             continue
-        gathered = [load_file(str(m))["mean"] for m in means]
+        gathered = [load_file(str(m)) for m in means]  # {"mean", "fetched": shard ids}
         bounds = plan["bounds"]
         for shard in commit["shards"]:
             if shard["status"] == "skipped":
@@ -455,8 +464,10 @@ def mean_error(scenario: Scenario, commits: list[tuple[int, dict, dict]]) -> flo
                 tokens.append(contributors[node_id])
             exact = weighted_mean_f64(values, tokens)
             expected = codec.decode(codec.encode(exact), hi - lo)
-            for mean in gathered:
-                err = float((mean[lo:hi] - expected).abs().max())
+            for node_mean in gathered:
+                if s not in node_mean["fetched"].tolist():
+                    continue  # skipped or lost for this node: its slice of θ did not move
+                err = float((node_mean["mean"][lo:hi] - expected).abs().max())
                 worst = err if worst is None else max(worst, err)
     return worst
 

@@ -16,7 +16,8 @@ tests/test_poisoning.py):
   none       honest (bench/chaos.py runs every node through here)
 
 With STARLING_CHAOS_DUMP=DIR set, every payload pushed is written to
-DIR/ROUND/SHARD/NODE.bin and every mean gathered to DIR/ROUND/mean-NODE.safetensors,
+DIR/ROUND/SHARD/NODE.bin and every round's combined mean, as the node applies it, to
+DIR/ROUND/mean-NODE.safetensors (with the shards it fetched),
 so that bench/chaos.py can check each committed mean against its listed contributions.
 
 Each poisoned push prints one line `POISON {"kind", "round", "shard", "status"}` to
@@ -44,6 +45,7 @@ from starling.codecs import ErrorFeedback
 from starling.exchange import client as exchange_client
 from starling.exchange import owner as exchange_owner
 from starling.exchange.plan import RoundSpec, ShardPlan
+from starling.node.rounds import ExchangeOutcome
 
 KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy", "none")
 DUMP = os.environ.get("STARLING_CHAOS_DUMP")
@@ -144,24 +146,28 @@ async def _reported(call: Any, spec: RoundSpec, shard: int) -> None:
 
 exchange_client.ExchangeClient._push = poisoned_push  # type: ignore[method-assign]
 
-all_reduce = exchange_client.ExchangeClient.all_reduce
+exchange_round = daemon.exchange_round
 
 
-async def dumping_all_reduce(
-    self: exchange_client.ExchangeClient, spec: RoundSpec, *args: Any, **kwargs: Any
-) -> Any:
-    result = await all_reduce(self, spec, *args, **kwargs)
+def dumping_exchange_round(*args: Any, **kwargs: Any) -> ExchangeOutcome:
+    """The node's combined mean of the round, as it applies it: each shard from its
+    latest owner (after a reassignment), with the shards it did get listed, so that
+    skipped and unfetched shards are not compared."""
+    outcome = exchange_round(*args, **kwargs)
     if DUMP:
-        folder = Path(DUMP) / str(spec.round)
+        state, peer = args[2], args[1]
+        folder = Path(DUMP) / str(state.round)
         folder.mkdir(parents=True, exist_ok=True)
+        shards = len(state.plan.bounds) - 1
+        fetched = sorted(set(range(shards)) - set(outcome.skipped) - set(outcome.missing))
         save_file(
-            {"mean": result.mean.contiguous()},
-            str(folder / f"mean-{self.identity.node_id}.safetensors"),
+            {"mean": outcome.mean.contiguous(), "fetched": torch.tensor(fetched or [-1])},
+            str(folder / f"mean-{peer.identity.node_id}.safetensors"),
         )
-    return result
+    return outcome
 
 
-exchange_client.ExchangeClient.all_reduce = dumping_all_reduce  # type: ignore[method-assign]
+daemon.exchange_round = dumping_exchange_round  # type: ignore[assignment]
 
 accept = exchange_owner.OwnerService._accept
 
