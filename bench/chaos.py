@@ -2,7 +2,8 @@
 killed -9 at random points and/or poisoned nodes, against the same run without faults.
 
     python bench/chaos.py --nodes 6 --kill 2 --rounds 10 --json
-    python bench/chaos.py --nodes 8 --poison sign_flip --poisoned 1 --rounds 12 --json
+    python bench/chaos.py --nodes 8 --poison sign_flip --direction on --rounds 12 --json
+    python bench/chaos.py --nodes 6 --poison frame --rounds 4 --json   # a lying owner
     python bench/chaos.py --nodes 8 --poison scale --defences off --json   # control
 
 Every node runs through bench/poisoned_node.py (honest ones with kind "none"), which
@@ -49,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 NODE = HERE / "poisoned_node.py"
 BATCH_TOKENS = 1024
 MIN_HONEST = 3  # honest contributions a round needs for its poisoned ones to count
-KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy")
+KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy", "frame")
 
 CONFIG = """
 [run]
@@ -126,9 +127,11 @@ class Scenario:
                 nodes=args.nodes,
                 batch_tokens=BATCH_TOKENS,
                 screen="true" if args.defences == "on" else "false",
-                # Judged by direction only where poison is measured: off by default in
-                # runs (see [defences] in starling.runconfig).
-                direction="true" if args.defences == "on" and args.poison else "false",
+                # Off by default, as in runs (see [defences] in starling.runconfig): only
+                # the direction check catches sign_flip and noise.
+                direction="true"
+                if args.defences == "on" and getattr(args, "direction", "off") == "on"
+                else "false",
                 requests_per_s=getattr(args, "requests_per_s", 50.0),
             )
         )
@@ -516,6 +519,12 @@ def main() -> None:
     parser.add_argument("--poison", choices=KINDS, help="what the poisoned nodes send")
     parser.add_argument("--poisoned", type=int, default=1, help="how many nodes are poisoned")
     parser.add_argument("--defences", choices=("on", "off"), default="on")
+    parser.add_argument(
+        "--direction",
+        choices=("on", "off"),
+        default="off",
+        help="the screen's direction check ([defences] screen_direction; off by default)",
+    )
     parser.add_argument(
         "--baseline", choices=("on", "off"), default="on", help="also run without faults"
     )

@@ -13,6 +13,8 @@ tests/test_poisoning.py):
              this node received as an owner last round, re-sent for this round
   copy       on the shard it owns, another node's payload of this round instead of
              its own (its other shards carry its honest slices)
+  frame      a lying owner: its own contributions are honest, but on each shard it
+             owns it reports one honest contributor as rejected (a norm outlier)
   none       honest (bench/chaos.py runs every node through here)
 
 With STARLING_CHAOS_DUMP=DIR set, every payload pushed is written to
@@ -47,7 +49,7 @@ from starling.exchange import owner as exchange_owner
 from starling.exchange.plan import RoundSpec, ShardPlan
 from starling.node.rounds import ExchangeOutcome
 
-KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy", "none")
+KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy", "frame", "none")
 DUMP = os.environ.get("STARLING_CHAOS_DUMP")
 kind = sys.argv.pop(1)
 if kind not in KINDS:
@@ -209,6 +211,28 @@ async def copying_contribute_local(
 
 
 exchange_owner.OwnerService.contribute_local = copying_contribute_local  # type: ignore[method-assign]
+
+# --- a lying owner: frames an honest contributor ---------------------------------------
+
+screen_held = exchange_owner.OwnerService._screen
+
+
+async def framing_screen(self: exchange_owner.OwnerService, reduction: Any) -> None:
+    """After the real screen, reports one honest contributor of each shard it owns as a
+    norm outlier (what an owner that wants a rival banned would claim)."""
+    if kind == "frame":
+        others = sorted(n for n in reduction.held if n != self.identity.node_id)
+        if others:
+            victim = others[0]
+            del reduction.held[victim]
+            reduction.excluded[victim] = (
+                f"{exchange_owner.REJECTED}: norm 12.5x the round's median (limit 10x)"
+            )
+            report(reduction.spec.round, reduction.shard, f"FRAMED {victim}")
+    await screen_held(self, reduction)
+
+
+exchange_owner.OwnerService._screen = framing_screen  # type: ignore[method-assign]
 
 sys.argv[0] = "starling"
 main()

@@ -81,8 +81,9 @@ def commit_record(
     `exclusions`: shard → node id → why its owner left that participant out."""
     exclusions = exclusions or {}
     participants = [p["node_id"] for p in plan["participants"]]
-    include = set(participants)
-    excluded: dict[str, str] = {}
+    # Owners whose report an audit found false are out of the round (see the service).
+    excluded: dict[str, str] = dict(plan.get("barred", {}))
+    include = set(participants) - set(excluded)
     weights: dict[str, Counter[int]] = {n: Counter() for n in participants}
     shards = []
     for shard in range(len(plan["bounds"]) - 1):

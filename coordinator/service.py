@@ -32,6 +32,9 @@ from starling.coordination import (
 )
 from starling.diloco import GlobalState
 from starling.exchange import ExchangePeer, PeerConfig, PeerEndpoint, RoundSpec, ShardPlan
+from starling.exchange.audit import ForgedEvidence, false_rejections
+from starling.exchange.client import ExchangeError
+from starling.exchange.owner import REJECTED
 from starling.exchange.transport import SERVER_OPTIONS, is_loopback
 from starling.identity import (
     PUBLIC_KEY_BYTES,
@@ -55,6 +58,9 @@ CLOCK_SKEW_S = 60.0  # signed timestamps further off than this are refused
 STALE_ROUNDS = 8  # an auth round this far behind the current one must resync first
 LONG_POLL_MAX_S = 30.0
 REPORT_GRACE_S = 5.0  # owners' reports may arrive this long after the exchange deadline
+# An audited owner has this long to serve the evidence behind its report: every
+# contribution to one shard, so it is a shard's worth of uploads at its uplink.
+AUDIT_TIMEOUT_S = 60.0
 TICK_S = 0.2
 DIAL_BACK_TIMEOUT_S = 3.0
 MAX_REPORTED_TOKENS = 1 << 40
@@ -142,6 +148,9 @@ class Coordinator:
         self._tasks: list[asyncio.Task[None]] = []
         self._changed = asyncio.Event()
         self._owned_rounds: set[tuple[int, int]] = set()  # (round, plan generation) reported
+        # (round, shard, owner) → None while its report's offences are audited, then
+        # (why the report is void, or "" when it holds; whether the lie is proven).
+        self._audits: dict[tuple[int, int, str], tuple[str, bool] | None] = {}
         self._uploading: set[int] = set()  # checkpoint rounds being received
         self.bound_port: int | None = None
 
@@ -1085,6 +1094,12 @@ class Coordinator:
                 await self._own_shards(updated)
             self._notify()
             return
+        verdicts = self._audited(round_, reports)
+        if verdicts is None:
+            return  # audits under way: each calls _advance when it ends
+        if verdicts:
+            await self._void_reports(round_, reports, verdicts, now)
+            return
         record = rounds.commit_record(
             round_.round,
             plan,
@@ -1119,6 +1134,96 @@ class Coordinator:
                 await asyncio.to_thread(self.peer.decide, round_.round, set(record["contributors"]))
             except ValueError as err:  # a shard we owned but skipped
                 log.warning("round %d: %s", round_.round, err)
+        self._notify()
+
+    def _audited(
+        self, round_: Round, reports: dict[int, tuple[str, list[dict[str, Any]]]]
+    ) -> dict[str, tuple[str, bool]] | None:
+        """Owner → (why its reports are void, whether the lie is proven), for owners
+        that reported offences the evidence does not bear out (starling.exchange.audit);
+        None while an audit runs. Reports with no offence in them are not audited, nor
+        this coordinator's own."""
+        me = self._coordinator_peer()["node_id"]
+        verdicts: dict[str, tuple[str, bool]] = {}
+        pending = False
+        for shard, excluded in sorted(self.store.shard_exclusions(round_.round).items()):
+            claimed = {n: why for n, why in excluded.items() if why.startswith(REJECTED)}
+            owner = reports[shard][0] if shard in reports else me
+            if not claimed or owner == me or self.peer is None:
+                continue
+            key = (round_.round, shard, owner)
+            if key not in self._audits:
+                self._audits[key] = None
+                self._tasks.append(asyncio.create_task(self._audit(round_, shard, claimed)))
+            verdict = self._audits[key]
+            if verdict is None:
+                pending = True
+            elif verdict[0]:
+                verdicts.setdefault(owner, verdict)
+        for old in [k for k in self._audits if k[0] < round_.round - 8]:
+            del self._audits[old]
+        return None if pending else verdicts
+
+    async def _audit(self, round_: Round, shard: int, claimed: dict[str, str]) -> None:
+        assert self.peer is not None
+        spec = self._spec(round_)
+        owner = spec.owners[shard]
+        screening = self.config.defences.screen
+        direction = self.config.defences.screen_direction
+        try:
+            evidence = await asyncio.to_thread(
+                self.peer.fetch_evidence, owner, spec.round, shard, AUDIT_TIMEOUT_S
+            )
+            false = await asyncio.to_thread(
+                false_rejections, spec, shard, evidence, claimed, screening, direction
+            )
+            verdict = "; ".join(f"reported {n} as an offender, but {w}" for n, w in false.items())
+            proven = bool(false)
+        except ForgedEvidence as err:
+            verdict, proven = f"served forged evidence: {err}", True
+        except ExchangeError as err:
+            verdict, proven = f"did not serve the evidence for its report: {err}", False
+        self._audits[(spec.round, shard, owner.node_id)] = (verdict, proven)
+        if verdict:
+            log.warning(
+                "round %d: owner %s of shard %d %s", spec.round, owner.node_id, shard, verdict
+            )
+        await self._advance()
+
+    async def _void_reports(
+        self,
+        round_: Round,
+        reports: dict[int, tuple[str, list[dict[str, Any]]]],
+        verdicts: dict[str, tuple[str, bool]],
+        now: float,
+    ) -> None:
+        """Every report of an owner whose report was false is void: its shards go to this
+        coordinator (or are skipped, if reassigned once already) and are pushed again;
+        the owner is out of the round, and banned when the lie is proven (a claim its
+        own signed evidence contradicts), never the contributor it framed."""
+        assert round_.plan is not None
+        plan = json.loads(json.dumps(round_.plan))
+        me = self._coordinator_peer()
+        barred = plan.setdefault("barred", {})
+        with self.store.transaction():
+            for shard, (owner, _) in sorted(reports.items()):
+                if owner not in verdicts:
+                    continue
+                why = f"owner {owner} {verdicts[owner][0]}"
+                self.store.delete_shard_report(round_.round, shard)
+                if str(shard) in plan["reassigned"]:
+                    plan["skipped"][str(shard)] = f"{why}: skipped"
+                else:
+                    plan["owners"][shard] = me
+                    plan["reassigned"][str(shard)] = f"{why}: reassigned"
+            for owner, (verdict, proven) in verdicts.items():
+                barred[owner] = f"its report as a shard owner was false: {verdict}"
+                if proven:
+                    self.store.set_node_state(owner, "banned", f"a lying shard owner: {verdict}")
+                    log.warning("banned %s: a lying shard owner", owner)
+            plan["deadline"] = now + self.config.round.exchange_deadline_s
+            updated = self._put(round_, plan=plan)
+        await self._own_shards(updated)
         self._notify()
 
     def _wire_bytes(self, round_: int) -> int:

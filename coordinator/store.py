@@ -530,6 +530,10 @@ class Store:
             (round_, shard, owner, json.dumps(held), json.dumps(excluded or {})),
         )
 
+    def delete_shard_report(self, round_: int, shard: int) -> None:
+        """Voids an owner's report (an audit found it false): the shard is reassigned."""
+        self.db.execute("DELETE FROM shard_reports WHERE round = ? AND shard = ?", (round_, shard))
+
     def shard_exclusions(self, round_: int) -> dict[int, dict[str, str]]:
         """Shard → node id → why its owner excluded that participant."""
         rows = self.db.execute(

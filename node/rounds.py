@@ -87,6 +87,7 @@ def exchange_round(
             new_spec = spec_from_state(client.run_id, state)
             moved = [s for s, o in enumerate(new_spec.owners) if o.node_id != owners[s]]
             if moved:  # dead owners' shards, reassigned: push those slices again
+                peer.supersede(spec.round, moved, [owners[s] for s in moved])
                 spec = new_spec
                 owners = [o.node_id for o in spec.owners]
                 runs.append((moved, pool.submit(peer.all_reduce, spec, payloads, tokens, moved)))

@@ -70,6 +70,19 @@ def test_skipped_and_reassigned_shards_are_recorded() -> None:
     assert record["contributors"] == {} and record["excluded"] == {"a": "every shard was skipped"}
 
 
+def test_an_owner_barred_for_a_false_report_is_out_of_the_round_everywhere() -> None:
+    why = "its report as a shard owner was false: reported b as an offender, but ..."
+    p = plan(["coord", "b"], ["a", "b", "liar"], barred={"liar": why})
+    reports = {
+        0: ("coord", held(("a", 10), ("b", 10), ("liar", 10))),
+        1: ("b", held(("a", 10), ("b", 10), ("liar", 10))),
+    }
+    record = rounds.commit_record(0, p, reports, 0, 1, 0)
+    assert record["contributors"] == {"a": 10, "b": 10}
+    assert record["excluded"] == {"liar": why}
+    assert rounds.offenders(record) == {}  # a lie is not a poisoned contribution
+
+
 def test_a_contributor_weighted_differently_in_two_shards_is_excluded() -> None:
     p = plan(["a", "b"], ["a", "b"])
     reports = {0: ("a", held(("a", 10), ("b", 10))), 1: ("b", held(("a", 10), ("b", 99)))}

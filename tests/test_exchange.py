@@ -27,6 +27,7 @@ from starling.exchange import (
     ShardPlan,
     encode_shards,
 )
+from starling.exchange.audit import false_rejections
 from starling.exchange.harness import payload_of
 from starling.exchange.owner import weighted_mean_f64
 from starling.exchange.transport import CHUNK_BYTES
@@ -469,8 +470,30 @@ def test_a_copy_of_another_contribution_and_a_stale_one_are_rejected(make_peers)
     assert raw.send(raw.header(honest, original), [original]) == code.OK
     # Signed by the copycat itself, so the signature verifies: only the bytes give it away.
     assert raw.send(raw.header(copycat, original), [original]) == code.OK
+    stub = peer_pb2_grpc.PeerStub(raw.channel)
+
+    def evidence_status(run_id: str = RUN, shard: int = 0) -> grpc.StatusCode:
+        request = peer_pb2.FetchEvidenceRequest(run_id=run_id, round=7, shard=shard)
+        try:
+            list(stub.FetchEvidence(request, timeout=20))
+        except grpc.RpcError as err:
+            return err.code()
+        return code.OK
+
+    assert evidence_status() == code.FAILED_PRECONDITION  # the shard is still open
     mine = codec.encode(payload_of(2, numel))
     assert raw.send(raw.header(other, mine), [mine]) == code.OK  # the last one: commits
+    assert evidence_status(run_id="another") == code.FAILED_PRECONDITION
+    assert evidence_status(shard=1) == code.NOT_FOUND
+    # What the coordinator audits: every signed contribution, in the owner's order, and
+    # the owner's claim that the copycat offended holds up against them.
+    assert owner.endpoint is not None
+    evidence = owner.fetch_evidence(owner.endpoint, 7, 0, timeout=20)
+    assert [e.header.sender for e in evidence] == [honest.node_id, copycat.node_id, other.node_id]
+    assert [e.payload for e in evidence] == [original, original, mine]
+    claims = {copycat.node_id: "rejected: a copy", other.node_id: "rejected: invented"}
+    false = false_rejections(raw.spec, 0, evidence, claims, screening=True, direction=False)
+    assert false == {other.node_id: "its contribution passes every check"}
     messages = list(
         peer_pb2_grpc.PeerStub(raw.channel).FetchMean(
             peer_pb2.FetchMeanRequest(run_id=RUN, round=7, shard=0), timeout=20

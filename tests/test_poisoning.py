@@ -51,3 +51,42 @@ def test_a_sign_flipping_node_is_excluded_every_round_then_banned(e2e) -> None: 
     assert (state, offences) == ("banned", 3) and reason.startswith("rejected in 3 rounds")
     assert_agree(run.fingerprints("a"), run.fingerprints("b"))
     assert_agree(run.fingerprints("a"), run.fingerprints("c"))
+
+
+def test_an_owner_that_frames_an_honest_contributor_is_banned_and_the_contributor_kept(
+    e2e,  # noqa: F811
+) -> None:
+    """A lying owner reports an honest contributor of its shard as a norm outlier. The
+    coordinator audits the report against the signed contributions behind it, finds the
+    claim false, bans the owner and reassigns its shard; the framed node stays in."""
+    run = e2e(min_nodes=4)
+    for name in HONEST:
+        run.join(name, "--max-rounds", "3")
+    run.join("liar", launcher=(str(POISONED_NODE), "frame"))
+    assert run.nodes["liar"].wait(300) == 3, run.log("liar")  # refused once banned
+    assert "this node is banned" in run.log("liar")
+    for name in HONEST:
+        assert run.nodes[name].wait(300) == 0, run.log(name)
+    framed = [line for line in run.log("liar").splitlines() if "FRAMED" in line]
+    assert framed, run.log("liar")
+    honest = {node_id(run, n) for n in HONEST}
+    liar = node_id(run, "liar")
+    commits = run.commits()
+    for round_, commit in commits.items():
+        assert set(commit["contributors"]) == honest, (round_, commit)  # the framed kept
+        assert not set(commit["excluded"]) & honest, (round_, commit)
+    first = commits[min(commits)]
+    assert "its report as a shard owner was false" in first["excluded"][liar]
+    voided = [s for s in first["shards"] if "as an offender, but" in s["detail"]]
+    assert voided and all(s["status"] == "reassigned" for s in voided), first["shards"]
+    assert "its contribution passes every check" in voided[0]["detail"]
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{run.run_dir / 'coordinator.db'}?mode=ro", uri=True)
+    rows = dict(db.execute("SELECT node_id, state FROM nodes").fetchall())
+    offences = dict(db.execute("SELECT node_id, offences FROM nodes").fetchall())
+    db.close()
+    assert rows[liar] == "banned"
+    assert all(offences[n] == 0 for n in honest), offences  # nobody framed was counted
+    assert_agree(run.fingerprints("a"), run.fingerprints("b"))
+    assert_agree(run.fingerprints("a"), run.fingerprints("c"))

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from starling.codecs import CodecError, make_codec
+from starling.exchange.audit import Evidence
 from starling.exchange.framing import PeerCalls, data_message, unpack
 from starling.exchange.owner import ExchangeAbort, OwnerService
 from starling.exchange.plan import PeerEndpoint, RoundSpec
@@ -134,6 +135,11 @@ class ExchangeClient:
         self.download = download
         self.connect_timeout = connect_timeout
         self.streams = streams  # pushes (then fetches) in flight at once
+        # (round, shard) → fetches of that shard's mean in flight, so that a fetch from
+        # an owner the shard was taken from (it died, stalled or lied: see supersede)
+        # stops instead of holding the fetch window until its long poll times out.
+        self._fetching: dict[tuple[int, int], set[asyncio.Task[Any]]] = {}
+        self._superseded: set[tuple[int, int, str]] = set()  # (round, shard, old owner)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls_by_address: dict[str, PeerCalls] = {}
 
@@ -184,7 +190,7 @@ class ExchangeClient:
             outcome.push_done_s = time.monotonic() - started
 
         async def fetch(outcome: ShardOutcome) -> None:
-            await self._gather_shard(spec, outcome, mean, local, window)
+            await self._gather_superseded(spec, outcome, mean, local, window)
             outcome.pushed = self.identity.node_id in outcome.contributors
             outcome.mean_done_s = time.monotonic() - started
 
@@ -197,6 +203,47 @@ class ExchangeClient:
         _zero_missing(spec, outcomes, mean)
         traffic = self.ledger.of_round(spec.round)
         return RoundResult(spec.round, mean, outcomes, traffic, time.monotonic() - started)
+
+    def supersede(self, round_: int, shards: Collection[int], old_owners: Collection[str]) -> None:
+        """The coordinator moved `shards` of `round_` away from `old_owners`: fetches of
+        their means from those owners stop now (each shard is then missing from that
+        fetch's result; the new owner's fetch supplies it)."""
+        for shard, owner in zip(shards, old_owners, strict=True):
+            self._superseded.add((round_, shard, owner))
+            for task in self._fetching.get((round_, shard), set()):
+                if getattr(task, "starling_owner", None) == owner:
+                    task.cancel()
+        for old in [k for k in self._superseded if k[0] < round_ - 8]:
+            self._superseded.discard(old)
+
+    async def _gather_superseded(
+        self,
+        spec: RoundSpec,
+        outcome: ShardOutcome,
+        mean: torch.Tensor,
+        local: OwnerService | None,
+        window: asyncio.Semaphore | None,
+    ) -> None:
+        """_gather_shard, cancelled by supersede() when the shard moves to another owner."""
+        key = (spec.round, outcome.shard)
+        if (*key, outcome.owner) in self._superseded:
+            outcome.error = "the shard was reassigned"
+            return
+        task = asyncio.current_task()
+        assert task is not None
+        task.starling_owner = outcome.owner  # type: ignore[attr-defined]
+        self._fetching.setdefault(key, set()).add(task)
+        try:
+            await self._gather_shard(spec, outcome, mean, local, window)
+        except asyncio.CancelledError:
+            if (*key, outcome.owner) not in self._superseded:
+                raise
+            task.uncancel()
+            outcome.error = "the shard was reassigned"
+        finally:
+            self._fetching[key].discard(task)
+            if not self._fetching[key]:
+                del self._fetching[key]
 
     async def gather(self, spec: RoundSpec, local: OwnerService | None = None) -> RoundResult:
         """Fetches every shard's committed mean of `spec.round` without contributing: how
@@ -239,6 +286,36 @@ class ExchangeClient:
         return GlobalStateDownload(
             header.round, state.params, state.momentum, header.fingerprint, header.sha256
         )
+
+    async def fetch_evidence(
+        self, endpoint: PeerEndpoint, run_id: str, round_: int, shard: int, timeout: float
+    ) -> list[Evidence]:
+        """The signed contributions behind `endpoint`'s report of `shard` (an audit),
+        in the owner's order; their authenticity is the auditor's to check."""
+        request = peer_pb2.FetchEvidenceRequest(run_id=run_id, round=round_, shard=shard)
+        evidence: list[Evidence] = []
+        header: peer_pb2.ContributionHeader | None = None
+        payload = bytearray()
+        try:
+            calls = await self._calls(endpoint)
+            async for item in calls.fetch_evidence(request, timeout=timeout):
+                message, data, size = unpack(item)
+                self.ledger.received(round_, endpoint.node_id, size)
+                if message is not None:
+                    if header is not None:
+                        evidence.append(Evidence(header, bytes(payload)))
+                    header, payload = message.header, bytearray()
+                elif header is None or len(payload) + len(data or b"") > header.payload_bytes:
+                    raise ExchangeError(endpoint.node_id, "evidence stream out of order")
+                else:
+                    payload += data or b""
+        except grpc.aio.AioRpcError as err:
+            raise ExchangeError(endpoint.node_id, err.details() or "", err.code()) from None
+        except (OSError, ConnectionError) as err:
+            raise ExchangeError(endpoint.node_id, str(err)) from None
+        if header is not None:
+            evidence.append(Evidence(header, bytes(payload)))
+        return evidence
 
     # --- internals ------------------------------------------------------------------
 

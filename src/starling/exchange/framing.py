@@ -128,10 +128,15 @@ def add_peer_service(
             request_deserializer=peer_pb2.FetchStateRequest.FromString,
             response_serializer=serialize,
         ),
+        "FetchEvidence": grpc.unary_stream_rpc_method_handler(
+            servicer.FetchEvidence,
+            request_deserializer=peer_pb2.FetchEvidenceRequest.FromString,
+            response_serializer=serialize,
+        ),
     }
     # The global state is a whole-model download: a node asks for it once when it
-    # joins or falls behind.
-    costs = {"FetchState": 10.0}
+    # joins or falls behind; evidence is every contribution to a shard.
+    costs = {"FetchState": 10.0, "FetchEvidence": 10.0}
     generic = grpc.method_handlers_generic_handler(PEER_SERVICE, guarded(handlers, throttle, costs))
     server.add_generic_rpc_handlers((generic,))
 
@@ -154,4 +159,9 @@ class PeerCalls:
             f"/{PEER_SERVICE}/FetchState",
             request_serializer=peer_pb2.FetchStateRequest.SerializeToString,
             response_deserializer=parser(peer_pb2.StateChunk),
+        )
+        self.fetch_evidence = channel.unary_stream(
+            f"/{PEER_SERVICE}/FetchEvidence",
+            request_serializer=peer_pb2.FetchEvidenceRequest.SerializeToString,
+            response_deserializer=parser(peer_pb2.ContributionChunk),
         )

@@ -39,6 +39,9 @@ MAX_TOKENS = (1 << 29) - 1
 # No run gets near 2**32 rounds (136 years at one a second): a round number past it is a
 # malformed request, not a round this owner has yet to open.
 MAX_ROUND = 1 << 32
+# Rounds an owner keeps the signed contributions behind its reports, for audits (the
+# coordinator audits a report before it commits the round).
+EVIDENCE_ROUNDS = 2
 # Exclusion reasons that start with this mark an offence (a poisoned contribution), not
 # a fault such as a missed deadline: the coordinator bans repeat offenders.
 REJECTED = "rejected"
@@ -86,6 +89,10 @@ class _ShardReduction:
     committing: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
     mean: CommittedMean | None = None
+    # Every signed contribution received in full, held or refused, in arrival order
+    # (sender → header, payload; b"" for one refused on its header): what an audit of
+    # this owner's report recomputes from (FetchEvidence). Kept for EVIDENCE_ROUNDS.
+    evidence: dict[str, tuple[peer_pb2.ContributionHeader, bytes]] = field(default_factory=dict)
 
     @property
     def numel(self) -> int:
@@ -153,6 +160,9 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             self._reductions[(spec.round, shard)] = reduction
             delay = max(0.0, spec.deadline - time.time())
             loop.call_later(delay, self._commit_soon, reduction)
+        for (r, _), reduction in self._reductions.items():
+            if r <= spec.round - EVIDENCE_ROUNDS:
+                reduction.evidence.clear()
         for old in [r for r in self._specs if r <= spec.round - self.keep_rounds]:
             del self._specs[old]
             for key in [k for k in self._reductions if k[0] == old]:
@@ -325,6 +335,32 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             self.ledger.sent(state.round, peer, len(message))
             yield message
 
+    async def FetchEvidence(
+        self, request: peer_pb2.FetchEvidenceRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        try:
+            self._check_run(request.run_id)
+            reduction = self._reduction(request.round, request.shard)
+            if not reduction.closed_event.is_set():
+                raise ExchangeAbort(
+                    grpc.StatusCode.FAILED_PRECONDITION, f"shard {request.shard} is still open"
+                )
+            if request.round <= max(self._specs) - EVIDENCE_ROUNDS:
+                raise ExchangeAbort(
+                    grpc.StatusCode.NOT_FOUND, f"evidence of round {request.round} is not kept"
+                )
+        except ExchangeAbort as err:
+            await context.abort(err.code, str(err))
+            return
+        peer = context.peer()
+        for header, payload in list(reduction.evidence.values()):
+            first = peer_pb2.ContributionChunk(header=header)
+            messages = stream_messages(first, payload, CHUNK_BYTES)
+            for message in messages:
+                await self.upload.consume(len(message))
+                self.ledger.sent(request.round, peer, len(message))
+                yield message
+
     # --- internals ------------------------------------------------------------------
 
     def _check_run(self, run_id: str) -> None:
@@ -385,8 +421,10 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
                 grpc.StatusCode.DEADLINE_EXCEEDED, f"shard {header.shard} already committed"
             )
         try:
-            _check_fits(header, reduction)
+            check_fits(header, reduction.codec, reduction.numel)
         except ExchangeAbort as err:
+            if not reduction.closed:
+                reduction.evidence.setdefault(header.sender, (header, b""))
             self._reject(reduction, header.sender, err)
             raise
         return reduction
@@ -475,7 +513,8 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         header: peer_pb2.ContributionHeader,
         payload: bytes | bytearray,
     ) -> None:
-        """Decodes a complete, hash-checked payload and holds it for the mean."""
+        """Decodes a complete, hash-checked payload and holds it for the mean (and as
+        evidence, in the order the screen sees the held ones)."""
 
         def check_and_decode() -> torch.Tensor:
             try:
@@ -488,6 +527,8 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         try:
             values = await asyncio.to_thread(check_and_decode)
         except ExchangeAbort as err:
+            if not reduction.closed:
+                reduction.evidence.setdefault(header.sender, (header, bytes(payload)))
             self._reject(reduction, header.sender, err)
             raise
         if reduction.closed:
@@ -501,6 +542,7 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
                 f"excluded from this round: {reduction.excluded[header.sender]}",
             )
         reduction.held[header.sender] = _Held(header.tokens, header.payload_hash, values)
+        reduction.evidence[header.sender] = (header, bytes(payload))
         reduction.accepted.add(header.sender)
         if not reduction.waiting_for():
             self._commit_soon(reduction)
@@ -612,21 +654,19 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         reduction.done.set()
 
 
-def _check_fits(header: peer_pb2.ContributionHeader, reduction: _ShardReduction) -> None:
+def check_fits(header: peer_pb2.ContributionHeader, codec: Codec, numel: int) -> None:
+    """A signed header that does not fit the round (codec, length, tokens, size): an
+    offence of its sender."""
     invalid = grpc.StatusCode.INVALID_ARGUMENT
-    if header.codec_id != reduction.codec.codec_id:
-        raise ExchangeAbort(
-            invalid, f"codec {header.codec_id}, the run uses {reduction.codec.codec_id}"
-        )
-    if header.numel != reduction.numel:
-        raise ExchangeAbort(
-            invalid, f"shard {header.shard} has {reduction.numel} values, not {header.numel}"
-        )
+    if header.codec_id != codec.codec_id:
+        raise ExchangeAbort(invalid, f"codec {header.codec_id}, the run uses {codec.codec_id}")
+    if header.numel != numel:
+        raise ExchangeAbort(invalid, f"shard {header.shard} has {numel} values, not {header.numel}")
     if not 0 < header.tokens <= MAX_TOKENS:
         raise ExchangeAbort(invalid, f"tokens must be in 1..{MAX_TOKENS}, got {header.tokens}")
     if len(header.payload_hash) != HASH_BYTES:
         raise ExchangeAbort(invalid, "payload_hash must be 32 bytes")
-    expected = reduction.codec.encoded_size(reduction.numel)
+    expected = codec.encoded_size(numel)
     if header.payload_bytes > expected:
         raise ExchangeAbort(
             grpc.StatusCode.RESOURCE_EXHAUSTED,

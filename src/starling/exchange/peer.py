@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from safetensors.torch import save as save_safetensors
 
+from starling.exchange.audit import Evidence
 from starling.exchange.client import ExchangeClient, GlobalStateDownload, RoundResult
 from starling.exchange.framing import add_peer_service
 from starling.exchange.owner import OwnerService
@@ -195,6 +196,17 @@ class ExchangePeer:
 
     def fetch_state(self, endpoint: PeerEndpoint) -> GlobalStateDownload:
         return self._run(self.client.fetch_state(endpoint, self.config.run_id))
+
+    def supersede(self, round_: int, shards: list[int], old_owners: list[str]) -> None:
+        """Stops fetching the means of `shards` from the owners they were moved from."""
+        self._run(_call(lambda: self.client.supersede(round_, shards, old_owners)))
+
+    def fetch_evidence(
+        self, endpoint: PeerEndpoint, round_: int, shard: int, timeout: float
+    ) -> list[Evidence]:
+        return self._run(
+            self.client.fetch_evidence(endpoint, self.config.run_id, round_, shard, timeout)
+        )
 
     def traffic(self, round_: int) -> dict[str, Traffic]:
         """Bytes sent to / received from each peer in `round_`, client and owner alike."""

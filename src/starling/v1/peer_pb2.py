@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16starling/v1/peer.proto\x12\x0bstarling.v1\"\xc3\x01\n\x12\x43ontributionHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\r\n\x05shard\x18\x04 \x01(\r\x12\x10\n\x08\x63odec_id\x18\x05 \x01(\r\x12\r\n\x05numel\x18\x06 \x01(\x04\x12\x0e\n\x06tokens\x18\x07 \x01(\x04\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cpayload_hash\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\"^\n\x11\x43ontributionChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.starling.v1.ContributionHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"<\n\x0bPushReceipt\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x15\n\rcontributions\x18\x02 \x01(\r\"S\n\x10\x46\x65tchMeanRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x11\n\trequester\x18\x04 \x01(\t\"D\n\x0b\x43ontributor\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x14\n\x0cpayload_hash\x18\x03 \x01(\x0c\",\n\tExclusion\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8a\x02\n\nMeanHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x10\n\x08\x63odec_id\x18\x04 \x01(\r\x12\r\n\x05numel\x18\x05 \x01(\x04\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cpayload_hash\x18\x07 \x01(\x0c\x12.\n\x0c\x63ontributors\x18\x08 \x03(\x0b\x32\x18.starling.v1.Contributor\x12(\n\x08\x65xcluded\x18\t \x03(\x0b\x32\x16.starling.v1.Exclusion\x12\r\n\x05owner\x18\n \x01(\t\x12\x17\n\x0fowner_signature\x18\x0b \x01(\x0c\"N\n\tMeanChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.starling.v1.MeanHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"6\n\x11\x46\x65tchStateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\"f\n\x0bStateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\"P\n\nStateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.starling.v1.StateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind2\xe5\x01\n\x04Peer\x12N\n\x10PushContribution\x12\x1e.starling.v1.ContributionChunk\x1a\x18.starling.v1.PushReceipt(\x01\x12\x44\n\tFetchMean\x12\x1d.starling.v1.FetchMeanRequest\x1a\x16.starling.v1.MeanChunk0\x01\x12G\n\nFetchState\x12\x1e.starling.v1.FetchStateRequest\x1a\x17.starling.v1.StateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16starling/v1/peer.proto\x12\x0bstarling.v1\"\xc3\x01\n\x12\x43ontributionHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\r\n\x05shard\x18\x04 \x01(\r\x12\x10\n\x08\x63odec_id\x18\x05 \x01(\r\x12\r\n\x05numel\x18\x06 \x01(\x04\x12\x0e\n\x06tokens\x18\x07 \x01(\x04\x12\x15\n\rpayload_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cpayload_hash\x18\t \x01(\x0c\x12\x11\n\tsignature\x18\n \x01(\x0c\"^\n\x11\x43ontributionChunk\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32\x1f.starling.v1.ContributionHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"<\n\x0bPushReceipt\x12\x16\n\x0e\x62ytes_received\x18\x01 \x01(\x04\x12\x15\n\rcontributions\x18\x02 \x01(\r\"D\n\x14\x46\x65tchEvidenceRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05shard\x18\x03 \x01(\r\"S\n\x10\x46\x65tchMeanRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x11\n\trequester\x18\x04 \x01(\t\"D\n\x0b\x43ontributor\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06tokens\x18\x02 \x01(\x04\x12\x14\n\x0cpayload_hash\x18\x03 \x01(\x0c\",\n\tExclusion\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x8a\x02\n\nMeanHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\r\n\x05shard\x18\x03 \x01(\r\x12\x10\n\x08\x63odec_id\x18\x04 \x01(\r\x12\r\n\x05numel\x18\x05 \x01(\x04\x12\x15\n\rpayload_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cpayload_hash\x18\x07 \x01(\x0c\x12.\n\x0c\x63ontributors\x18\x08 \x03(\x0b\x32\x18.starling.v1.Contributor\x12(\n\x08\x65xcluded\x18\t \x03(\x0b\x32\x16.starling.v1.Exclusion\x12\r\n\x05owner\x18\n \x01(\t\x12\x17\n\x0fowner_signature\x18\x0b \x01(\x0c\"N\n\tMeanChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.starling.v1.MeanHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind\"6\n\x11\x46\x65tchStateRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\"f\n\x0bStateHeader\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\x12\x13\n\x0b\x66ingerprint\x18\x05 \x01(\t\"P\n\nStateChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.starling.v1.StateHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04kind2\xbb\x02\n\x04Peer\x12N\n\x10PushContribution\x12\x1e.starling.v1.ContributionChunk\x1a\x18.starling.v1.PushReceipt(\x01\x12\x44\n\tFetchMean\x12\x1d.starling.v1.FetchMeanRequest\x1a\x16.starling.v1.MeanChunk0\x01\x12G\n\nFetchState\x12\x1e.starling.v1.FetchStateRequest\x1a\x17.starling.v1.StateChunk0\x01\x12T\n\rFetchEvidence\x12!.starling.v1.FetchEvidenceRequest\x1a\x1e.starling.v1.ContributionChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,22 +37,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTRIBUTIONCHUNK']._serialized_end=331
   _globals['_PUSHRECEIPT']._serialized_start=333
   _globals['_PUSHRECEIPT']._serialized_end=393
-  _globals['_FETCHMEANREQUEST']._serialized_start=395
-  _globals['_FETCHMEANREQUEST']._serialized_end=478
-  _globals['_CONTRIBUTOR']._serialized_start=480
-  _globals['_CONTRIBUTOR']._serialized_end=548
-  _globals['_EXCLUSION']._serialized_start=550
-  _globals['_EXCLUSION']._serialized_end=594
-  _globals['_MEANHEADER']._serialized_start=597
-  _globals['_MEANHEADER']._serialized_end=863
-  _globals['_MEANCHUNK']._serialized_start=865
-  _globals['_MEANCHUNK']._serialized_end=943
-  _globals['_FETCHSTATEREQUEST']._serialized_start=945
-  _globals['_FETCHSTATEREQUEST']._serialized_end=999
-  _globals['_STATEHEADER']._serialized_start=1001
-  _globals['_STATEHEADER']._serialized_end=1103
-  _globals['_STATECHUNK']._serialized_start=1105
-  _globals['_STATECHUNK']._serialized_end=1185
-  _globals['_PEER']._serialized_start=1188
-  _globals['_PEER']._serialized_end=1417
+  _globals['_FETCHEVIDENCEREQUEST']._serialized_start=395
+  _globals['_FETCHEVIDENCEREQUEST']._serialized_end=463
+  _globals['_FETCHMEANREQUEST']._serialized_start=465
+  _globals['_FETCHMEANREQUEST']._serialized_end=548
+  _globals['_CONTRIBUTOR']._serialized_start=550
+  _globals['_CONTRIBUTOR']._serialized_end=618
+  _globals['_EXCLUSION']._serialized_start=620
+  _globals['_EXCLUSION']._serialized_end=664
+  _globals['_MEANHEADER']._serialized_start=667
+  _globals['_MEANHEADER']._serialized_end=933
+  _globals['_MEANCHUNK']._serialized_start=935
+  _globals['_MEANCHUNK']._serialized_end=1013
+  _globals['_FETCHSTATEREQUEST']._serialized_start=1015
+  _globals['_FETCHSTATEREQUEST']._serialized_end=1069
+  _globals['_STATEHEADER']._serialized_start=1071
+  _globals['_STATEHEADER']._serialized_end=1173
+  _globals['_STATECHUNK']._serialized_start=1175
+  _globals['_STATECHUNK']._serialized_end=1255
+  _globals['_PEER']._serialized_start=1258
+  _globals['_PEER']._serialized_end=1573
 # @@protoc_insertion_point(module_scope)

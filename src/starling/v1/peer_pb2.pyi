@@ -46,6 +46,16 @@ class PushReceipt(_message.Message):
     contributions: int
     def __init__(self, bytes_received: _Optional[int] = ..., contributions: _Optional[int] = ...) -> None: ...
 
+class FetchEvidenceRequest(_message.Message):
+    __slots__ = ("run_id", "round", "shard")
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    run_id: str
+    round: int
+    shard: int
+    def __init__(self, run_id: _Optional[str] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ...) -> None: ...
+
 class FetchMeanRequest(_message.Message):
     __slots__ = ("run_id", "round", "shard", "requester")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]

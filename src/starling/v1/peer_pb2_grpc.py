@@ -50,6 +50,11 @@ class PeerStub:
                 request_serializer=starling_dot_v1_dot_peer__pb2.FetchStateRequest.SerializeToString,
                 response_deserializer=starling_dot_v1_dot_peer__pb2.StateChunk.FromString,
                 _registered_method=True)
+        self.FetchEvidence = channel.unary_stream(
+                '/starling.v1.Peer/FetchEvidence',
+                request_serializer=starling_dot_v1_dot_peer__pb2.FetchEvidenceRequest.SerializeToString,
+                response_deserializer=starling_dot_v1_dot_peer__pb2.ContributionChunk.FromString,
+                _registered_method=True)
 
 
 class PeerServicer:
@@ -84,6 +89,19 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchEvidence(self, request, context):
+        """Streams the signed contributions behind this owner's report of one shard, for an
+        audit of the offences it reported (the coordinator recomputes every rejection from
+        them): for each contribution it received, in arrival order, its ContributionChunk
+        header, then data chunks carrying exactly header.payload_bytes (none for a
+        contribution refused on its header alone). Served once the shard closed, for the
+        last two rounds. FAILED_PRECONDITION if the shard is still open; NOT_FOUND if this
+        owner does not own it or no longer keeps the round.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PeerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -101,6 +119,11 @@ def add_PeerServicer_to_server(servicer, server):
                     servicer.FetchState,
                     request_deserializer=starling_dot_v1_dot_peer__pb2.FetchStateRequest.FromString,
                     response_serializer=starling_dot_v1_dot_peer__pb2.StateChunk.SerializeToString,
+            ),
+            'FetchEvidence': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchEvidence,
+                    request_deserializer=starling_dot_v1_dot_peer__pb2.FetchEvidenceRequest.FromString,
+                    response_serializer=starling_dot_v1_dot_peer__pb2.ContributionChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -185,6 +208,33 @@ class Peer:
             '/starling.v1.Peer/FetchState',
             starling_dot_v1_dot_peer__pb2.FetchStateRequest.SerializeToString,
             starling_dot_v1_dot_peer__pb2.StateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchEvidence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/starling.v1.Peer/FetchEvidence',
+            starling_dot_v1_dot_peer__pb2.FetchEvidenceRequest.SerializeToString,
+            starling_dot_v1_dot_peer__pb2.ContributionChunk.FromString,
             options,
             channel_credentials,
             insecure,

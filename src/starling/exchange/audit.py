@@ -1,0 +1,112 @@
+"""Auditing an owner's report: is every offence it claims true?
+
+An owner that reports an honest contributor as an offender ("rejected: ...") would get
+it excluded and, in time, banned. So before a round commits, the coordinator fetches the
+signed contributions behind every report that claims an offence (Peer.FetchEvidence)
+and recomputes each claim with the owner's own checks: the header against the round
+(`check_fits`), the payload against the codec, then `robust.screen` over the decodable
+contributions in the order the owner held them. The owner cannot forge evidence (each
+contribution is signed by its sender and carries its payload's hash), so a claim the
+evidence does not bear out is the owner's lie.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starling.codecs import CodecError, make_codec
+from starling.exchange.owner import ExchangeAbort, check_fits
+from starling.exchange.plan import RoundSpec
+from starling.identity import contribution_message, payload_hash, verify
+from starling.robust import screen
+from starling.v1 import peer_pb2
+
+
+class ForgedEvidence(Exception):
+    """Evidence that no honest owner can serve: a header that does not verify, a payload
+    that does not match its hash, another round's or shard's contribution."""
+
+
+@dataclass(frozen=True)
+class Evidence:
+    header: peer_pb2.ContributionHeader
+    payload: bytes  # b"": refused on its header alone
+
+
+def false_rejections(
+    spec: RoundSpec,
+    shard: int,
+    evidence: list[Evidence],
+    claimed: dict[str, str],
+    screening: bool,
+    direction: bool,
+) -> dict[str, str]:
+    """Node id → why the owner's claim (in `claimed`: node id → its reported reason)
+    that the node's contribution to `shard` was an offence does not hold. Empty when
+    every claim holds. Raises ForgedEvidence."""
+    codec = make_codec(spec.codec)
+    numel = spec.plan.size(shard)
+    offences: dict[str, str] = {}
+    decoded = {}
+    header_only = set()  # refused on a header that fits: no offence can be shown
+    for item in evidence:
+        header = item.header
+        _check_authentic(spec, shard, item)
+        if header.sender in offences or header.sender in decoded or header.sender in header_only:
+            raise ForgedEvidence(f"two contributions of {header.sender}")
+        try:
+            check_fits(header, codec, numel)
+        except ExchangeAbort as err:
+            offences[header.sender] = str(err)
+            continue
+        if not item.payload:
+            header_only.add(header.sender)
+            continue
+        try:
+            decoded[header.sender] = (codec.decode(item.payload, numel), header)
+        except CodecError as err:
+            offences[header.sender] = f"bad payload: {err}"
+    if screening:
+        offences |= screen(
+            {n: values for n, (values, _) in decoded.items()},
+            {n: h.payload_hash for n, (_, h) in decoded.items()},
+            direction,
+            {n: h.tokens for n, (_, h) in decoded.items()},
+        )
+    false = {}
+    for node_id in sorted(claimed):
+        if node_id in offences:
+            continue
+        if node_id in decoded:
+            false[node_id] = "its contribution passes every check"
+        elif node_id in header_only:
+            false[node_id] = "its header fits the round, and nothing else was kept"
+        else:
+            false[node_id] = "no signed contribution of it in the evidence"
+    return false
+
+
+def _check_authentic(spec: RoundSpec, shard: int, item: Evidence) -> None:
+    header = item.header
+    public_key = spec.participants.get(header.sender)
+    if header.run_id != spec.run_id or header.round != spec.round or header.shard != shard:
+        raise ForgedEvidence(f"a contribution of {header.sender} to another round or shard")
+    if public_key is None:
+        raise ForgedEvidence(f"{header.sender} is not a participant")
+    message = contribution_message(
+        header.run_id,
+        header.round,
+        header.sender,
+        header.shard,
+        header.codec_id,
+        header.numel,
+        header.tokens,
+        header.payload_hash,
+    )
+    if not verify(public_key, message, header.signature):
+        raise ForgedEvidence(f"{header.sender}'s signature does not verify")
+    if item.payload and (
+        len(item.payload) != header.payload_bytes
+        or payload_hash(item.payload) != header.payload_hash
+    ):
+        raise ForgedEvidence(f"{header.sender}'s payload does not match its header")
