@@ -17,7 +17,8 @@ exchange phase, from round close to commit), deadline_s, contributions_excluded
 (reason → count), false_exclusions (honest contributions rejected as poisoned) out of
 honest_contributions (false_positive_rate), poisoned_contributions / poisoned_rejected /
 detection_rate (counted in rounds with at least 3 honest contributions: fewer cannot be
-screened), final_val_loss,
+screened), poisoned_pushes (the owners' answers to each stale, replayed, copied or
+framing message: those refused on arrival never show in a commit), final_val_loss,
 baseline_val_loss, loss_ratio, mean_exact, mean_max_abs_err, wall_s.
 """
 
@@ -230,6 +231,7 @@ class Scenario:
         started = time.time()
         end = time.monotonic() + minutes * 60
         events: Counter[str] = Counter()
+        rss_by_minute: list[float] = []  # MB: growth that levels off is not a leak
         while time.monotonic() < end:
             time.sleep(rng.uniform(0.5, 1.5) * every_s)
             alive = [i for i, p in self.nodes.items() if p.poll() is None]
@@ -242,6 +244,9 @@ class Scenario:
                 index = max(self.nodes) + 1
                 self.nodes[index] = self._join(index, "none", max_rounds=1_000_000)
                 events["started"] += 1
+            minute = int((time.time() - started) // 60)
+            if minute >= len(rss_by_minute):  # the first sample of each minute
+                rss_by_minute.append(round(rss_bytes(self.coordinator.pid) / 2**20, 1))
         ended = time.time()
         commits = sorted(
             json.loads(c)["committed"]
@@ -258,6 +263,7 @@ class Scenario:
             "coordinator_rss_start_mb": round(rss_start / 2**20, 1),
             "coordinator_rss_end_mb": round(rss_end / 2**20, 1),
             "coordinator_rss_growth": round(rss_end / rss_start - 1, 4),
+            "coordinator_rss_mb_by_minute": rss_by_minute,
         }
 
     def _join(self, index: int, kind: str, max_rounds: int | None = None) -> subprocess.Popen[str]:
@@ -415,6 +421,15 @@ def measure(scenario: Scenario) -> dict[str, Any]:
             excluded[_reason_class(reason)] += 1
             if "rejected" in reason and node_id not in poisoned_ids:
                 false_exclusions += 1
+    # What the owners answered each poisoned message (bench/poisoned_node.py's POISON
+    # lines): stale and replayed messages are refused on arrival, so they never show in
+    # a commit.
+    poisoned_pushes: Counter[str] = Counter()
+    for index in scenario.poisoned:
+        log = scenario.root / f"node{index}" / "node.log"
+        for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+            if line.startswith("POISON "):
+                poisoned_pushes[json.loads(line[len("POISON ") :])["status"]] += 1
     losses = scenario.db(
         "SELECT round, loss FROM progress WHERE loss > 0 ORDER BY round DESC, id DESC LIMIT 1"
     )
@@ -427,6 +442,7 @@ def measure(scenario: Scenario) -> dict[str, Any]:
         "honest_contributions": honest_total,
         "poisoned_contributions": poisoned_total,
         "poisoned_rejected": poisoned_rejected,
+        "poisoned_pushes": dict(poisoned_pushes),
         "final_val_loss": losses[0][1] if losses else None,
         "final_round": losses[0][0] if losses else None,
         "mean_max_abs_err": error,

@@ -10,7 +10,8 @@ tests/test_poisoning.py):
   shape      every shard's payload encodes one value too few
   stale      each remote shard gets last round's signed contribution (round r−1)
   replay     besides its own contribution, another node's signed contribution that
-             this node received as an owner last round, re-sent for this round
+             this node received as an owner last round, re-sent as it was and with
+             this round's number
   copy       on the shard it owns, another node's payload of this round instead of
              its own (its other shards carry its honest slices)
   frame      a lying owner: its own contributions are honest, but on each shard it
@@ -119,13 +120,15 @@ async def poisoned_push(
         return
     sent[shard] = (spec.round, payload)
     await push(self, spec, shard, tokens, payload, local, window)
-    if kind == "replay" and remote:
-        for header, body in received.get(spec.round - 1, []):
-            if header.shard == shard:  # another node's signature, this round's number
-                header = type(header).FromString(header.SerializeToString())
-                header.round = spec.round
-                await _reported(_raw_push(self, spec, shard, header, body), spec, shard)
-                break
+    if kind == "replay" and shard == 0 and received.get(spec.round - 1):
+        # Another node's signed contribution that this node held as an owner last round,
+        # sent again to that shard's owner now (often this node itself): once as it was
+        # (round r−1), once with this round's number (the signature no longer verifies).
+        header, body = received[spec.round - 1][0]
+        renumbered = type(header).FromString(header.SerializeToString())
+        renumbered.round = spec.round
+        for replayed in (header, renumbered):
+            await _reported(_raw_push(self, spec, header.shard, replayed, body), spec, shard)
 
 
 async def _raw_push(

@@ -33,6 +33,13 @@ from .v1 import coordinator_pb2 as pb
 from .v1 import peer_pb2
 
 AUTH_FIELD = 15
+# A restarted coordinator is back in seconds: gRPC's own reconnect backoff (1 s growing
+# 1.6× to 120 s) left a node's channel waiting ~10 s for its next attempt. Capped at 2 s
+# (gRPC adds ±20% jitter, so a crowd of nodes does not reconnect in step).
+COORDINATOR_CHANNEL_OPTIONS = GRPC_OPTIONS + [
+    ("grpc.initial_reconnect_backoff_ms", 500),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
 SERVICE = "starling.v1.Coordinator"
 FILE_CHUNK_BYTES = 1 << 20
 M = TypeVar("M", bound=Message)
@@ -189,10 +196,10 @@ def open_coordinator_channel(url: JoinUrl, connect_timeout: float = 10.0) -> grp
     if url.fingerprint is None:
         if not is_loopback(url.host):
             raise PlaintextRefused(f"{url.address} has no certificate fingerprint")
-        return grpc.insecure_channel(url.address, options=GRPC_OPTIONS)
+        return grpc.insecure_channel(url.address, options=COORDINATOR_CHANNEL_OPTIONS)
     pem = fetch_pinned_certificate(url.host, url.port, url.fingerprint, connect_timeout)
     credentials = grpc.ssl_channel_credentials(root_certificates=pem)
-    options = GRPC_OPTIONS + [("grpc.ssl_target_name_override", TLS_SERVER_NAME)]
+    options = COORDINATOR_CHANNEL_OPTIONS + [("grpc.ssl_target_name_override", TLS_SERVER_NAME)]
     return grpc.secure_channel(url.address, credentials, options=options)
 
 

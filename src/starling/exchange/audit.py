@@ -15,9 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from starling.codecs import CodecError, make_codec
-from starling.exchange.owner import ExchangeAbort, check_fits
+from starling.exchange.owner import ExchangeAbort, check_fits, signed_by
 from starling.exchange.plan import RoundSpec
-from starling.identity import contribution_message, payload_hash, verify
+from starling.identity import payload_hash
 from starling.robust import screen
 from starling.v1 import peer_pb2
 
@@ -93,17 +93,7 @@ def _check_authentic(spec: RoundSpec, shard: int, item: Evidence) -> None:
         raise ForgedEvidence(f"a contribution of {header.sender} to another round or shard")
     if public_key is None:
         raise ForgedEvidence(f"{header.sender} is not a participant")
-    message = contribution_message(
-        header.run_id,
-        header.round,
-        header.sender,
-        header.shard,
-        header.codec_id,
-        header.numel,
-        header.tokens,
-        header.payload_hash,
-    )
-    if not verify(public_key, message, header.signature):
+    if not signed_by(header, public_key):
         raise ForgedEvidence(f"{header.sender}'s signature does not verify")
     if item.payload and (
         len(item.payload) != header.payload_bytes

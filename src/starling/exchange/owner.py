@@ -399,17 +399,7 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{header.sender!r} is not a participant of round {header.round}",
             )
-        message = contribution_message(
-            header.run_id,
-            header.round,
-            header.sender,
-            header.shard,
-            header.codec_id,
-            header.numel,
-            header.tokens,
-            header.payload_hash,
-        )
-        if not verify(public_key, message, header.signature):
+        if not signed_by(header, public_key):
             raise ExchangeAbort(grpc.StatusCode.UNAUTHENTICATED, "signature does not verify")
         if header.sender in reduction.accepted or header.sender in reduction.receiving:
             raise ExchangeAbort(
@@ -652,6 +642,21 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         reduction.mean = CommittedMean(header, payload, messages)
         reduction.held.clear()  # the decoded contributions are no longer needed
         reduction.done.set()
+
+
+def signed_by(header: peer_pb2.ContributionHeader, public_key: bytes) -> bool:
+    """Whether the header's signature is its sender's (`public_key`) over its fields."""
+    message = contribution_message(
+        header.run_id,
+        header.round,
+        header.sender,
+        header.shard,
+        header.codec_id,
+        header.numel,
+        header.tokens,
+        header.payload_hash,
+    )
+    return verify(public_key, message, header.signature)
 
 
 def check_fits(header: peer_pb2.ContributionHeader, codec: Codec, numel: int) -> None:
