@@ -252,6 +252,13 @@ class Scenario:
             json.loads(c)["committed"]
             for (c,) in self.db("SELECT commit_record FROM rounds WHERE commit_record IS NOT NULL")
         )
+        # Nodes started by the churn that made it into a commit: a joiner that cannot
+        # start (as when the coordinator refused round 0 past round 8) would show as 0.
+        ids = self.node_ids()
+        joiners = {ids[i] for i in self.nodes if i >= self.args.nodes and i in ids}
+        contributed = set()
+        for (c,) in self.db("SELECT commit_record FROM rounds WHERE commit_record IS NOT NULL"):
+            contributed |= set(json.loads(c)["contributors"])
         inside = [started] + [c for c in commits if started <= c <= ended] + [ended]
         gaps = [b - a for a, b in zip(inside, inside[1:], strict=False)]
         rss_end = rss_bytes(self.coordinator.pid)
@@ -259,6 +266,7 @@ class Scenario:
             "churn_minutes": minutes,
             "churn_events": dict(events),
             "churn_rounds_committed": len(inside) - 2,
+            "churn_joiners_contributed": len(joiners & contributed),
             "churn_max_gap_s": round(max(gaps), 2),
             "coordinator_rss_start_mb": round(rss_start / 2**20, 1),
             "coordinator_rss_end_mb": round(rss_end / 2**20, 1),

@@ -56,6 +56,11 @@ log = logging.getLogger("starling.coordinator")
 
 CLOCK_SKEW_S = 60.0  # signed timestamps further off than this are refused
 STALE_ROUNDS = 8  # an auth round this far behind the current one must resync first
+# Requests that act on no round's state, so a stale round does not refuse them: a joiner
+# signs round 0 (it holds no state yet) and learns the current round from GetRound; a
+# node that fell far behind must still be able to ask, or to leave. Refusing GetRound
+# left every node that joined after round 8 unable to start.
+ROUND_FREE = frozenset({"Join", "GetRound", "Leave"})
 LONG_POLL_MAX_S = 30.0
 REPORT_GRACE_S = 5.0  # owners' reports may arrive this long after the exchange deadline
 # An audited owner has this long to serve the evidence behind its report: every
@@ -343,7 +348,7 @@ class Coordinator:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"node is {node.state}: join again")
         current = self.store.current_round()
         current_round = 0 if current is None else current.round
-        if auth.round + STALE_ROUNDS < current_round:
+        if method not in ROUND_FREE and auth.round + STALE_ROUNDS < current_round:
             raise Refused(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"stale round {auth.round} (current {current_round}): resync the state",

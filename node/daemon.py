@@ -266,6 +266,9 @@ class NodeDaemon:
             ),
             rejoin=False,
         )
+        # Sign the current round from now on: the heartbeats start before the round loop
+        # (downloads come first), and the coordinator refuses a round 8 behind.
+        self.client.round = self._retry(lambda: self.client.get_round(wait_s=0.0)).round
         role = "owner" if joined.reachable else "client-only"
         self._event(
             f"joined {self.run.name} as {self.identity.node_id[:12]} "

@@ -390,6 +390,17 @@ def test_stale_rounds_are_refused(serve) -> None:
     )
     node.client.round = 20
     assert node.client.heartbeat().round == 20
+    # A node that joins now signs round 0: it may join, ask the round and leave, and
+    # nothing else until it signs a current round.
+    late = serve.node(coordinator)
+    assert late.client.round == 0
+    late.join()
+    assert late.client.get_round().round == 20
+    raw = sign_request(late.identity, "ReportTokens", late.run_id, 0, pb.ReportTokensRequest())
+    assert code_of(lambda: _raw_call(late, "ReportTokens", raw, pb.ReportTokensResponse)) == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+    late.client.leave()
 
 
 def test_token_join_policy(serve) -> None:
