@@ -221,11 +221,12 @@ def test_the_demo_trains_and_every_node_agrees(tmp_path: Path) -> None:
 
 
 def test_a_late_joiner_catches_up_and_agrees(e2e) -> None:
-    # No checkpoint after θ₀: the joiner must apply missed means. It takes a second or
-    # two to start: rounds of 60 inner steps (a few tenths of a second on the micro
-    # model) keep round 0's mean among the last 8 rounds' that owners keep, and a and b
-    # run long enough to be there when it contributes.
-    run = e2e(every=100, inner_steps=60)
+    # No checkpoint after θ₀: the joiner must apply missed means. It takes a few seconds
+    # to start (3.5 s from spawn to its first contribution in a loaded CI run, when
+    # rounds of 60 inner steps took 0.4 s and round 0's mean had left the last 8 rounds'
+    # that owners keep): rounds of 150 inner steps (about a second on the micro model)
+    # keep it there, and a and b run long enough to be there when it contributes.
+    run = e2e(every=100, inner_steps=150)
     for name in ("a", "b"):
         run.join(name, "--max-rounds", "12")
     wait_for(lambda: run.committed() >= 1, 180, "a committed round")
