@@ -1153,7 +1153,7 @@ class Coordinator:
         pending = False
         for shard, excluded in sorted(self.store.shard_exclusions(round_.round).items()):
             claimed = {n: why for n, why in excluded.items() if why.startswith(REJECTED)}
-            owner = reports[shard][0] if shard in reports else me
+            owner = reports[shard][0]  # exclusions come from the same reports
             if not claimed or owner == me or self.peer is None:
                 continue
             key = (round_.round, shard, owner)

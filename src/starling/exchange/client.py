@@ -135,10 +135,11 @@ class ExchangeClient:
         self.download = download
         self.connect_timeout = connect_timeout
         self.streams = streams  # pushes (then fetches) in flight at once
-        # (round, shard) → fetches of that shard's mean in flight, so that a fetch from
-        # an owner the shard was taken from (it died, stalled or lied: see supersede)
-        # stops instead of holding the fetch window until its long poll times out.
-        self._fetching: dict[tuple[int, int], set[asyncio.Task[Any]]] = {}
+        # (round, shard, owner) → fetches of that shard's mean from that owner in flight,
+        # so that a fetch from an owner the shard was taken from (it died, stalled or
+        # lied: see supersede) stops instead of holding the fetch window until its long
+        # poll times out.
+        self._fetching: dict[tuple[int, int, str], set[asyncio.Task[Any]]] = {}
         self._superseded: set[tuple[int, int, str]] = set()  # (round, shard, old owner)
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._calls_by_address: dict[str, PeerCalls] = {}
@@ -210,9 +211,8 @@ class ExchangeClient:
         fetch's result; the new owner's fetch supplies it)."""
         for shard, owner in zip(shards, old_owners, strict=True):
             self._superseded.add((round_, shard, owner))
-            for task in self._fetching.get((round_, shard), set()):
-                if getattr(task, "starling_owner", None) == owner:
-                    task.cancel()
+            for task in self._fetching.get((round_, shard, owner), set()):
+                task.cancel()
         for old in [k for k in self._superseded if k[0] < round_ - 8]:
             self._superseded.discard(old)
 
@@ -225,18 +225,17 @@ class ExchangeClient:
         window: asyncio.Semaphore | None,
     ) -> None:
         """_gather_shard, cancelled by supersede() when the shard moves to another owner."""
-        key = (spec.round, outcome.shard)
-        if (*key, outcome.owner) in self._superseded:
+        key = (spec.round, outcome.shard, outcome.owner)
+        if key in self._superseded:
             outcome.error = "the shard was reassigned"
             return
         task = asyncio.current_task()
         assert task is not None
-        task.starling_owner = outcome.owner  # type: ignore[attr-defined]
         self._fetching.setdefault(key, set()).add(task)
         try:
             await self._gather_shard(spec, outcome, mean, local, window)
         except asyncio.CancelledError:
-            if (*key, outcome.owner) not in self._superseded:
+            if key not in self._superseded:
                 raise
             task.uncancel()
             outcome.error = "the shard was reassigned"
