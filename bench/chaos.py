@@ -4,6 +4,7 @@ killed -9 at random points and/or poisoned nodes, against the same run without f
     python bench/chaos.py --nodes 6 --kill 2 --rounds 10 --json
     python bench/chaos.py --nodes 8 --poison sign_flip --direction on --rounds 12 --json
     python bench/chaos.py --nodes 6 --poison frame --rounds 4 --json   # a lying owner
+    python bench/chaos.py --nodes 6 --poison wrong_mean --rounds 4 --json   # another
     python bench/chaos.py --nodes 8 --poison scale --defences off --json   # control
 
 Every node runs through bench/poisoned_node.py (honest ones with kind "none"), which
@@ -18,8 +19,12 @@ exchange phase, from round close to commit), deadline_s, contributions_excluded
 honest_contributions (false_positive_rate), poisoned_contributions / poisoned_rejected /
 detection_rate (counted in rounds with at least 3 honest contributions: fewer cannot be
 screened), poisoned_pushes (the owners' answers to each stale, replayed, copied or
-framing message: those refused on arrival never show in a commit), final_val_loss,
-baseline_val_loss, loss_ratio, mean_exact, mean_max_abs_err, wall_s.
+framing message: those refused on arrival never show in a commit), mean_statuses (how
+each verified shard's mean hash was settled: verified, recomputed, unverified, void),
+poisoned_banned (poisoned nodes the coordinator banned), final_val_loss,
+baseline_val_loss, loss_ratio, mean_exact, mean_max_abs_err (over the means the honest
+nodes applied), wall_s. `--defences off` turns the screen and the second owner per
+shard ([defences] verify_means) off: the control that shows the damage.
 """
 
 from __future__ import annotations
@@ -51,7 +56,18 @@ HERE = Path(__file__).resolve().parent
 NODE = HERE / "poisoned_node.py"
 BATCH_TOKENS = 1024
 MIN_HONEST = 3  # honest contributions a round needs for its poisoned ones to count
-KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy", "frame")
+KINDS = (
+    "nan",
+    "scale",
+    "sign_flip",
+    "noise",
+    "shape",
+    "stale",
+    "replay",
+    "copy",
+    "frame",
+    "wrong_mean",
+)
 
 CONFIG = """
 [run]
@@ -102,6 +118,7 @@ min_nodes = {nodes}
 [defences]
 screen = {screen}
 screen_direction = {direction}
+verify_means = {screen}
 ban_after_offences = 0
 requests_per_s = {requests_per_s}
 """
@@ -441,7 +458,14 @@ def measure(scenario: Scenario) -> dict[str, Any]:
     losses = scenario.db(
         "SELECT round, loss FROM progress WHERE loss > 0 ORDER BY round DESC, id DESC LIMIT 1"
     )
-    error = mean_error(scenario, commits)
+    error = mean_error(scenario, commits, poisoned_ids)
+    statuses = Counter(
+        s["mean_status"].split(":")[0]
+        for _, _, c in commits
+        for s in c["shards"]
+        if s.get("verifier")
+    )
+    banned = scenario.db("SELECT node_id FROM nodes WHERE state = 'banned'")
     return {
         "rounds_committed": sum(1 for _, _, c in commits if c["contributors"]),
         "max_round_s": round(longest, 2),
@@ -451,6 +475,8 @@ def measure(scenario: Scenario) -> dict[str, Any]:
         "poisoned_contributions": poisoned_total,
         "poisoned_rejected": poisoned_rejected,
         "poisoned_pushes": dict(poisoned_pushes),
+        "mean_statuses": dict(statuses),
+        "poisoned_banned": len({n for (n,) in banned} & poisoned_ids),
         "final_val_loss": losses[0][1] if losses else None,
         "final_round": losses[0][0] if losses else None,
         "mean_max_abs_err": error,
@@ -465,16 +491,22 @@ def _reason_class(reason: str) -> str:
     return " ".join(reason.split()[:5])
 
 
-def mean_error(scenario: Scenario, commits: list[tuple[int, dict, dict]]) -> float | None:
-    """Max abs difference between every gathered mean and the codec's encoding of the
-    exact token-weighted mean of the contributions its commit lists, over all shards
-    that committed; None when nothing could be checked."""
+def mean_error(
+    scenario: Scenario, commits: list[tuple[int, dict, dict]], poisoned: set[str]
+) -> float | None:
+    """Max abs difference between every mean an honest node applied and the codec's
+    encoding of the exact token-weighted mean of the contributions its commit lists,
+    over all shards that committed; None when nothing could be checked."""
     dump = scenario.root / "dump"
     codec = make_codec(scenario.args.codec)
     worst = None
     for round_, plan, commit in commits:
         contributors = commit["contributors"]
-        means = sorted((dump / str(round_)).glob("mean-*.safetensors"))
+        means = [
+            m
+            for m in sorted((dump / str(round_)).glob("mean-*.safetensors"))
+            if m.stem.removeprefix("mean-") not in poisoned
+        ]
         if not contributors or not means:
             continue
         gathered = [load_file(str(m)) for m in means]  # {"mean", "fetched": shard ids}

@@ -16,6 +16,9 @@ tests/test_poisoning.py):
              its own (its other shards carry its honest slices)
   frame      a lying owner: its own contributions are honest, but on each shard it
              owns it reports one honest contributor as rejected (a norm outlier)
+  wrong_mean a lying owner: its own contributions are honest, but every mean it
+             commits (as a shard's owner or verifier) is negated, signed and served
+             as if right
   none       honest (bench/chaos.py runs every node through here)
 
 With STARLING_CHAOS_DUMP=DIR set, every payload pushed is written to
@@ -50,7 +53,19 @@ from starling.exchange import owner as exchange_owner
 from starling.exchange.plan import RoundSpec, ShardPlan
 from starling.node.rounds import ExchangeOutcome
 
-KINDS = ("nan", "scale", "sign_flip", "noise", "shape", "stale", "replay", "copy", "frame", "none")
+KINDS = (
+    "nan",
+    "scale",
+    "sign_flip",
+    "noise",
+    "shape",
+    "stale",
+    "replay",
+    "copy",
+    "frame",
+    "wrong_mean",
+    "none",
+)
 DUMP = os.environ.get("STARLING_CHAOS_DUMP")
 kind = sys.argv.pop(1)
 if kind not in KINDS:
@@ -94,7 +109,8 @@ daemon.encode_shards = poisoned_encode  # type: ignore[assignment]
 # --- poisoned messages: stale, replayed, copied ----------------------------------------
 
 push = exchange_client.ExchangeClient._push
-sent: dict[int, tuple[int, bytes]] = {}  # shard -> (round, payload) of our last push
+# (shard, whom: "owner" or "verifier") -> (round, payload) of our last push there
+sent: dict[tuple[int, str], tuple[int, bytes]] = {}
 received: dict[int, list[tuple[Any, bytes]]] = {}  # round -> [(header, payload)] as owner
 
 
@@ -106,21 +122,26 @@ async def poisoned_push(
     payload: bytes,
     local: exchange_owner.OwnerService | None,
     window: asyncio.Semaphore | None = None,
+    to: Any = None,
 ) -> None:
-    remote = spec.owners[shard].node_id != self.identity.node_id
+    """Pushes to the shard's owner (or to `to`, its verifier), poisoned by kind."""
+    receiver = to or spec.owners[shard]
+    remote = receiver.node_id != self.identity.node_id
     if DUMP:
         folder = Path(DUMP) / str(spec.round) / str(shard)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{self.identity.node_id}.bin").write_bytes(payload)
-    if kind == "stale" and remote and shard in sent and sent[shard][0] < spec.round:
-        old_round, old_payload = sent[shard]
+    key = (shard, "owner" if to is None else "verifier")
+    if kind == "stale" and remote and key in sent and sent[key][0] < spec.round:
+        old_round, old_payload = sent[key]
         stale = dataclasses.replace(spec, round=old_round)  # signed for round r−1
-        sent[shard] = (spec.round, payload)
-        await _reported(push(self, stale, shard, tokens, old_payload, local, window), spec, shard)
+        sent[key] = (spec.round, payload)
+        stale_push = push(self, stale, shard, tokens, old_payload, local, window, to)
+        await _reported(stale_push, spec, shard)
         return
-    sent[shard] = (spec.round, payload)
-    await push(self, spec, shard, tokens, payload, local, window)
-    if kind == "replay" and shard == 0 and received.get(spec.round - 1):
+    sent[key] = (spec.round, payload)
+    await push(self, spec, shard, tokens, payload, local, window, to)
+    if kind == "replay" and to is None and shard == 0 and received.get(spec.round - 1):
         # Another node's signed contribution that this node held as an owner last round,
         # sent again to that shard's owner now (often this node itself): once as it was
         # (round r−1), once with this round's number (the signature no longer verifies).
@@ -236,6 +257,24 @@ async def framing_screen(self: exchange_owner.OwnerService, reduction: Any) -> N
 
 
 exchange_owner.OwnerService._screen = framing_screen  # type: ignore[method-assign]
+
+# --- a lying owner: serves a wrong mean ------------------------------------------------
+
+weighted_mean_payload = exchange_owner._weighted_mean_payload
+
+
+def lying_mean_payload(reduction: Any, ordered: list[tuple[str, Any]]) -> bytes | None:
+    """The codec's encoding of the negated mean: what an owner that wants the run to
+    unlearn would serve (signed, with the right contributor list)."""
+    if kind != "wrong_mean" or not ordered:
+        return weighted_mean_payload(reduction, ordered)
+    values = [h.values for _, h in ordered]
+    mean = exchange_owner.weighted_mean_f64(values, [h.tokens for _, h in ordered])
+    report(reduction.spec.round, reduction.shard, "WRONG MEAN")
+    return reduction.codec.encode(mean.neg_())
+
+
+exchange_owner._weighted_mean_payload = lying_mean_payload
 
 sys.argv[0] = "starling"
 main()

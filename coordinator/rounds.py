@@ -47,17 +47,25 @@ def exchange_plan(
     shards_per_owner: int,
     deadline: float,
     gather_timeout_s: float,
+    verify: bool = False,
 ) -> dict[str, Any]:
     """Shards over the flat θ, owned in turn by the reachable contributors (sorted by
-    node id); the coordinator owns everything when none is reachable."""
+    node id); the coordinator owns everything when none is reachable. With `verify` and
+    at least two reachable owners, shard s's verifier (its second owner) is the owner
+    after its own in that list."""
     owners = [peer_info(n) for n in contributors if n.reachable and n.address]
     if not owners:
         owners = [coordinator]
     plan = ShardPlan.even(numel, len(owners) * shards_per_owner)
+    verifying = verify and len(owners) >= 2
     return {
         "codec": codec,
         "bounds": list(plan.bounds),
         "owners": [owners[s % len(owners)] for s in range(plan.num_shards)],
+        "verifiers": [
+            owners[(s + 1) % len(owners)] if verifying else None for s in range(plan.num_shards)
+        ],
+        "unverified": {},  # shard -> why its verifier was dropped
         "participants": [peer_info(n) for n in contributors],
         "tokens": {n.node_id: tokens[n.node_id] for n in contributors},
         "deadline": deadline,
@@ -75,11 +83,18 @@ def commit_record(
     now: float,
     wire_bytes: int,
     exclusions: dict[int, dict[str, str]] | None = None,
+    verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]] | None = None,
+    verifier_exclusions: dict[int, dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     """All-or-nothing per contributor: the mean includes exactly the participants whose
-    slice reached every shard that committed, with the same token weight everywhere.
-    `exclusions`: shard → node id → why its owner left that participant out."""
+    slice reached every shard that committed, with the same token weight everywhere,
+    and, in a shard with a verifier, the same contribution (tokens and payload hash) at
+    its owner and at its verifier (so that the two compute the same mean).
+    `exclusions`: shard → node id → why its owner (`verifier_exclusions`: its verifier)
+    left that participant out."""
     exclusions = exclusions or {}
+    verifier_reports = verifier_reports or {}
+    verifier_exclusions = verifier_exclusions or {}
     participants = [p["node_id"] for p in plan["participants"]]
     # Owners whose report an audit found false are out of the round (see the service).
     excluded: dict[str, str] = dict(plan.get("barred", {}))
@@ -101,11 +116,23 @@ def commit_record(
                 why = exclusions.get(shard, {}).get(node_id, "missing")
                 excluded.setdefault(node_id, f"shard {shard}: {why}")
             include &= holders
+            verifier = _verifier_of(plan, shard)
+            if verifier:
+                include &= _agreed(shard, held, verifier_reports, verifier_exclusions, excluded)
             for h in held:
                 if h["node_id"] in weights:
                     weights[h["node_id"]][int(h["tokens"])] += 1
         shards.append(
-            {"shard": shard, "owner": owner, "status": status, "detail": detail, "held": held}
+            {
+                "shard": shard,
+                "owner": owner,
+                "status": status,
+                "detail": detail,
+                "held": held,
+                "verifier": "" if status == "skipped" else _verifier_of(plan, shard),
+                "mean_hash": "",  # hex, once settled (see the service's _settle_means)
+                "mean_status": "",
+            }
         )
     for node_id in sorted(include):
         if len(weights[node_id]) > 1:  # a contributor must weigh the same in every shard
@@ -126,6 +153,57 @@ def commit_record(
         "excluded": {n: excluded[n] for n in sorted(excluded) if n not in contributors},
         "committed": now,
     }
+
+
+def _verifier_of(plan: dict[str, Any], shard: int) -> str:
+    verifiers = plan.get("verifiers") or []
+    verifier = verifiers[shard] if shard < len(verifiers) else None
+    return verifier["node_id"] if verifier else ""
+
+
+def _agreed(
+    shard: int,
+    held: list[dict[str, Any]],
+    verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]],
+    verifier_exclusions: dict[int, dict[str, str]],
+    excluded: dict[str, str],
+) -> set[str]:
+    """The owner's holders that the verifier holds with the same tokens and payload
+    hash; the others are recorded in `excluded` with the reason."""
+    _, verifier_held = verifier_reports[shard]
+    theirs = {h["node_id"]: (int(h["tokens"]), h["payload_hash"]) for h in verifier_held}
+    agreed = set()
+    for h in held:
+        node_id = h["node_id"]
+        if node_id not in theirs:
+            why = verifier_exclusions.get(shard, {}).get(node_id, "missing")
+            excluded.setdefault(node_id, f"shard {shard} (verifier): {why}")
+        elif theirs[node_id] != (int(h["tokens"]), h["payload_hash"]):
+            excluded.setdefault(
+                node_id, f"shard {shard}: its owner and verifier hold different contributions"
+            )
+        else:
+            agreed.add(node_id)
+    return agreed
+
+
+def settled_mean(
+    owner: str, verifier: str, hashes: dict[str, str], overdue: bool
+) -> tuple[str, str] | None:
+    """(mean hash, status) of a verified shard from the mean hashes its two owners
+    reported (node id → hex): "verified" when they agree; once `overdue`, one owner's
+    word ("unverified") or nothing ("void"). ("", "disputed") when they disagree: the
+    coordinator recomputes. None: wait for the reports."""
+    mine, theirs = hashes.get(owner), hashes.get(verifier)
+    if mine is not None and theirs is not None:
+        return (mine, "verified") if mine == theirs else ("", "disputed")
+    if not overdue:
+        return None
+    if mine is not None:
+        return mine, f"unverified: verifier {verifier} did not report its mean"
+    if theirs is not None:
+        return theirs, f"unverified: owner {owner} did not report its mean"
+    return "", "void: neither owner reported its mean"
 
 
 def offenders(record: dict[str, Any]) -> dict[str, str]:

@@ -32,7 +32,12 @@ from starling.coordination import (
 )
 from starling.diloco import GlobalState
 from starling.exchange import ExchangePeer, PeerConfig, PeerEndpoint, RoundSpec, ShardPlan
-from starling.exchange.audit import ForgedEvidence, false_rejections
+from starling.exchange.audit import (
+    ForgedEvidence,
+    IncompleteEvidence,
+    false_rejections,
+    recompute_mean,
+)
 from starling.exchange.client import ExchangeError
 from starling.exchange.owner import REJECTED
 from starling.exchange.transport import SERVER_OPTIONS, is_loopback
@@ -40,6 +45,7 @@ from starling.identity import (
     PUBLIC_KEY_BYTES,
     CertificatePinError,
     fetch_pinned_certificate,
+    mean_message,
     node_id_of,
     request_message,
     verify,
@@ -66,6 +72,12 @@ REPORT_GRACE_S = 5.0  # owners' reports may arrive this long after the exchange 
 # An audited owner has this long to serve the evidence behind its report: every
 # contribution to one shard, so it is a shard's worth of uploads at its uplink.
 AUDIT_TIMEOUT_S = 60.0
+# A verified shard's two owners report their means this long after the commit at the
+# latest (computing one takes them well under a second); past it, one owner's word
+# stands, or none.
+MEAN_GRACE_S = 30.0
+# Committed rounds (the newest ones) whose mean hashes the driver still settles.
+SETTLED_ROUNDS = 4
 TICK_S = 0.2
 DIAL_BACK_TIMEOUT_S = 3.0
 MAX_REPORTED_TOKENS = 1 << 40
@@ -156,6 +168,14 @@ class Coordinator:
         # (round, shard, owner) → None while its report's offences are audited, then
         # (why the report is void, or "" when it holds; whether the lie is proven).
         self._audits: dict[tuple[int, int, str], tuple[str, bool] | None] = {}
+        # (round, shard) → None while the mean its owners disagree on is recomputed,
+        # then (the recomputed hash, hex, or "" when it could not be; the liars: node
+        # id → why).
+        self._recomputes: dict[tuple[int, int], tuple[str, dict[str, str]] | None] = {}
+        # Committed rounds with a verified shard whose mean hash is not settled yet
+        # (after a restart: the newest few, checked once).
+        newest = self.store.last_committed_round()
+        self._unsettled = set(range(max(0, newest - SETTLED_ROUNDS + 1), newest + 1))
         self._uploading: set[int] = set()  # checkpoint rounds being received
         self.bound_port: int | None = None
 
@@ -249,6 +269,7 @@ class Coordinator:
             "ReportTokens": (pb.ReportTokensRequest, self._report_tokens),
             "GetRound": (pb.GetRoundRequest, self._get_round),
             "ReportShard": (pb.ReportShardRequest, self._report_shard),
+            "ReportMean": (pb.ReportMeanRequest, self._report_mean),
             "ReportExchange": (pb.ReportExchangeRequest, self._report_exchange),
             "ReportFingerprint": (pb.ReportFingerprintRequest, self._report_fingerprint),
             "ReportProgress": (pb.ReportProgressRequest, self._report_progress),
@@ -621,9 +642,12 @@ class Coordinator:
         plan = round_.plan
         if request.shard >= len(plan["owners"]):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"no shard {request.shard}")
-        if plan["owners"][request.shard]["node_id"] != node.node_id:
+        verifier = _verifier(plan, request.shard)
+        as_verifier = verifier is not None and verifier["node_id"] == node.node_id
+        if plan["owners"][request.shard]["node_id"] != node.node_id and not as_verifier:
             raise Refused(
-                grpc.StatusCode.PERMISSION_DENIED, f"not the owner of shard {request.shard}"
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"neither the owner nor the verifier of shard {request.shard}",
             )
         participants = {p["node_id"] for p in plan["participants"]}
         held = []
@@ -646,7 +670,9 @@ class Coordinator:
                 grpc.StatusCode.INVALID_ARGUMENT, "excludes a node that is not a participant"
             )
         with self.store.transaction():
-            self.store.put_shard_report(request.round, request.shard, node.node_id, held, excluded)
+            self.store.put_shard_report(
+                request.round, request.shard, node.node_id, held, excluded, as_verifier
+            )
         await self._advance()
         after = self.store.round(request.round)
         return pb.ReportShardResponse(decided=after is not None and after.phase == "committed")
@@ -957,6 +983,7 @@ class Coordinator:
                 await self._maybe_close(current, now)
         elif current.phase == "exchange":
             await self._maybe_commit(current, now)
+        await self._settle_means(now)
 
     def _put(self, round_: Round, bump: bool = True, **changes: Any) -> Round:
         values = {**round_.__dict__, **changes}
@@ -1007,6 +1034,7 @@ class Coordinator:
             # Means are served only after the decision, which may wait for one
             # reassignment (a second exchange deadline) and two report graces.
             gather_timeout_s=2 * (self.config.round.exchange_deadline_s + REPORT_GRACE_S),
+            verify=self.config.defences.verify_means,
         )
         with self.store.transaction():
             updated = self._put(round_, phase="exchange", plan=plan)
@@ -1031,6 +1059,9 @@ class Coordinator:
             deadline=plan["deadline"],
             gather_timeout_s=plan["gather_timeout_s"],
             decision="external",
+            verifiers=tuple(
+                None if v is None else _endpoint(v) for v in plan.get("verifiers") or []
+            ),
         )
 
     async def _own_shards(self, round_: Round) -> None:
@@ -1074,10 +1105,28 @@ class Coordinator:
         plan = round_.plan
         assert plan is not None
         reports = self.store.shard_reports(round_.round)
-        shards = range(len(plan["owners"]))
-        missing = [s for s in shards if s not in reports and str(s) not in plan["skipped"]]
-        if missing and now < plan["deadline"] + REPORT_GRACE_S:
-            return
+        verifier_reports = self.store.shard_reports(round_.round, verifier=True)
+        shards = [s for s in range(len(plan["owners"])) if str(s) not in plan["skipped"]]
+        missing = [s for s in shards if s not in reports]
+        unverified = [s for s in shards if _verifier(plan, s) and s not in verifier_reports]
+        if (missing or unverified) and now < plan["deadline"] + REPORT_GRACE_S:
+            # A report is waited for until the deadline and its grace, unless its
+            # reporter is gone already (its lease expired, or it left): then at once.
+            awaited = {plan["owners"][s]["node_id"] for s in missing}
+            awaited |= {plan["verifiers"][s]["node_id"] for s in unverified}
+            active = {n.node_id for n in self.store.nodes("active")}
+            if awaited & (active | {self.run.identity.node_id}):
+                return
+        if unverified and not missing:
+            # A verifier that did not report is dropped: its shard commits on its
+            # owner's word alone (a shard the coordinator takes over needs none either).
+            plan = json.loads(json.dumps(plan))
+            for shard in unverified:
+                why = f"verifier {plan['verifiers'][shard]['node_id']} did not report"
+                _drop_verifier(plan, shard, why)
+            with self.store.transaction():
+                round_ = self._put(round_, plan=plan)
+            log.info("round %d: shards %s unverified", round_.round, unverified)
         if missing:
             plan = json.loads(json.dumps(plan))
             reassigned = False
@@ -1090,6 +1139,7 @@ class Coordinator:
                     plan["owners"][shard] = me
                     plan["reassigned"][str(shard)] = f"owner {owner} did not report: reassigned"
                     reassigned = True
+                _drop_verifier(plan, shard, f"owner {owner} did not report")
             if reassigned:
                 plan["deadline"] = now + self.config.round.exchange_deadline_s
             with self.store.transaction():
@@ -1099,11 +1149,11 @@ class Coordinator:
                 await self._own_shards(updated)
             self._notify()
             return
-        verdicts = self._audited(round_, reports)
+        verdicts = self._audited(round_, reports, verifier_reports)
         if verdicts is None:
             return  # audits under way: each calls _advance when it ends
         if verdicts:
-            await self._void_reports(round_, reports, verdicts, now)
+            await self._void_reports(round_, reports, verifier_reports, verdicts, now)
             return
         record = rounds.commit_record(
             round_.round,
@@ -1113,9 +1163,12 @@ class Coordinator:
             now,
             self._wire_bytes(round_.round),
             self.store.shard_exclusions(round_.round),
+            verifier_reports,
+            self.store.shard_exclusions(round_.round, verifier=True),
         )
         with self.store.transaction():
             self._put(round_, phase="committed", commit=record)
+            self._unsettled.add(round_.round)
             self.store.credit_contributors(list(record["contributors"]))
             for node_id, reason in rounds.offenders(record).items():
                 count = self.store.add_offence(node_id)
@@ -1142,37 +1195,46 @@ class Coordinator:
         self._notify()
 
     def _audited(
-        self, round_: Round, reports: dict[int, tuple[str, list[dict[str, Any]]]]
+        self,
+        round_: Round,
+        reports: dict[int, tuple[str, list[dict[str, Any]]]],
+        verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]],
     ) -> dict[str, tuple[str, bool]] | None:
-        """Owner → (why its reports are void, whether the lie is proven), for owners
-        that reported offences the evidence does not bear out (starling.exchange.audit);
-        None while an audit runs. Reports with no offence in them are not audited, nor
-        this coordinator's own."""
+        """Owner → (why its reports are void, whether the lie is proven), for owners (or
+        verifiers) that reported offences the evidence does not bear out
+        (starling.exchange.audit); None while an audit runs. Reports with no offence in
+        them are not audited, nor this coordinator's own."""
         me = self._coordinator_peer()["node_id"]
         verdicts: dict[str, tuple[str, bool]] = {}
         pending = False
-        for shard, excluded in sorted(self.store.shard_exclusions(round_.round).items()):
-            claimed = {n: why for n, why in excluded.items() if why.startswith(REJECTED)}
-            owner = reports[shard][0]  # exclusions come from the same reports
-            if not claimed or owner == me or self.peer is None:
-                continue
-            key = (round_.round, shard, owner)
-            if key not in self._audits:
-                self._audits[key] = None
-                self._tasks.append(asyncio.create_task(self._audit(round_, shard, claimed)))
-            verdict = self._audits[key]
-            if verdict is None:
-                pending = True
-            elif verdict[0]:
-                verdicts.setdefault(owner, verdict)
+        for as_verifier, by in ((False, reports), (True, verifier_reports)):
+            exclusions = self.store.shard_exclusions(round_.round, as_verifier)
+            for shard, excluded in sorted(exclusions.items()):
+                claimed = {n: why for n, why in excluded.items() if why.startswith(REJECTED)}
+                reporter = by[shard][0]  # exclusions come from the same reports
+                if not claimed or reporter == me or self.peer is None:
+                    continue
+                key = (round_.round, shard, reporter)
+                if key not in self._audits:
+                    self._audits[key] = None
+                    audit = self._audit(round_, shard, reporter, claimed)
+                    self._tasks.append(asyncio.create_task(audit))
+                verdict = self._audits[key]
+                if verdict is None:
+                    pending = True
+                elif verdict[0]:
+                    verdicts.setdefault(reporter, verdict)
         for old in [k for k in self._audits if k[0] < round_.round - 8]:
             del self._audits[old]
         return None if pending else verdicts
 
-    async def _audit(self, round_: Round, shard: int, claimed: dict[str, str]) -> None:
+    async def _audit(
+        self, round_: Round, shard: int, reporter: str, claimed: dict[str, str]
+    ) -> None:
         assert self.peer is not None
         spec = self._spec(round_)
-        owner = spec.owners[shard]
+        verifier = spec.verifier(shard)
+        owner = verifier if verifier and verifier.node_id == reporter else spec.owners[shard]
         screening = self.config.defences.screen
         direction = self.config.defences.screen_direction
         try:
@@ -1199,13 +1261,15 @@ class Coordinator:
         self,
         round_: Round,
         reports: dict[int, tuple[str, list[dict[str, Any]]]],
+        verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]],
         verdicts: dict[str, tuple[str, bool]],
         now: float,
     ) -> None:
         """Every report of an owner whose report was false is void: its shards go to this
-        coordinator (or are skipped, if reassigned once already) and are pushed again;
-        the owner is out of the round, and banned when the lie is proven (a claim its
-        own signed evidence contradicts), never the contributor it framed."""
+        coordinator (or are skipped, if reassigned once already) and are pushed again,
+        and the shards it verifies lose their verifier; the owner is out of the round,
+        and banned when the lie is proven (a claim its own signed evidence contradicts),
+        never the contributor it framed."""
         assert round_.plan is not None
         plan = json.loads(json.dumps(round_.plan))
         me = self._coordinator_peer()
@@ -1221,6 +1285,11 @@ class Coordinator:
                 else:
                     plan["owners"][shard] = me
                     plan["reassigned"][str(shard)] = f"{why}: reassigned"
+                _drop_verifier(plan, shard, "its owner's report was false")
+            for shard, (verifier, _) in sorted(verifier_reports.items()):
+                if verifier in verdicts:
+                    self.store.delete_shard_report(round_.round, shard, verifier=True)
+                    _drop_verifier(plan, shard, f"verifier {verifier} {verdicts[verifier][0]}")
             for owner, (verdict, proven) in verdicts.items():
                 barred[owner] = f"its report as a shard owner was false: {verdict}"
                 if proven:
@@ -1230,6 +1299,161 @@ class Coordinator:
             updated = self._put(round_, plan=plan)
         await self._own_shards(updated)
         self._notify()
+
+    # --- settling the mean of each verified shard ---------------------------------------
+
+    async def _report_mean(
+        self, request: pb.ReportMeanRequest, node: Node | None, _: grpc.aio.ServicerContext
+    ) -> pb.ReportMeanResponse:
+        assert node is not None
+        round_ = self.store.round(request.round)
+        if round_ is None or round_.commit is None or round_.plan is None:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not committed"
+            )
+        shards = round_.commit["shards"]
+        if request.shard >= len(shards):
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"no shard {request.shard}")
+        entry = shards[request.shard]
+        if node.node_id not in (entry["owner"], entry["verifier"]) or not entry["verifier"]:
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"neither the owner nor the verifier of verified shard {request.shard}",
+            )
+        header = request.header
+        if (header.run_id, header.round, header.shard, header.owner) != (
+            self.run_id,
+            request.round,
+            request.shard,
+            node.node_id,
+        ):
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "the header names another run, round, shard or owner",
+            )
+        if len(header.payload_hash) != 32:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "payload_hash must be 32 bytes")
+        contributors = [(c.node_id, c.tokens, c.payload_hash) for c in header.contributors]
+        signed = mean_message(
+            header.run_id, header.round, header.shard, header.codec_id, header.numel,
+            header.payload_hash, contributors,
+        )  # fmt: skip
+        if not verify(node.public_key, signed, header.owner_signature):
+            raise Refused(grpc.StatusCode.UNAUTHENTICATED, "the mean's signature does not verify")
+        with self.store.transaction():
+            self.store.put_mean_report(
+                request.round, request.shard, node.node_id, header.SerializeToString()
+            )
+        await self._settle_means(self.clock())
+        after = self.store.round(request.round)
+        commit = after.commit if after is not None else None
+        settled = commit is not None and bool(commit["shards"][request.shard]["mean_status"])
+        return pb.ReportMeanResponse(settled=settled)
+
+    async def _settle_means(self, now: float) -> None:
+        """Settles the mean hash of every verified shard of the newest committed rounds
+        whose owners reported (rounds.settled_mean); starts a recomputation where the
+        two disagree, and bans the owner whose signed mean it shows wrong."""
+        newest = self.store.last_committed_round()
+        for number in sorted(self._unsettled):
+            round_ = self.store.round(number)
+            if round_ is None or round_.commit is None or number < newest - SETTLED_ROUNDS:
+                self._unsettled.discard(number)
+                continue
+            commit = json.loads(json.dumps(round_.commit))
+            changed = pending = False
+            for entry in commit["shards"]:
+                if not entry.get("verifier") or entry["mean_status"]:
+                    continue
+                settled = self._settled(round_, entry, now)
+                if settled is None:
+                    pending = True
+                    continue
+                entry["mean_hash"], entry["mean_status"] = settled
+                changed = True
+            if changed:
+                with self.store.transaction():
+                    self._put(round_, commit=commit)
+                self._notify()
+            if not pending:
+                self._unsettled.discard(number)
+        for old in [k for k in self._recomputes if k[0] < newest - SETTLED_ROUNDS]:
+            del self._recomputes[old]
+
+    def _settled(self, round_: Round, entry: dict[str, Any], now: float) -> tuple[str, str] | None:
+        shard = entry["shard"]
+        owners = (entry["owner"], entry["verifier"])
+        headers = {
+            n: peer_pb2.MeanHeader.FromString(raw)
+            for n, raw in self.store.mean_reports(round_.round, shard).items()
+        }
+        committed = {h["node_id"]: (h["tokens"], h["payload_hash"]) for h in entry["held"]}
+        included = set(round_.commit["contributors"])  # type: ignore[index]
+        expected = sorted((n, *committed[n]) for n in included)
+        hashes = {}
+        for node_id, header in headers.items():
+            listed = [(c.node_id, c.tokens, c.payload_hash.hex()) for c in header.contributors]
+            # A mean signed over other contributions than the commit's is a wrong mean.
+            hashes[node_id] = header.payload_hash.hex() if listed == expected else "wrong list"
+        overdue = now > round_.commit["committed"] + MEAN_GRACE_S  # type: ignore[index]
+        settled = rounds.settled_mean(*owners, hashes, overdue)
+        if settled is None or settled[1] != "disputed":
+            return settled
+        key = (round_.round, shard)
+        if key not in self._recomputes:
+            self._recomputes[key] = None
+            self._tasks.append(asyncio.create_task(self._recompute(round_, shard, hashes)))
+            log.warning("round %d: the two owners of shard %d disagree on its mean", *key)
+        verdict = self._recomputes[key]
+        if verdict is None:
+            return None
+        recomputed, liars = verdict
+        if not recomputed:
+            return "", "void: the owners disagree and the mean could not be recomputed"
+        with self.store.transaction():
+            for liar, why in liars.items():
+                self.store.set_node_state(liar, "banned", why)
+                log.warning("banned %s: %s", liar, why)
+        return recomputed, "recomputed: " + "; ".join(
+            f"{n} served a wrong mean" for n in sorted(liars)
+        )
+
+    async def _recompute(self, round_: Round, shard: int, hashes: dict[str, str]) -> None:
+        """Recomputes the disputed mean from the signed contributions one of its owners
+        kept (the other's, if the first cannot serve them)."""
+        assert self.peer is not None and round_.commit is not None
+        spec = self._spec(round_)
+        entry = round_.commit["shards"][shard]
+        held = {h["node_id"]: h for h in entry["held"]}
+        contributors = {
+            n: (int(held[n]["tokens"]), bytes.fromhex(held[n]["payload_hash"]))
+            for n in round_.commit["contributors"]
+        }
+        recomputed, why = "", ""
+        for endpoint in (spec.owners[shard], spec.verifier(shard)):
+            assert endpoint is not None
+            try:
+                evidence = await asyncio.to_thread(
+                    self.peer.fetch_evidence, endpoint, spec.round, shard, AUDIT_TIMEOUT_S
+                )
+                digest = await asyncio.to_thread(
+                    recompute_mean, spec, shard, evidence, contributors
+                )
+            except (ExchangeError, ForgedEvidence, IncompleteEvidence) as err:
+                why += f"{endpoint.node_id}: {err}; "
+                continue
+            recomputed = digest.hex()
+            break
+        liars = {
+            n: f"served a wrong mean for shard {shard} of round {spec.round} "
+            f"(signed {h[:16]}, recomputed {recomputed[:16]})"
+            for n, h in hashes.items()
+            if recomputed and h != recomputed
+        }
+        if not recomputed:
+            log.warning("round %d: shard %d's mean not recomputed: %s", spec.round, shard, why)
+        self._recomputes[(spec.round, shard)] = (recomputed, liars)
+        await self._advance()
 
     def _wire_bytes(self, round_: int) -> int:
         return sum(
@@ -1278,6 +1502,18 @@ def _peer_message(peer: dict[str, Any]) -> pb.PeerInfo:
     )
 
 
+def _verifier(plan: dict[str, Any], shard: int) -> dict[str, Any] | None:
+    verifiers = plan.get("verifiers") or []
+    return verifiers[shard] if shard < len(verifiers) else None
+
+
+def _drop_verifier(plan: dict[str, Any], shard: int, why: str) -> None:
+    """Shard `shard` commits on its owner's word alone from now on."""
+    if _verifier(plan, shard) is not None:
+        plan["verifiers"][shard] = None
+        plan.setdefault("unverified", {})[str(shard)] = why
+
+
 def _plan_message(plan: dict[str, Any]) -> pb.ExchangePlan:
     return pb.ExchangePlan(
         codec=plan["codec"],
@@ -1287,6 +1523,9 @@ def _plan_message(plan: dict[str, Any]) -> pb.ExchangePlan:
         deadline_unix=plan["deadline"],
         reassigned=sorted(int(s) for s in plan["reassigned"]),
         gather_timeout_s=plan["gather_timeout_s"],
+        verifiers=[
+            pb.PeerInfo() if v is None else _peer_message(v) for v in plan.get("verifiers") or []
+        ],
     )
 
 
@@ -1314,6 +1553,9 @@ def _commit_message(commit: dict[str, Any]) -> pb.Commit:
                     )
                     for h in s["held"]
                 ],
+                verifier=s.get("verifier", ""),
+                mean_hash=bytes.fromhex(s.get("mean_hash", "")),
+                mean_status=s.get("mean_status", ""),
             )
             for s in commit["shards"]
         ],

@@ -99,6 +99,23 @@ CREATE TABLE IF NOT EXISTS shard_reports (
     held TEXT NOT NULL,              -- JSON [{node_id, tokens, payload_hash}]
     PRIMARY KEY (round, shard)
 );
+-- A shard's second owner's report, like shard_reports (RoundSpec.verifiers).
+CREATE TABLE IF NOT EXISTS verifier_reports (
+    round INTEGER NOT NULL,
+    shard INTEGER NOT NULL,
+    owner TEXT NOT NULL,             -- the verifier
+    held TEXT NOT NULL,
+    excluded TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (round, shard)
+);
+-- The mean each of a shard's two owners committed: its signed MeanHeader (protobuf).
+CREATE TABLE IF NOT EXISTS mean_reports (
+    round INTEGER NOT NULL,
+    shard INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    header BLOB NOT NULL,
+    PRIMARY KEY (round, shard, node_id)
+);
 CREATE TABLE IF NOT EXISTS exchange_reports (
     round INTEGER NOT NULL,
     node_id TEXT NOT NULL,
@@ -521,25 +538,42 @@ class Store:
         owner: str,
         held: list[dict],
         excluded: dict[str, str] | None = None,
+        verifier: bool = False,
     ) -> None:
         """`held`: [{node_id, tokens, payload_hash}]; `excluded`: node id → the owner's
-        reason."""
+        reason. `verifier`: the report of the shard's second owner."""
         self.db.execute(
-            "INSERT OR REPLACE INTO shard_reports (round, shard, owner, held, excluded) "
+            f"INSERT OR REPLACE INTO {_reports(verifier)} (round, shard, owner, held, excluded) "
             "VALUES (?, ?, ?, ?, ?)",
             (round_, shard, owner, json.dumps(held), json.dumps(excluded or {})),
         )
 
-    def delete_shard_report(self, round_: int, shard: int) -> None:
+    def delete_shard_report(self, round_: int, shard: int, verifier: bool = False) -> None:
         """Voids an owner's report (an audit found it false): the shard is reassigned."""
-        self.db.execute("DELETE FROM shard_reports WHERE round = ? AND shard = ?", (round_, shard))
+        self.db.execute(
+            f"DELETE FROM {_reports(verifier)} WHERE round = ? AND shard = ?", (round_, shard)
+        )
 
-    def shard_exclusions(self, round_: int) -> dict[int, dict[str, str]]:
-        """Shard → node id → why its owner excluded that participant."""
+    def shard_exclusions(self, round_: int, verifier: bool = False) -> dict[int, dict[str, str]]:
+        """Shard → node id → why its owner (or verifier) excluded that participant."""
         rows = self.db.execute(
-            "SELECT shard, excluded FROM shard_reports WHERE round = ?", (round_,)
+            f"SELECT shard, excluded FROM {_reports(verifier)} WHERE round = ?", (round_,)
         )
         return {int(r["shard"]): json.loads(r["excluded"]) for r in rows}
+
+    def put_mean_report(self, round_: int, shard: int, node_id: str, header: bytes) -> None:
+        self.db.execute(
+            "INSERT OR REPLACE INTO mean_reports VALUES (?, ?, ?, ?)",
+            (round_, shard, node_id, header),
+        )
+
+    def mean_reports(self, round_: int, shard: int) -> dict[str, bytes]:
+        """Node id → the serialized MeanHeader it reported for the shard."""
+        rows = self.db.execute(
+            "SELECT node_id, header FROM mean_reports WHERE round = ? AND shard = ?",
+            (round_, shard),
+        )
+        return {str(r["node_id"]): bytes(r["header"]) for r in rows}
 
     def add_offence(self, node_id: str) -> int:
         """Counts one round in which the node's contribution was rejected; returns its
@@ -548,9 +582,11 @@ class Store:
         row = self.db.execute("SELECT offences FROM nodes WHERE node_id = ?", (node_id,)).fetchone()
         return int(row["offences"]) if row is not None else 0
 
-    def shard_reports(self, round_: int) -> dict[int, tuple[str, list[dict[str, Any]]]]:
+    def shard_reports(
+        self, round_: int, verifier: bool = False
+    ) -> dict[int, tuple[str, list[dict[str, Any]]]]:
         rows = self.db.execute(
-            "SELECT shard, owner, held FROM shard_reports WHERE round = ?", (round_,)
+            f"SELECT shard, owner, held FROM {_reports(verifier)} WHERE round = ?", (round_,)
         )
         return {int(r["shard"]): (str(r["owner"]), json.loads(r["held"])) for r in rows}
 
@@ -680,3 +716,8 @@ def _round(row: sqlite3.Row) -> Round:
         plan=None if row["plan"] is None else json.loads(row["plan"]),
         commit=None if row["commit_record"] is None else json.loads(row["commit_record"]),
     )
+
+
+def _reports(verifier: bool) -> str:
+    """The table of a shard's owner's reports, or of its verifier's."""
+    return "verifier_reports" if verifier else "shard_reports"

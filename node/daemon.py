@@ -55,7 +55,7 @@ from starling.v1 import coordinator_pb2 as pb
 
 from .distributed import InnerLoop, LocalInnerLoop, NodeGroup, ShardedInnerLoop
 from .reporting import TokenReporter
-from .rounds import ExchangeOutcome, exchange_round, spec_from_state
+from .rounds import ExchangeOutcome, check_means, exchange_round, spec_from_state
 
 log = logging.getLogger("starling.node")
 
@@ -728,7 +728,12 @@ class NodeDaemon:
             spec = spec_from_state(self.run.run_id, missed)
             result = self.peer.gather(spec)
             skipped = [s.shard for s in missed.commit.shards if s.status == "skipped"]
-            missing = sorted(set(result.missing_shards) - set(skipped))
+            fetched = {o.shard: o.mean_hash for o in result.shards if o.committed}
+            if any(s.verifier for s in missed.commit.shards):
+                missed, skipped = check_means(
+                    self.client, self.peer, spec, missed, result.mean, fetched, skipped
+                )
+            missing = sorted(set(range(spec.plan.num_shards)) - set(fetched) - set(skipped))
             if missing:
                 if self._adopt_peer_state(current):
                     return

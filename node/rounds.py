@@ -22,11 +22,21 @@ import grpc
 import torch
 
 from starling.coordination import CoordinatorClient
-from starling.exchange import ExchangePeer, PeerEndpoint, RoundResult, RoundSpec, ShardPlan
+from starling.exchange import (
+    ExchangeError,
+    ExchangePeer,
+    PeerEndpoint,
+    RoundResult,
+    RoundSpec,
+    ShardPlan,
+)
 from starling.v1 import coordinator_pb2 as pb
 from starling.v1 import peer_pb2
 
 REPORT_GRACE_S = 5.0  # the coordinator waits this long past the deadline for reports
+# How long a node waits for the coordinator to settle the hash of each verified shard's
+# mean after the commit: its grace for the owners' reports (30 s) plus a recomputation.
+MEAN_WAIT_S = 90.0
 POLL_S = 10.0  # one long poll of the round's state
 SERVED_WAIT_S = 30.0  # how long an owner's exchange report waits for the others' fetches
 T = TypeVar("T")
@@ -47,19 +57,23 @@ class ExchangeOutcome:
 
 def spec_from_state(run_id: str, state: pb.RoundState) -> RoundSpec:
     plan = state.plan
+
+    def endpoint(peer: pb.PeerInfo) -> PeerEndpoint:
+        return PeerEndpoint(
+            peer.node_id, peer.address, peer.cert_fingerprint or None, peer.public_key
+        )
+
     return RoundSpec(
         run_id=run_id,
         round=state.round,
         codec=plan.codec,
         plan=ShardPlan(tuple(plan.bounds)),
-        owners=tuple(
-            PeerEndpoint(o.node_id, o.address, o.cert_fingerprint or None, o.public_key)
-            for o in plan.owners
-        ),
+        owners=tuple(endpoint(o) for o in plan.owners),
         participants={p.node_id: p.public_key for p in plan.participants},
         deadline=plan.deadline_unix,
         gather_timeout_s=plan.gather_timeout_s,
         decision="external",
+        verifiers=tuple(endpoint(v) if v.node_id else None for v in plan.verifiers),
     )
 
 
@@ -93,19 +107,27 @@ def exchange_round(
                 runs.append((moved, pool.submit(peer.all_reduce, spec, payloads, tokens, moved)))
                 reporter.report(spec, pool)
         commit = state.commit
-        if spec.shards_of(peer.identity.node_id):
-            peer.decide(spec.round, {c.node_id for c in commit.contributors})
+        mine = spec.reduced_by(peer.identity.node_id)
+        if mine:
+            peer.decide(spec.round, {c.node_id for c in commit.contributors}, mine)
+            for entry in commit.shards:
+                verified = entry.verifier and entry.status != "skipped" and commit.contributors
+                if entry.shard in mine and verified:
+                    pool.submit(_report_mean, client, peer, spec, entry.shard)
         results = [(shards, run.result()) for shards, run in runs]
     skipped = sorted(s.shard for s in commit.shards if s.status == "skipped")
     mean = torch.zeros(spec.plan.numel)
-    fetched: set[int] = set()
+    fetched: dict[int, bytes] = {}  # shard → the hash of the mean fetched
     for shards, result in reversed(results):  # the latest owner of a shard wins
         for outcome in result.shards:
             if outcome.committed and outcome.shard in shards and outcome.shard not in fetched:
                 start, end = spec.plan.range(outcome.shard)
                 mean[start:end] = result.mean[start:end]
-                fetched.add(outcome.shard)
-    missing = sorted(set(range(spec.plan.num_shards)) - fetched - set(skipped))
+                fetched[outcome.shard] = outcome.mean_hash
+    if commit.contributors and any(e.verifier for e in commit.shards):
+        state, skipped = check_means(client, peer, spec, state, mean, fetched, skipped)
+        commit = state.commit
+    missing = sorted(set(range(spec.plan.num_shards)) - set(fetched) - set(skipped))
     traffic = peer.traffic(spec.round)
     sent = sum(t.sent for t in traffic.values())
     received = sum(t.received for t in traffic.values())
@@ -131,6 +153,81 @@ def exchange_round(
         daemon=True,
     ).start()
     return ExchangeOutcome(mean, commit, skipped, missing, [r for _, r in results], sent, received)
+
+
+def check_means(
+    client: CoordinatorClient,
+    peer: ExchangePeer,
+    spec: RoundSpec,
+    state: pb.RoundState,
+    mean: torch.Tensor,
+    fetched: dict[int, bytes],
+    skipped: list[int],
+) -> tuple[pb.RoundState, list[int]]:
+    """Checks the mean of each verified shard (`fetched`: shard → the hash of the one in
+    `mean`, shape (numel,)) against the hash the coordinator settled for it, once it has
+    (RoundState.commit), and fetches it from the shard's other owner where they differ
+    or where the first could not serve it. A shard whose mean is void joins `skipped`.
+    Updates `mean` and `fetched` in place; returns the settled round state and the
+    shards that do not move. A shard whose settled mean nobody serves is left out of
+    `fetched` (missing)."""
+    until = time.time() + MEAN_WAIT_S
+
+    def unsettled(state: pb.RoundState) -> bool:
+        return any(
+            e.verifier and e.status != "skipped" and not e.mean_status for e in state.commit.shards
+        )
+
+    while unsettled(state) and time.time() < until:
+        poll = functools.partial(client.get_round, spec.round, state.version, POLL_S)
+        state = _retrying(poll, until)
+    skipped = list(skipped)
+    for entry in state.commit.shards:
+        shard = entry.shard
+        if not entry.verifier or entry.status == "skipped" or not entry.mean_status:
+            continue  # unverified, or never settled: the mean as fetched stands
+        if entry.mean_status.startswith("void"):
+            log.warning(
+                "round %d: shard %d's mean is void: %s", spec.round, shard, entry.mean_status
+            )
+            fetched.pop(shard, None)
+            skipped.append(shard)
+            continue
+        if fetched.get(shard) == entry.mean_hash:
+            continue
+        fetched.pop(shard, None)
+        for endpoint in (spec.verifier(shard), spec.owners[shard]):
+            if endpoint is None:
+                continue
+            try:
+                header, values = peer.fetch_mean(spec, shard, endpoint)
+            except ExchangeError as err:
+                log.warning(
+                    "round %d: shard %d from %s: %s", spec.round, shard, endpoint.node_id[:12], err
+                )
+                continue
+            if header.payload_hash == entry.mean_hash:
+                start, end = spec.plan.range(shard)
+                mean[start:end] = values
+                fetched[shard] = entry.mean_hash
+                log.warning(
+                    "round %d: shard %d's mean taken from %s (%s)",
+                    spec.round, shard, endpoint.node_id[:12], entry.mean_status,
+                )  # fmt: skip
+                break
+    return state, sorted(set(skipped))
+
+
+def _report_mean(
+    client: CoordinatorClient, peer: ExchangePeer, spec: RoundSpec, shard: int
+) -> None:
+    """Tells the coordinator which mean this node committed for a verified shard."""
+    until = spec.deadline + spec.gather_timeout_s
+    try:
+        header = peer.committed_mean(spec.round, shard, max(1.0, until - time.time()))
+        _retrying(lambda: client.report_mean(spec.round, shard, header), until)
+    except (grpc.RpcError, TimeoutError) as err:
+        log.warning("round %d: could not report shard %d's mean: %s", spec.round, shard, err)
 
 
 def _report_exchange(
@@ -182,7 +279,7 @@ def _poll(client: CoordinatorClient, spec: RoundSpec, version: int) -> pb.RoundS
 
 
 class _ShardReporter:
-    """Once this node's shards of a round close, tells the coordinator whom each holds
+    """Once the shards this node owns or verifies close, tells the coordinator whom each holds
     (in a worker: the caller goes on waiting for the decision)."""
 
     def __init__(self, client: CoordinatorClient, peer: ExchangePeer) -> None:
@@ -193,7 +290,8 @@ class _ShardReporter:
 
     def report(self, spec: RoundSpec, pool: ThreadPoolExecutor) -> None:
         with self.lock:
-            mine = [s for s in spec.shards_of(self.peer.identity.node_id) if s not in self.reported]
+            node_id = self.peer.identity.node_id
+            mine = [s for s in spec.reduced_by(node_id) if s not in self.reported]
             self.reported.update(mine)
         if mine:
             pool.submit(self._report, spec, mine)

@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from starling.codecs import make_codec
-from starling.exchange.audit import Evidence, ForgedEvidence, false_rejections
+from starling.exchange.audit import (
+    Evidence,
+    ForgedEvidence,
+    IncompleteEvidence,
+    false_rejections,
+    recompute_mean,
+)
+from starling.exchange.owner import weighted_mean_f64
 from starling.exchange.plan import PeerEndpoint, RoundSpec, ShardPlan
 from starling.identity import Identity, contribution_message, payload_hash
 from starling.v1 import peer_pb2
@@ -120,3 +127,23 @@ def test_forged_evidence_is_refused(forgery: str) -> None:
         evidence.append(item)
     with pytest.raises(ForgedEvidence):
         audit(evidence, [1])
+
+
+def test_a_disputed_mean_is_recomputed_from_exactly_the_committed_contributions() -> None:
+    values = honest()
+    evidence = [contribution(n, v) for n, v in zip(NODES, values, strict=True)]
+    committed = {e.header.sender: (e.header.tokens, e.header.payload_hash) for e in evidence[:3]}
+    ordered = sorted(range(3), key=lambda i: NODES[i].node_id)  # owners average in id order
+    mean = weighted_mean_f64([values[i] for i in ordered], [100] * 3)
+    right = payload_hash(CODEC.encode(mean))
+    assert recompute_mean(spec(), 0, evidence, committed) == right  # the others are ignored
+    assert recompute_mean(spec(), 0, evidence, committed) != payload_hash(CODEC.encode(-mean))
+    with pytest.raises(IncompleteEvidence):  # one committed contribution is not there
+        recompute_mean(spec(), 0, evidence[1:], committed)
+    swapped = dict(committed)
+    swapped[NODES[0].node_id] = (100, payload_hash(b"another payload"))
+    with pytest.raises(IncompleteEvidence):  # the evidence holds another one in its place
+        recompute_mean(spec(), 0, evidence, swapped)
+    forged = Evidence(evidence[0].header, CODEC.encode(torch.zeros(NUMEL)))
+    with pytest.raises(ForgedEvidence):
+        recompute_mean(spec(), 0, [forged, *evidence[1:]], committed)

@@ -91,6 +91,62 @@ def test_a_contributor_weighted_differently_in_two_shards_is_excluded() -> None:
     assert "different token counts" in record["excluded"]["b"]
 
 
+def test_each_shards_verifier_is_another_reachable_owner_and_only_when_there_are_two() -> None:
+    from starling.coordinator.store import Node
+
+    def node(node_id: str, reachable: bool = True) -> Node:
+        address = "127.0.0.1:1" if reachable else ""
+        return Node(
+            node_id, b"\0", address, "", reachable, "cpu", 0, 0.0, 0.0, "", 0.0, 0.0, 0.0,
+            "active", "training", 0, False, 0, 0,
+        )  # fmt: skip
+
+    coordinator = {"node_id": "coord", "address": "", "cert_fingerprint": "", "public_key": ""}
+    tokens = {"a": 1, "b": 1, "c": 1}
+    nodes = [node("a"), node("b"), node("c", reachable=False)]
+    made = rounds.exchange_plan(1 << 16, "int4", nodes, tokens, coordinator, 2, 0.0, 1.0, True)
+    owners = [o["node_id"] for o in made["owners"]]
+    verifiers = [v["node_id"] for v in made["verifiers"]]
+    assert owners == ["a", "b", "a", "b"] and verifiers == ["b", "a", "b", "a"]
+    alone = rounds.exchange_plan(1 << 16, "int4", nodes[:1], tokens, coordinator, 2, 0.0, 1.0, True)
+    assert alone["verifiers"] == [None, None]  # one owner: nobody to check it
+    off = rounds.exchange_plan(1 << 16, "int4", nodes, tokens, coordinator, 2, 0.0, 1.0, False)
+    assert off["verifiers"] == [None] * 4
+
+
+def test_a_verified_shard_keeps_only_contributions_its_owner_and_verifier_agree_on() -> None:
+    peer = {"address": "", "cert_fingerprint": "", "public_key": "00"}
+    p = plan(["a", "b"], ["a", "b", "c", "d"], verifiers=[{"node_id": "b", **peer}, None])
+    owner = held(("a", 10), ("b", 10), ("c", 10), ("d", 10))
+    verifier = held(("a", 10), ("b", 10), ("c", 10))
+    verifier[2]["payload_hash"] = "cd"  # c sent the verifier another contribution
+    reports = {0: ("a", owner), 1: ("b", held(("a", 10), ("b", 10), ("c", 10), ("d", 10)))}
+    record = rounds.commit_record(
+        0, p, reports, 0, 1, 0, {}, {0: ("b", verifier)}, {0: {"d": "incomplete at the deadline"}}
+    )
+    assert record["contributors"] == {"a": 10, "b": 10}
+    assert record["excluded"] == {
+        "c": "shard 0: its owner and verifier hold different contributions",
+        "d": "shard 0 (verifier): incomplete at the deadline",
+    }
+    first, second = record["shards"]
+    assert (first["verifier"], second["verifier"]) == ("b", "")
+    assert first["mean_hash"] == first["mean_status"] == ""  # settled after the commit
+
+
+def test_a_mean_is_verified_by_equal_hashes_disputed_by_different_ones() -> None:
+    settle = rounds.settled_mean
+    assert settle("a", "b", {"a": "11", "b": "11"}, overdue=False) == ("11", "verified")
+    assert settle("a", "b", {"a": "11", "b": "22"}, overdue=False) == ("", "disputed")
+    assert settle("a", "b", {"a": "11"}, overdue=False) is None  # b may still report
+    assert settle("a", "b", {"a": "11"}, overdue=True) == (
+        "11",
+        "unverified: verifier b did not report its mean",
+    )
+    assert settle("a", "b", {"b": "22"}, overdue=True)[0] == "22"
+    assert settle("a", "b", {}, overdue=True) == ("", "void: neither owner reported its mean")
+
+
 def test_rounds_close_on_the_budget_or_when_everyone_is_done() -> None:
     assert rounds.should_close(100, {"a": (60, False), "b": (40, False)}, {"a", "b"})
     assert not rounds.should_close(100, {"a": (60, True)}, {"a", "b"})

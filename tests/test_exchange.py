@@ -27,7 +27,7 @@ from starling.exchange import (
     ShardPlan,
     encode_shards,
 )
-from starling.exchange.audit import false_rejections
+from starling.exchange.audit import false_rejections, recompute_mean
 from starling.exchange.harness import payload_of
 from starling.exchange.owner import weighted_mean_f64
 from starling.exchange.transport import CHUNK_BYTES
@@ -232,6 +232,39 @@ def test_a_dead_owners_shard_is_reassigned_and_completes(make_peers) -> None:
         assert (merged.double() - expected).abs().max().item() <= 1e-6
         assert set(after.shards[0].contributors) == {p.identity.node_id for p in peers[:2]}
     assert torch.equal(retried[0].mean[start:end], retried[1].mean[start:end])
+
+
+def test_a_shards_verifier_reduces_the_same_contributions_to_the_same_signed_mean(
+    make_peers,
+) -> None:
+    """With a second owner per shard, every participant pushes each slice twice; the
+    owner and the verifier commit means with equal hashes, each signed by its reducer,
+    and the evidence either keeps recomputes to that hash (what the coordinator does
+    when they disagree)."""
+    peers = make_peers(3)
+    numel = 60_000
+    spec = spec_for(peers, 2, "int4", numel, deadline_s=20.0)
+    verifiers = tuple(spec.owners[(s + 1) % 3] for s in range(spec.plan.num_shards))
+    spec = RoundSpec(**{**spec.__dict__, "verifiers": verifiers})
+    deltas = [payload_of(i, numel) for i in range(3)]
+    tokens = [5, 7, 11]
+    results = reduce_together(peers, spec, deltas, tokens)
+    for result in results:
+        assert result.missing_shards == []
+        assert all(o.push_error is None and o.verifier_push_error is None for o in result.shards)
+    for shard in range(spec.plan.num_shards):
+        hashes = {r.shards[shard].mean_hash for r in results}
+        assert len(hashes) == 1, hashes  # every participant fetched the same mean
+        verifier = spec.verifier(shard)
+        assert verifier is not None
+        header, values = peers[0].fetch_mean(spec, shard, verifier)
+        assert header.owner == verifier.node_id and header.payload_hash in hashes
+        start, end = spec.plan.range(shard)
+        assert torch.equal(values, results[0].mean[start:end])
+        committed = {c.node_id: (c.tokens, c.payload_hash) for c in header.contributors}
+        for reducer in (spec.owners[shard], verifier):
+            evidence = peers[0].fetch_evidence(reducer, 2, shard, timeout=20)
+            assert recompute_mean(spec, shard, evidence, committed) in hashes
 
 
 def test_weighted_mean_is_exact_and_independent_of_blocking() -> None:

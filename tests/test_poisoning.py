@@ -90,3 +90,52 @@ def test_an_owner_that_frames_an_honest_contributor_is_banned_and_the_contributo
     assert all(offences[n] == 0 for n in honest), offences  # nobody framed was counted
     assert_agree(run.fingerprints("a"), run.fingerprints("b"))
     assert_agree(run.fingerprints("a"), run.fingerprints("c"))
+
+
+def test_an_owner_that_serves_a_wrong_mean_is_outvoted_by_the_recomputation_and_banned(
+    e2e,  # noqa: F811
+) -> None:
+    """A lying owner commits, signs and serves the negated mean of every shard it owns or
+    verifies. Each such shard's other owner reports another hash; the coordinator
+    recomputes the mean from the signed contributions, records the right hash and bans
+    the liar; honest nodes take the mean from the honest owner and stay in agreement."""
+    run = e2e(min_nodes=4)
+    for name in HONEST:
+        run.join(name, "--max-rounds", "3")
+    run.join("liar", launcher=(str(POISONED_NODE), "wrong_mean"))
+    assert run.nodes["liar"].wait(300) == 3, run.log("liar")  # refused once banned
+    assert "this node is banned" in run.log("liar")
+    for name in HONEST:
+        assert run.nodes[name].wait(300) == 0, run.log(name)
+    assert "WRONG MEAN" in run.log("liar")
+    honest = {node_id(run, n) for n in HONEST}
+    liar = node_id(run, "liar")
+    commits = run.commits()
+    first = commits[min(commits)]
+    lied = [s for s in first["shards"] if liar in (s["owner"], s["verifier"])]
+    assert lied, first["shards"]
+    for shard in lied:  # the liar's hash lost; the right one is recorded
+        assert shard["mean_status"] == f"recomputed: {liar} served a wrong mean", shard
+        assert len(shard["mean_hash"]) == 64, shard
+    for shard in first["shards"]:
+        if shard not in lied:
+            assert shard["mean_status"] == "verified", shard
+    for round_, commit in commits.items():
+        assert honest <= set(commit["contributors"]), (round_, commit)
+        assert not set(commit["excluded"]) & honest, (round_, commit)
+        if round_ > min(commits):
+            assert liar not in commit["contributors"], (round_, commit)  # banned
+    owned = [s for s in lied if s["owner"] == liar]
+    for name in HONEST:  # each took the liar's own shards from their verifiers
+        taken = [line for line in run.log(name).splitlines() if "mean taken from" in line]
+        assert len(taken) >= len(owned), run.log(name)
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{run.run_dir / 'coordinator.db'}?mode=ro", uri=True)
+    state, reason = db.execute(
+        "SELECT state, state_reason FROM nodes WHERE node_id = ?", (liar,)
+    ).fetchone()
+    db.close()
+    assert state == "banned" and "served a wrong mean" in reason, reason
+    assert_agree(run.fingerprints("a"), run.fingerprints("b"))
+    assert_agree(run.fingerprints("a"), run.fingerprints("c"))

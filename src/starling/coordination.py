@@ -338,6 +338,12 @@ class CoordinatorClient:
         )
         return self._signed("ReportShard", request, pb.ReportShardResponse)
 
+    def report_mean(
+        self, round_: int, shard: int, header: peer_pb2.MeanHeader
+    ) -> pb.ReportMeanResponse:
+        request = pb.ReportMeanRequest(round=round_, shard=shard, header=header)
+        return self._signed("ReportMean", request, pb.ReportMeanResponse)
+
     def report_exchange(self, request: pb.ReportExchangeRequest) -> pb.ReportExchangeResponse:
         return self._signed("ReportExchange", request, pb.ReportExchangeResponse)
 

@@ -102,6 +102,12 @@ class DefencesSection:
     # three, "the others" are one pair). It needs at least four contributions, and
     # skips those trained on under half the median tokens (starling.robust).
     screen_direction: bool = False
+    # Every shard is reduced by two owners (the second, its verifier, gets the same
+    # contributions) whose means must agree by hash; a disagreement is resolved by the
+    # coordinator recomputing the mean, and the owner that lied is banned. Costs each
+    # contributor a second upload of its pseudo-gradient; off only where every peer is
+    # trusted. Needs at least two reachable owners.
+    verify_means: bool = True
     # A node rejected as poisoned in this many rounds is banned; 0: never banned.
     ban_after_offences: int = 3
     # Requests per second one peer (one address; each connection on loopback) may make

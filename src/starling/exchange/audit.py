@@ -8,6 +8,11 @@ and recomputes each claim with the owner's own checks: the header against the ro
 contributions in the order the owner held them. The owner cannot forge evidence (each
 contribution is signed by its sender and carries its payload's hash), so a claim the
 evidence does not bear out is the owner's lie.
+
+The same evidence settles a dispute over a mean: when a shard's owner and its verifier
+report different mean hashes, the coordinator recomputes the mean from the signed
+contributions the commit lists (`recompute_mean`); whichever owner signed another hash
+lied.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from starling.codecs import CodecError, make_codec
-from starling.exchange.owner import ExchangeAbort, check_fits, signed_by
+from starling.exchange.owner import ExchangeAbort, check_fits, signed_by, weighted_mean_f64
 from starling.exchange.plan import RoundSpec
 from starling.identity import payload_hash
 from starling.robust import screen
@@ -25,6 +30,11 @@ from starling.v1 import peer_pb2
 class ForgedEvidence(Exception):
     """Evidence that no honest owner can serve: a header that does not verify, a payload
     that does not match its hash, another round's or shard's contribution."""
+
+
+class IncompleteEvidence(Exception):
+    """Evidence that lacks a contribution the commit lists (or holds another one in
+    its place): the mean cannot be recomputed from it."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +94,42 @@ def false_rejections(
         else:
             false[node_id] = "no signed contribution of it in the evidence"
     return false
+
+
+def recompute_mean(
+    spec: RoundSpec,
+    shard: int,
+    evidence: list[Evidence],
+    contributors: dict[str, tuple[int, bytes]],
+) -> bytes:
+    """The BLAKE3 hash of the encoded mean an honest owner commits for `shard` over
+    exactly `contributors` (node id → (tokens, payload hash), as the commit lists them),
+    from that owner's (or verifier's) evidence: the same decode, token-weighted mean in
+    node-id order and re-encoding as OwnerService._commit. Raises ForgedEvidence or
+    IncompleteEvidence."""
+    codec = make_codec(spec.codec)
+    numel = spec.plan.size(shard)
+    found: dict[str, Evidence] = {}
+    for item in evidence:
+        _check_authentic(spec, shard, item)
+        sender = item.header.sender
+        if (
+            sender in contributors
+            and (item.header.tokens, item.header.payload_hash) == (contributors[sender])
+        ):
+            found[sender] = item
+    missing = sorted(set(contributors) - set(found))
+    if missing:
+        raise IncompleteEvidence(f"no contribution of {', '.join(missing)} as committed")
+    if not found:
+        raise IncompleteEvidence("the commit lists no contribution")
+    ordered = sorted(found)
+    try:
+        values = [codec.decode(found[n].payload, numel) for n in ordered]
+    except CodecError as err:  # a committed contribution passed this very check
+        raise ForgedEvidence(f"a committed contribution does not decode: {err}") from None
+    mean = weighted_mean_f64(values, [found[n].header.tokens for n in ordered])
+    return payload_hash(codec.encode(mean))
 
 
 def _check_authentic(spec: RoundSpec, shard: int, item: Evidence) -> None:

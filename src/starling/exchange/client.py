@@ -74,6 +74,8 @@ class ShardOutcome:
     excluded: dict[str, str] = field(default_factory=dict)  # node id -> reason
     push_done_s: float | None = None  # seconds from the round's start: our push ended
     mean_done_s: float | None = None  # ... we held the decoded mean
+    mean_hash: bytes = b""  # BLAKE3 of the mean's payload as the owner served it
+    verifier_push_error: str | None = None  # our push to the shard's second owner failed
 
 
 @dataclass
@@ -195,8 +197,24 @@ class ExchangeClient:
             outcome.pushed = self.identity.node_id in outcome.contributors
             outcome.mean_done_s = time.monotonic() - started
 
+        async def push_to_verifier(outcome: ShardOutcome) -> None:
+            verifier = spec.verifier(outcome.shard)
+            assert verifier is not None
+            try:
+                await self._push(
+                    spec, outcome.shard, tokens, payloads[outcome.shard], local, window, verifier
+                )
+            except ExchangeError as err:
+                outcome.verifier_push_error = str(err)
+
+        # The second owners get the same slices after the owners: when the uplink is the
+        # bottleneck, every owner's copy is complete first. A re-push to a reassigned
+        # shard (`shards` given) goes to its new owner only: the coordinator drops the
+        # verifier of a shard it takes over.
+        verified = [o for o in order if shards is None and spec.verifier(o.shard) is not None]
         try:
             await asyncio.gather(*(push(o) for o in order))
+            await asyncio.gather(*(push_to_verifier(o) for o in verified))
         finally:
             if serving_gate is not None:
                 serving_gate.set()
@@ -369,8 +387,10 @@ class ExchangeClient:
         payload: bytes,
         local: OwnerService | None,
         window: asyncio.Semaphore | None = None,
+        to: PeerEndpoint | None = None,
     ) -> None:
-        owner = spec.owners[shard]
+        """Pushes our slice of `shard` to its owner (or to `to`: its verifier)."""
+        owner = to or spec.owners[shard]
         if local is not None and owner.node_id == self.identity.node_id:
             try:
                 async with window or contextlib.nullcontext():
@@ -476,38 +496,59 @@ class ExchangeClient:
         local: OwnerService | None,
         window: asyncio.Semaphore | None = None,
     ) -> None:
-        owner = spec.owners[outcome.shard]
         shard = outcome.shard
-        end_by = spec.deadline + spec.gather_timeout_s
-        payload: bytes | bytearray
         try:
-            if local is not None and owner.node_id == self.identity.node_id:
-                committed = await local.wait_mean(spec.round, shard, end_by - time.time())
-                if committed.payload is None:
-                    raise ExchangeError(owner.node_id, "committed with no contributions")
-                header, payload = committed.header, committed.payload
-                sha = header.payload_hash  # computed by this very process
-            else:
-                header, payload, sha = await self._retry(
-                    end_by, owner.node_id, lambda: self._fetch_mean(spec, shard, end_by), window
-                )
-            values = await asyncio.to_thread(self._check_mean, spec, shard, header, payload, sha)
+            header, values = await self.fetch_checked_mean(
+                spec, shard, spec.owners[shard], local, window
+            )
         except ExchangeError as err:
             outcome.error = str(err)
-            return
-        except (ExchangeAbort, TimeoutError) as err:
-            outcome.error = f"local owner: {err!r}"
             return
         start, end = spec.plan.range(shard)
         mean[start:end] = values
         outcome.committed = True
+        outcome.mean_hash = header.payload_hash
         outcome.contributors = {c.node_id: c.tokens for c in header.contributors}
         outcome.excluded = {e.node_id: e.reason for e in header.excluded}
 
+    async def fetch_checked_mean(
+        self,
+        spec: RoundSpec,
+        shard: int,
+        endpoint: PeerEndpoint,
+        local: OwnerService | None,
+        window: asyncio.Semaphore | None = None,
+    ) -> tuple[peer_pb2.MeanHeader, torch.Tensor]:
+        """`shard`'s committed mean as `endpoint` (its owner or its verifier; this very
+        node's owner service when it is `endpoint`) serves it: the signed header, whose
+        payload_hash the payload matches, and the decoded values, shape (numel,).
+        Raises ExchangeError."""
+        end_by = spec.deadline + spec.gather_timeout_s
+        payload: bytes | bytearray
+        try:
+            if local is not None and endpoint.node_id == self.identity.node_id:
+                committed = await local.wait_mean(spec.round, shard, end_by - time.time())
+                if committed.payload is None:
+                    raise ExchangeError(endpoint.node_id, "committed with no contributions")
+                header, payload = committed.header, committed.payload
+                sha = header.payload_hash  # computed by this very process
+            else:
+                header, payload, sha = await self._retry(
+                    end_by,
+                    endpoint.node_id,
+                    lambda: self._fetch_mean(spec, shard, endpoint, end_by),
+                    window,
+                )
+        except (ExchangeAbort, TimeoutError) as err:
+            raise ExchangeError(endpoint.node_id, f"local owner: {err!r}") from None
+        values = await asyncio.to_thread(
+            self._check_mean, spec, shard, endpoint, header, payload, sha
+        )
+        return header, values
+
     async def _fetch_mean(
-        self, spec: RoundSpec, shard: int, end_by: float
+        self, spec: RoundSpec, shard: int, owner: PeerEndpoint, end_by: float
     ) -> tuple[peer_pb2.MeanHeader, bytes | bytearray, bytes]:
-        owner = spec.owners[shard]
         calls = await self._calls(owner)
         request = peer_pb2.FetchMeanRequest(
             run_id=spec.run_id, round=spec.round, shard=shard, requester=self.identity.node_id
@@ -521,12 +562,12 @@ class ExchangeClient:
         self,
         spec: RoundSpec,
         shard: int,
+        owner: PeerEndpoint,
         header: peer_pb2.MeanHeader,
         payload: bytes | bytearray,
         sha: bytes,
     ) -> torch.Tensor:
-        """The mean as the owner signed it, decoded; ExchangeError if anything is off."""
-        owner = spec.owners[shard]
+        """The mean as `owner` signed it, decoded; ExchangeError if anything is off."""
         codec = make_codec(spec.codec)
         numel = spec.plan.size(shard)
         if (header.run_id, header.round, header.shard) != (spec.run_id, spec.round, shard):

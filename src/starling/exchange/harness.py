@@ -136,9 +136,10 @@ class FaultyClient(ExchangeClient):
         payload: bytes,
         local: OwnerService | None,
         window: asyncio.Semaphore | None = None,
+        to: PeerEndpoint | None = None,
     ) -> None:
-        await super()._push(spec, shard, tokens, payload, local, window)
-        if spec.owners[shard].node_id != self.identity.node_id:
+        await super()._push(spec, shard, tokens, payload, local, window, to)
+        if to is None and spec.owners[shard].node_id != self.identity.node_id:
             self.remote_pushes_left -= 1
             if self.remote_pushes_left == 0 and self.fault == "die-after-push":
                 os.kill(os.getpid(), signal.SIGKILL)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 
 import grpc
@@ -145,7 +145,8 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
     # --- what the node (or coordinator) calls, on the loop --------------------------
 
     def open_round(self, spec: RoundSpec) -> None:
-        """Starts reducing the shards this node owns in `spec`; commits each at the
+        """Starts reducing the shards this node owns or verifies in `spec` (a verifier
+        reduces the same contributions as the owner: see RoundSpec); commits each at the
         deadline at the latest. Forgets rounds older than `keep_rounds`. Opening a round
         again with a new owner map (a dead owner's shard reassigned here, with its own
         deadline) adds the shards newly owned and leaves the others as they are."""
@@ -153,7 +154,7 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             raise ValueError(f"round of run {spec.run_id!r}, this owner serves {self.run_id!r}")
         self._specs[spec.round] = spec
         loop = asyncio.get_running_loop()
-        for shard in spec.shards_of(self.identity.node_id):
+        for shard in spec.reduced_by(self.identity.node_id):
             if (spec.round, shard) in self._reductions:
                 continue
             reduction = _ShardReduction(spec, shard, make_codec(spec.codec))
@@ -207,12 +208,15 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         (read after holders())."""
         return {s: dict(r.excluded) for (r_, s), r in self._reductions.items() if r_ == round_}
 
-    async def decide(self, round_: int, include: set[str]) -> None:
-        """Commits this node's shards of `round_` over exactly `include` (the
+    async def decide(
+        self, round_: int, include: set[str], shards: Collection[int] | None = None
+    ) -> None:
+        """Commits this node's shards of `round_` (those in `shards`, when given: the
+        ones it still reduces in the decided plan) over exactly `include` (the
         contributors complete in every shard of the round), so each contributor is in
         the whole mean or in none of it. Closes a shard still open."""
-        for (r, _), reduction in list(self._reductions.items()):
-            if r == round_:
+        for (r, shard), reduction in list(self._reductions.items()):
+            if r == round_ and (shards is None or shard in shards):
                 self._commit_soon(reduction)
                 await reduction.closed_event.wait()
                 missing = include - set(reduction.held)
@@ -298,7 +302,8 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
 
     async def wait_served(self, round_: int, requesters: set[str], timeout: float) -> bool:
         """Waits until every one of `requesters` received each committed mean this owner
-        holds for `round_` (a leaving owner lingers for this: its means go with it).
+        serves for `round_` (a leaving owner lingers for this: its means go with it). A
+        verifier's means are fetched only when the owner's is wrong: not waited for.
         False at the timeout."""
         deadline = time.monotonic() + timeout
         while True:
@@ -306,6 +311,7 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
                 key
                 for key, reduction in self._reductions.items()
                 if key[0] == round_
+                and reduction.spec.owners[key[1]].node_id == self.identity.node_id
                 and reduction.mean is not None
                 and reduction.mean.payload is not None
                 and not requesters <= self._served.get(key, set())

@@ -156,11 +156,25 @@ class ExchangePeer:
         owner = self.owner
         return self._run(_call(lambda: owner.excluded(round_)))
 
-    def decide(self, round_: int, include: set[str]) -> None:
-        """Commits this node's shards of an "external"-decision round over `include`."""
+    def decide(self, round_: int, include: set[str], shards: Collection[int] | None = None) -> None:
+        """Commits this node's shards of an "external"-decision round over `include`
+        (only `shards`, when given)."""
         if self.owner is not None:
             owner = self.owner
-            self._run(owner.decide(round_, include))
+            self._run(owner.decide(round_, include, shards))
+
+    def committed_mean(self, round_: int, shard: int, timeout: float) -> peer_pb2.MeanHeader:
+        """The signed header of the mean this node committed for `shard` (as owner or
+        verifier), once committed: what it reports to the coordinator."""
+        assert self.owner is not None
+        return self._run(self.owner.wait_mean(round_, shard, timeout)).header
+
+    def fetch_mean(
+        self, spec: RoundSpec, shard: int, endpoint: PeerEndpoint
+    ) -> tuple[peer_pb2.MeanHeader, torch.Tensor]:
+        """`shard`'s committed mean as `endpoint` (its owner or verifier) serves it,
+        checked against its signature; ExchangeError if it cannot be had."""
+        return self._run(self.client.fetch_checked_mean(spec, shard, endpoint, self.owner))
 
     def all_reduce(
         self,

@@ -97,6 +97,10 @@ class RoundSpec:
     # for OwnerService.decide() with the contributors complete in every shard (the
     # coordinator's call), so each contributor is in the whole mean or in none of it.
     decision: str = "owner"
+    # verifiers[s], when not None, is shard s's second owner: every participant pushes
+    # it the same slice, it reduces them too, and the two means must agree by hash (a
+    # lying owner shows). Empty: no shard has one.
+    verifiers: tuple[PeerEndpoint | None, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.run_id:
@@ -108,9 +112,26 @@ class RoundSpec:
         for node_id, key in self.participants.items():
             if len(key) != PUBLIC_KEY_BYTES or node_id_of(key) != node_id:
                 raise ValueError(f"participant {node_id} does not match its public key")
+        if self.verifiers and len(self.verifiers) != self.plan.num_shards:
+            raise ValueError(f"{self.plan.num_shards} shards but {len(self.verifiers)} verifiers")
+        for shard, verifier in enumerate(self.verifiers):
+            if verifier is not None and verifier.node_id == self.owners[shard].node_id:
+                raise ValueError(f"shard {shard}'s verifier is its owner")
 
     def shards_of(self, node_id: str) -> list[int]:
+        """The shards `node_id` owns (serves the mean of)."""
         return [s for s, owner in enumerate(self.owners) if owner.node_id == node_id]
+
+    def verifier(self, shard: int) -> PeerEndpoint | None:
+        return self.verifiers[shard] if self.verifiers else None
+
+    def reduced_by(self, node_id: str) -> list[int]:
+        """The shards `node_id` reduces, as owner or as verifier."""
+        return [
+            s
+            for s, owner in enumerate(self.owners)
+            if node_id in (owner.node_id, getattr(self.verifier(s), "node_id", None))
+        ]
 
 
 def encode_shards(

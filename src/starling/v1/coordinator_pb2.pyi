@@ -226,7 +226,7 @@ class PeerInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., cert_fingerprint: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class ExchangePlan(_message.Message):
-    __slots__ = ("codec", "bounds", "owners", "participants", "deadline_unix", "reassigned", "gather_timeout_s")
+    __slots__ = ("codec", "bounds", "owners", "participants", "deadline_unix", "reassigned", "gather_timeout_s", "verifiers")
     CODEC_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_FIELD_NUMBER: _ClassVar[int]
     OWNERS_FIELD_NUMBER: _ClassVar[int]
@@ -234,6 +234,7 @@ class ExchangePlan(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     REASSIGNED_FIELD_NUMBER: _ClassVar[int]
     GATHER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    VERIFIERS_FIELD_NUMBER: _ClassVar[int]
     codec: str
     bounds: _containers.RepeatedScalarFieldContainer[int]
     owners: _containers.RepeatedCompositeFieldContainer[PeerInfo]
@@ -241,21 +242,28 @@ class ExchangePlan(_message.Message):
     deadline_unix: float
     reassigned: _containers.RepeatedScalarFieldContainer[int]
     gather_timeout_s: float
-    def __init__(self, codec: _Optional[str] = ..., bounds: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., participants: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., reassigned: _Optional[_Iterable[int]] = ..., gather_timeout_s: _Optional[float] = ...) -> None: ...
+    verifiers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
+    def __init__(self, codec: _Optional[str] = ..., bounds: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., participants: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., reassigned: _Optional[_Iterable[int]] = ..., gather_timeout_s: _Optional[float] = ..., verifiers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ...) -> None: ...
 
 class ShardCommit(_message.Message):
-    __slots__ = ("shard", "owner", "status", "detail", "held")
+    __slots__ = ("shard", "owner", "status", "detail", "held", "verifier", "mean_hash", "mean_status")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
+    VERIFIER_FIELD_NUMBER: _ClassVar[int]
+    MEAN_HASH_FIELD_NUMBER: _ClassVar[int]
+    MEAN_STATUS_FIELD_NUMBER: _ClassVar[int]
     shard: int
     owner: str
     status: str
     detail: str
     held: _containers.RepeatedCompositeFieldContainer[_peer_pb2.Contributor]
-    def __init__(self, shard: _Optional[int] = ..., owner: _Optional[str] = ..., status: _Optional[str] = ..., detail: _Optional[str] = ..., held: _Optional[_Iterable[_Union[_peer_pb2.Contributor, _Mapping]]] = ...) -> None: ...
+    verifier: str
+    mean_hash: bytes
+    mean_status: str
+    def __init__(self, shard: _Optional[int] = ..., owner: _Optional[str] = ..., status: _Optional[str] = ..., detail: _Optional[str] = ..., held: _Optional[_Iterable[_Union[_peer_pb2.Contributor, _Mapping]]] = ..., verifier: _Optional[str] = ..., mean_hash: _Optional[bytes] = ..., mean_status: _Optional[str] = ...) -> None: ...
 
 class Commit(_message.Message):
     __slots__ = ("round", "contributors", "tokens", "bytes", "duration_s", "fingerprint", "shards", "excluded", "committed_unix")
@@ -314,6 +322,24 @@ class ReportShardRequest(_message.Message):
     excluded: _containers.RepeatedCompositeFieldContainer[_peer_pb2.Exclusion]
     auth: Auth
     def __init__(self, round: _Optional[int] = ..., shard: _Optional[int] = ..., held: _Optional[_Iterable[_Union[_peer_pb2.Contributor, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[_peer_pb2.Exclusion, _Mapping]]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class ReportMeanRequest(_message.Message):
+    __slots__ = ("round", "shard", "header", "auth")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    shard: int
+    header: _peer_pb2.MeanHeader
+    auth: Auth
+    def __init__(self, round: _Optional[int] = ..., shard: _Optional[int] = ..., header: _Optional[_Union[_peer_pb2.MeanHeader, _Mapping]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class ReportMeanResponse(_message.Message):
+    __slots__ = ("settled",)
+    SETTLED_FIELD_NUMBER: _ClassVar[int]
+    settled: bool
+    def __init__(self, settled: _Optional[bool] = ...) -> None: ...
 
 class ReportShardResponse(_message.Message):
     __slots__ = ("decided",)

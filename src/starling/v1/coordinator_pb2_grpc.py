@@ -81,6 +81,11 @@ class CoordinatorStub:
                 request_serializer=starling_dot_v1_dot_coordinator__pb2.ReportShardRequest.SerializeToString,
                 response_deserializer=starling_dot_v1_dot_coordinator__pb2.ReportShardResponse.FromString,
                 _registered_method=True)
+        self.ReportMean = channel.unary_unary(
+                '/starling.v1.Coordinator/ReportMean',
+                request_serializer=starling_dot_v1_dot_coordinator__pb2.ReportMeanRequest.SerializeToString,
+                response_deserializer=starling_dot_v1_dot_coordinator__pb2.ReportMeanResponse.FromString,
+                _registered_method=True)
         self.ReportExchange = channel.unary_unary(
                 '/starling.v1.Coordinator/ReportExchange',
                 request_serializer=starling_dot_v1_dot_coordinator__pb2.ReportExchangeRequest.SerializeToString,
@@ -182,7 +187,18 @@ class CoordinatorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ReportShard(self, request, context):
-        """A shard owner reports the contributions it holds for one shard once it closed.
+        """A shard owner (or a shard's second owner, its verifier) reports the contributions
+        it holds for one shard once it closed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportMean(self, request, context):
+        """A shard's owner and its verifier each report the mean they committed (its signed
+        header, without the payload) once the round is decided. Equal hashes verify the
+        mean; different ones are resolved by the coordinator recomputing the mean from the
+        signed contributions (Peer.FetchEvidence), and the owner that lied is banned.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -272,6 +288,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportShard,
                     request_deserializer=starling_dot_v1_dot_coordinator__pb2.ReportShardRequest.FromString,
                     response_serializer=starling_dot_v1_dot_coordinator__pb2.ReportShardResponse.SerializeToString,
+            ),
+            'ReportMean': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportMean,
+                    request_deserializer=starling_dot_v1_dot_coordinator__pb2.ReportMeanRequest.FromString,
+                    response_serializer=starling_dot_v1_dot_coordinator__pb2.ReportMeanResponse.SerializeToString,
             ),
             'ReportExchange': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportExchange,
@@ -544,6 +565,33 @@ class Coordinator:
             '/starling.v1.Coordinator/ReportShard',
             starling_dot_v1_dot_coordinator__pb2.ReportShardRequest.SerializeToString,
             starling_dot_v1_dot_coordinator__pb2.ReportShardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportMean(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/starling.v1.Coordinator/ReportMean',
+            starling_dot_v1_dot_coordinator__pb2.ReportMeanRequest.SerializeToString,
+            starling_dot_v1_dot_coordinator__pb2.ReportMeanResponse.FromString,
             options,
             channel_credentials,
             insecure,
