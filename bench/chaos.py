@@ -21,8 +21,11 @@ detection_rate (counted in rounds with at least 3 honest contributions: fewer ca
 screened), poisoned_pushes (the owners' answers to each stale, replayed, copied or
 framing message: those refused on arrival never show in a commit), mean_statuses (how
 each verified shard's mean hash was settled: verified, recomputed, unverified, void),
-poisoned_banned (poisoned nodes the coordinator banned), final_val_loss,
-baseline_val_loss, loss_ratio, mean_exact, mean_max_abs_err (over the means the honest
+poisoned_banned (poisoned nodes the coordinator banned), wire_bytes_per_round and
+node_bytes_sent_per_round / node_bytes_received_per_round, final_val_loss,
+baseline_val_loss, loss_ratio, and the two losses after the same number of rounds
+(compared_round, val_loss_same_round, baseline_val_loss_same_round,
+loss_ratio_same_round), mean_exact, mean_max_abs_err (over the means the honest
 nodes applied), wall_s. `--defences off` turns the screen and the second owner per
 shard ([defences] verify_means) off: the control that shows the damage.
 """
@@ -37,6 +40,7 @@ import random
 import re
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -243,7 +247,12 @@ class Scenario:
         """For `minutes`, every ~`every_s` seconds (0.5 to 1.5 of it, at random) either
         starts a new honest node or kills -9 a running one (never below two). Returns the
         longest time without a commit while churning, and the coordinator's memory."""
-        wait_for_commits(self, 1, 600)  # the run is going
+        # The baseline is the coordinator once warm: past the third commit it has stored
+        # a checkpoint (every round here) and opened its own peer service, which leave
+        # their buffers with the allocator (+17 MB over the first seconds in a 5-minute
+        # run whose memory then stayed within 4%). Growth under churn is counted from
+        # there.
+        wait_for_commits(self, 3, 600)
         rss_start = rss_bytes(self.coordinator.pid)
         started = time.time()
         end = time.monotonic() + minutes * 60
@@ -458,6 +467,8 @@ def measure(scenario: Scenario) -> dict[str, Any]:
     losses = scenario.db(
         "SELECT round, loss FROM progress WHERE loss > 0 ORDER BY round DESC, id DESC LIMIT 1"
     )
+    # Every node evaluates the same global state after a round: one loss per round.
+    by_round = dict(scenario.db("SELECT round, loss FROM progress WHERE loss > 0 ORDER BY id"))
     error = mean_error(scenario, commits, poisoned_ids)
     statuses = Counter(
         s["mean_status"].split(":")[0]
@@ -479,6 +490,19 @@ def measure(scenario: Scenario) -> dict[str, Any]:
         "poisoned_banned": len({n for (n,) in banned} & poisoned_ids),
         "final_val_loss": losses[0][1] if losses else None,
         "final_round": losses[0][0] if losses else None,
+        "val_loss_by_round": by_round,
+        # Bytes every contributor sent and received, per committed round (the median:
+        # a round's count arrives after its commit, the last one's may be missing).
+        "wire_bytes_per_round": statistics.median(
+            [c["bytes"] for _, _, c in commits if c["bytes"] > 0] or [0]
+        ),
+        # What one node sends and receives in a round (the median over nodes and rounds).
+        "node_bytes_sent_per_round": statistics.median(
+            [b for (b,) in scenario.db("SELECT bytes_sent FROM exchange_reports")] or [0]
+        ),
+        "node_bytes_received_per_round": statistics.median(
+            [b for (b,) in scenario.db("SELECT bytes_received FROM exchange_reports")] or [0]
+        ),
         "mean_max_abs_err": error,
     }
 
@@ -486,7 +510,7 @@ def measure(scenario: Scenario) -> dict[str, Any]:
 def _reason_class(reason: str) -> str:
     """ "shard 3: rejected: direction disagrees ... (cosine ...)" → "rejected: direction
     disagrees"; "shard 0: missing" → "missing"."""
-    reason = re.sub(r"^shard \d+: ", "", reason)
+    reason = re.sub(r"^shard \d+( \(verifier\))?: ", "", reason)
     reason = re.split(r" \(|; |, the |: not ", reason)[0]
     return " ".join(reason.split()[:5])
 
@@ -560,6 +584,23 @@ def run_scenario(root: Path, args: argparse.Namespace, faults: bool) -> dict[str
         scenario.close()
 
 
+def same_round_losses(faulty: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    """The two runs' validation losses after the same number of committed rounds (the
+    last round both reached): runs that committed different numbers of rounds are
+    compared like for like."""
+    mine, theirs = faulty.pop("val_loss_by_round"), baseline.pop("val_loss_by_round", {})
+    common = set(mine) & set(theirs)
+    if not common:
+        return {"compared_round": None, "loss_ratio_same_round": None}
+    at = max(common)
+    return {
+        "compared_round": at,
+        "val_loss_same_round": mine[at],
+        "baseline_val_loss_same_round": theirs[at],
+        "loss_ratio_same_round": mine[at] / theirs[at],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=6)
@@ -615,6 +656,7 @@ def main() -> None:
             baseline = run_scenario(root / "baseline", clean, faults=False)
         faulty = run_scenario(root / "faults", args, faults=True)
     err = faulty["mean_max_abs_err"]
+    same_round = same_round_losses(faulty, baseline)
     result = {
         "nodes": args.nodes,
         "kill": args.kill,
@@ -643,6 +685,7 @@ def main() -> None:
             if faulty["final_val_loss"] and baseline.get("final_val_loss")
             else None
         ),
+        **same_round,
         "mean_exact": err is not None and err <= 1e-6,
         "wall_s": round(time.monotonic() - started, 1),
     }

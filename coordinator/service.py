@@ -1315,7 +1315,8 @@ class Coordinator:
         if request.shard >= len(shards):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"no shard {request.shard}")
         entry = shards[request.shard]
-        if node.node_id not in (entry["owner"], entry["verifier"]) or not entry["verifier"]:
+        verifier = entry.get("verifier", "")  # "" in records from before verifiers
+        if not verifier or node.node_id not in (entry["owner"], verifier):
             raise Refused(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"neither the owner nor the verifier of verified shard {request.shard}",
@@ -1396,6 +1397,9 @@ class Coordinator:
             # A mean signed over other contributions than the commit's is a wrong mean.
             hashes[node_id] = header.payload_hash.hex() if listed == expected else "wrong list"
         overdue = now > round_.commit["committed"] + MEAN_GRACE_S  # type: ignore[index]
+        if not overdue and len(hashes) == 1:  # the other is not waited for once it is gone
+            active = {n.node_id for n in self.store.nodes("active")}
+            overdue = not set(owners) - set(hashes) <= active
         settled = rounds.settled_mean(*owners, hashes, overdue)
         if settled is None or settled[1] != "disputed":
             return settled

@@ -190,6 +190,13 @@ def test_round_lifecycle_commit_fingerprints_and_checkpoint(serve) -> None:
     for outcome in outcomes:
         assert outcome.skipped == [] and outcome.missing == []
         assert (outcome.mean.double() - expected).abs().max().item() <= 1e-6
+    # Each shard's second owner (the other reachable node) reduced it too: the commit
+    # records the mean's hash both signed, and it is the hash of the mean every node holds.
+    for entry in commit.shards:
+        assert {entry.owner, entry.verifier} == owners and entry.mean_status == "verified"
+        for outcome in outcomes:
+            assert outcome.results[0].shards[entry.shard].mean_hash == entry.mean_hash
+    assert_mean_reports_are_checked(nodes, commit)
     # Everyone applies the same outer step: fingerprints agree; a liar must resync.
     run = nodes[0].client.get_run()
     blob0 = nodes[0].client.fetch_file(
@@ -234,6 +241,36 @@ def test_round_lifecycle_commit_fingerprints_and_checkpoint(serve) -> None:
     assert status.latest_checkpoint.round == 1 and status.last_commit.round == 0
     assert status.tokens_trained == 600
     assert not nodes[0].client.get_round(0).checkpoint_due
+
+
+def assert_mean_reports_are_checked(nodes: list[Node], commit) -> None:
+    """ReportMean refuses what is not a reducer's own signed mean of a committed shard."""
+    from starling.v1 import peer_pb2
+
+    owner = nodes[0]
+    shard = next(e.shard for e in commit.shards if e.owner == owner.node_id)
+    header = owner.peer.committed_mean(0, shard, 10.0)
+    assert owner.client.report_mean(0, shard, header).settled  # again: the same answer
+
+    def changed(**fields) -> peer_pb2.MeanHeader:
+        copy = peer_pb2.MeanHeader()
+        copy.CopyFrom(header)
+        for name, value in fields.items():
+            setattr(copy, name, value)
+        return copy
+
+    refused = grpc.StatusCode
+    report = owner.client.report_mean
+    assert code_of(lambda: report(7, shard, header)) == refused.FAILED_PRECONDITION
+    assert code_of(lambda: report(0, 9, header)) == refused.INVALID_ARGUMENT
+    assert code_of(lambda: report(0, shard, changed(round=1))) == refused.INVALID_ARGUMENT
+    assert code_of(lambda: report(0, shard, changed(payload_hash=b"short"))) == (
+        refused.INVALID_ARGUMENT
+    )
+    forged = changed(payload_hash=bytes(32))  # signed over another hash
+    assert code_of(lambda: report(0, shard, forged)) == refused.UNAUTHENTICATED
+    client_only = nodes[2].client  # reduces nothing
+    assert code_of(lambda: client_only.report_mean(0, shard, header)) == refused.PERMISSION_DENIED
 
 
 def test_a_dead_owners_shard_is_reassigned_to_the_coordinator(serve) -> None:
