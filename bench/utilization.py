@@ -77,6 +77,9 @@ every = 1000
 heartbeat_s = 1.0
 lease_s = 30.0
 min_nodes = {nodes}
+
+[defences]
+verify_means = {verify}
 """
 
 
@@ -98,6 +101,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             codec=args.codec,
             nodes=args.nodes,
             overlap="true" if args.overlap else "false",
+            verify="true" if args.verify_means == "on" else "false",
         )
     )
     run_dir = root / "run"
@@ -278,6 +282,12 @@ def main() -> None:
     parser.add_argument("--codec", default="int4")
     parser.add_argument(
         "--overlap", action="store_true", help="train round r+1 while round r is exchanged"
+    )
+    parser.add_argument(
+        "--verify-means",
+        choices=("on", "off"),
+        default="on",
+        help="a second owner per shard ([defences] verify_means; on by default in runs)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per node")
     parser.add_argument(

@@ -493,6 +493,7 @@ class Coordinator:
         with self.store.transaction():
             self.store.set_node_state(node.node_id, "left")
         log.info("leave %s (%s)", node.node_id, request.reason[:200])
+        await self._mark_gone()
         self._notify()
         return pb.LeaveResponse(tokens_trained=node.tokens_trained)
 
@@ -965,6 +966,7 @@ class Coordinator:
             self.store.expire_leases(now)
         if expired:
             log.info("expired %s", ", ".join(expired))
+            await self._mark_gone()
             self._notify()
         current = self.store.current_round()
         if current is None or current.phase == "committed":
@@ -984,6 +986,27 @@ class Coordinator:
         elif current.phase == "exchange":
             await self._maybe_commit(current, now)
         await self._settle_means(now)
+
+    async def _mark_gone(self) -> None:
+        """Lists the participants of the rounds being exchanged that are no longer active
+        (left, expired, banned) in their plans, so that owners stop waiting for them."""
+        current = self.store.current_round()
+        if current is None:
+            return
+        active = {n.node_id for n in self.store.nodes("active")}
+        for number in (current.round - 1, current.round):
+            round_ = self.store.round(number) if number >= 0 else None
+            if round_ is None or round_.phase != "exchange" or round_.plan is None:
+                continue
+            participants = {p["node_id"] for p in round_.plan["participants"]}
+            gone = sorted((participants - active) | set(round_.plan.get("gone", [])))
+            if gone == round_.plan.get("gone", []):
+                continue
+            with self.store.transaction():
+                self._put(round_, plan={**round_.plan, "gone": gone})
+            if self.peer is not None:
+                for node_id in gone:
+                    await asyncio.to_thread(self.peer.exclude, number, node_id, "left the run")
 
     def _put(self, round_: Round, bump: bool = True, **changes: Any) -> Round:
         values = {**round_.__dict__, **changes}
@@ -1530,6 +1553,7 @@ def _plan_message(plan: dict[str, Any]) -> pb.ExchangePlan:
         verifiers=[
             pb.PeerInfo() if v is None else _peer_message(v) for v in plan.get("verifiers") or []
         ],
+        gone=plan.get("gone", []),
     )
 
 

@@ -94,10 +94,14 @@ def exchange_round(
             (list(range(len(owners))), pool.submit(peer.all_reduce, spec, payloads, tokens))
         ]
         reporter.report(spec, pool)
+        gone: set[str] = set()
         while state.phase != "committed":
             state = _poll(client, spec, state.version)
             if state.phase not in ("exchange", "committed"):
                 raise RuntimeError(f"round {spec.round} is in phase {state.phase!r}")
+            for node_id in set(state.plan.gone) - gone:  # left or expired: not waited for
+                peer.exclude(spec.round, node_id, "left the run")
+                gone.add(node_id)
             new_spec = spec_from_state(client.run_id, state)
             moved = [s for s, o in enumerate(new_spec.owners) if o.node_id != owners[s]]
             if moved:  # dead owners' shards, reassigned: push those slices again
@@ -187,9 +191,7 @@ def check_means(
         if not entry.verifier or entry.status == "skipped" or not entry.mean_status:
             continue  # unverified, or never settled: the mean as fetched stands
         if entry.mean_status.startswith("void"):
-            log.warning(
-                "round %d: shard %d's mean is void: %s", spec.round, shard, entry.mean_status
-            )
+            log.warning("round %d: shard %d's mean is %s", spec.round, shard, entry.mean_status)
             fetched.pop(shard, None)
             skipped.append(shard)
             continue

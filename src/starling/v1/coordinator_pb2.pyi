@@ -226,7 +226,7 @@ class PeerInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., cert_fingerprint: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class ExchangePlan(_message.Message):
-    __slots__ = ("codec", "bounds", "owners", "participants", "deadline_unix", "reassigned", "gather_timeout_s", "verifiers")
+    __slots__ = ("codec", "bounds", "owners", "participants", "deadline_unix", "reassigned", "gather_timeout_s", "verifiers", "gone")
     CODEC_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_FIELD_NUMBER: _ClassVar[int]
     OWNERS_FIELD_NUMBER: _ClassVar[int]
@@ -235,6 +235,7 @@ class ExchangePlan(_message.Message):
     REASSIGNED_FIELD_NUMBER: _ClassVar[int]
     GATHER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     VERIFIERS_FIELD_NUMBER: _ClassVar[int]
+    GONE_FIELD_NUMBER: _ClassVar[int]
     codec: str
     bounds: _containers.RepeatedScalarFieldContainer[int]
     owners: _containers.RepeatedCompositeFieldContainer[PeerInfo]
@@ -243,7 +244,8 @@ class ExchangePlan(_message.Message):
     reassigned: _containers.RepeatedScalarFieldContainer[int]
     gather_timeout_s: float
     verifiers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
-    def __init__(self, codec: _Optional[str] = ..., bounds: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., participants: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., reassigned: _Optional[_Iterable[int]] = ..., gather_timeout_s: _Optional[float] = ..., verifiers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ...) -> None: ...
+    gone: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, codec: _Optional[str] = ..., bounds: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., participants: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., reassigned: _Optional[_Iterable[int]] = ..., gather_timeout_s: _Optional[float] = ..., verifiers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., gone: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ShardCommit(_message.Message):
     __slots__ = ("shard", "owner", "status", "detail", "held", "verifier", "mean_hash", "mean_status")
