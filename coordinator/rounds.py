@@ -6,8 +6,11 @@ without a network."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from typing import Any
+
+import numpy as np
 
 from starling.exchange.owner import REJECTED
 from starling.exchange.plan import ShardPlan
@@ -85,19 +88,23 @@ def commit_record(
     exclusions: dict[int, dict[str, str]] | None = None,
     verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]] | None = None,
     verifier_exclusions: dict[int, dict[str, str]] | None = None,
+    judged: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """All-or-nothing per contributor: the mean includes exactly the participants whose
     slice reached every shard that committed, with the same token weight everywhere,
     and, in a shard with a verifier, the same contribution (tokens and payload hash) at
     its owner and at its verifier (so that the two compute the same mean).
     `exclusions`: shard → node id → why its owner (`verifier_exclusions`: its verifier)
-    left that participant out."""
+    left that participant out. `judged`: node id → why the coordinator's whole-update
+    direction check rejected it (an offence)."""
     exclusions = exclusions or {}
     verifier_reports = verifier_reports or {}
     verifier_exclusions = verifier_exclusions or {}
     participants = [p["node_id"] for p in plan["participants"]]
     # Owners whose report an audit found false are out of the round (see the service).
     excluded: dict[str, str] = dict(plan.get("barred", {}))
+    for node_id, why in (judged or {}).items():
+        excluded.setdefault(node_id, f"whole update: {REJECTED}: {why}")
     include = set(participants) - set(excluded)
     weights: dict[str, Counter[int]] = {n: Counter() for n in participants}
     shards = []
@@ -185,6 +192,57 @@ def _agreed(
         else:
             agreed.add(node_id)
     return agreed
+
+
+def summed_gram(
+    plan: dict[str, Any],
+    reports: dict[int, tuple[str, list[dict[str, Any]]]],
+    grams: dict[int, list[float]],
+    verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]],
+    verifier_grams: dict[int, list[float]],
+) -> tuple[list[str], np.ndarray] | str:
+    """The Gram matrix of the whole pseudo-gradients of the contributors held in every
+    shard that was not skipped (node ids in order, n × n float64): the sum of the
+    owners' per-shard matrices. Where a shard's verifier reported too, its matrix must
+    agree with the owner's (else a lying owner could steer the judgement). A reason
+    string instead when direction cannot be judged this round."""
+    shards = [s for s in range(len(plan["bounds"]) - 1) if str(s) not in plan["skipped"]]
+    if not shards:
+        return "no shard committed"
+    matrices = {}
+    for shard in shards:
+        ids = [h["node_id"] for h in reports[shard][1]]
+        matrix = _matrix(grams.get(shard, []), len(ids))
+        if matrix is None:
+            return f"shard {shard} has no Gram matrix"
+        matrices[shard] = (ids, matrix)
+        if _verifier_of(plan, shard) and shard in verifier_reports:
+            theirs = [h["node_id"] for h in verifier_reports[shard][1]]
+            other = _matrix(verifier_grams.get(shard, []), len(theirs))
+            if other is None or not _agree(ids, matrix, theirs, other):
+                return f"the owner and the verifier of shard {shard} report different Gram matrices"
+    common = set.intersection(*(set(ids) for ids, _ in matrices.values()))
+    order = sorted(common)
+    total = np.zeros((len(order), len(order)))
+    for ids, matrix in matrices.values():
+        index = [ids.index(n) for n in order]
+        total += matrix[np.ix_(index, index)]
+    return order, total
+
+
+def _matrix(flat: list[float], n: int) -> np.ndarray | None:
+    if len(flat) != n * n or not all(math.isfinite(x) for x in flat):
+        return None
+    return np.asarray(flat, dtype=np.float64).reshape(n, n)
+
+
+def _agree(ids: list[str], matrix: np.ndarray, theirs: list[str], other: np.ndarray) -> bool:
+    """The two matrices' entries of the contributors both hold, equal within 1e-6
+    relative (both reducers take the same float64 dot products of the same values)."""
+    both = sorted(set(ids) & set(theirs))
+    a = matrix[np.ix_([ids.index(n) for n in both], [ids.index(n) for n in both])]
+    b = other[np.ix_([theirs.index(n) for n in both], [theirs.index(n) for n in both])]
+    return bool(np.all(np.abs(a - b) <= 1e-6 * (np.abs(a) + np.abs(b)) + 1e-30))
 
 
 def settled_mean(

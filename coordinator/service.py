@@ -50,6 +50,7 @@ from starling.identity import (
     request_message,
     verify,
 )
+from starling.robust import direction_outliers
 from starling.serving import RequestLimits, RequestThrottle, guarded
 from starling.v1 import coordinator_pb2 as pb
 from starling.v1 import peer_pb2
@@ -76,8 +77,9 @@ AUDIT_TIMEOUT_S = 60.0
 # latest (computing one takes them well under a second); past it, one owner's word
 # stands, or none.
 MEAN_GRACE_S = 30.0
-# Committed rounds (the newest ones) whose mean hashes the driver still settles.
-SETTLED_ROUNDS = 4
+# After a restart, the newest committed rounds whose mean hashes may still be unsettled
+# (every verified shard settles within MEAN_GRACE_S of its commit, or a recomputation).
+SETTLED_ROUNDS = 8
 TICK_S = 0.2
 DIAL_BACK_TIMEOUT_S = 3.0
 MAX_REPORTED_TOKENS = 1 << 40
@@ -224,7 +226,10 @@ class Coordinator:
             port=port,
             advertise_host=advertise_host,
             screen=self.config.defences.screen,
-            screen_direction=self.config.defences.screen_direction,
+            # Direction is judged over the whole update, on the coordinator, from the
+            # owners' Gram matrices: not per shard.
+            screen_direction=False,
+            gram=self.config.defences.screen_direction,
             request_limits=self.request_limits,
         )
         tls = self.run.certificate if self.tls else None
@@ -670,9 +675,15 @@ class Coordinator:
             raise Refused(
                 grpc.StatusCode.INVALID_ARGUMENT, "excludes a node that is not a participant"
             )
+        gram = list(request.gram)
+        if gram and (len(gram) != len(held) ** 2 or not all(math.isfinite(x) for x in gram)):
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "gram must hold len(held)² finite values, row-major",
+            )
         with self.store.transaction():
             self.store.put_shard_report(
-                request.round, request.shard, node.node_id, held, excluded, as_verifier
+                request.round, request.shard, node.node_id, held, excluded, as_verifier, gram
             )
         await self._advance()
         after = self.store.round(request.round)
@@ -1108,6 +1119,7 @@ class Coordinator:
             timeout = spec.deadline - self.clock() + REPORT_GRACE_S
             held = await asyncio.to_thread(self.peer.holders, spec.round, max(timeout, 1.0))
             excluded = await asyncio.to_thread(self.peer.excluded, spec.round)
+            grams = await asyncio.to_thread(self.peer.grams, spec.round)
             with self.store.transaction():
                 for shard in mine:
                     self.store.put_shard_report(
@@ -1119,6 +1131,7 @@ class Coordinator:
                             for n, (t, h) in sorted(held.get(shard, {}).items())
                         ],
                         excluded.get(shard, {}),
+                        gram=grams.get(shard),
                     )
             await self._advance()
 
@@ -1188,6 +1201,7 @@ class Coordinator:
             self.store.shard_exclusions(round_.round),
             verifier_reports,
             self.store.shard_exclusions(round_.round, verifier=True),
+            self._judged_direction(round_, reports, verifier_reports),
         )
         with self.store.transaction():
             self._put(round_, phase="committed", commit=record)
@@ -1251,6 +1265,32 @@ class Coordinator:
             del self._audits[old]
         return None if pending else verdicts
 
+    def _judged_direction(
+        self,
+        round_: Round,
+        reports: dict[int, tuple[str, list[dict[str, Any]]]],
+        verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]],
+    ) -> dict[str, str]:
+        """With [defences] screen_direction: node id → why its whole pseudo-gradient
+        points against the others' (robust.direction_outliers over the sum of the
+        owners' Gram matrices)."""
+        if not self.config.defences.screen_direction or round_.plan is None:
+            return {}
+        plan = round_.plan
+        summed = rounds.summed_gram(
+            plan,
+            reports,
+            self.store.shard_grams(round_.round),
+            verifier_reports,
+            self.store.shard_grams(round_.round, verifier=True),
+        )
+        if isinstance(summed, str):
+            log.warning("round %d: direction not judged: %s", round_.round, summed)
+            return {}
+        ids, matrix = summed
+        tokens = {p["node_id"]: int(plan["tokens"][p["node_id"]]) for p in plan["participants"]}
+        return direction_outliers(ids, matrix, tokens, plan["bounds"][-1])
+
     async def _audit(
         self, round_: Round, shard: int, reporter: str, claimed: dict[str, str]
     ) -> None:
@@ -1259,7 +1299,7 @@ class Coordinator:
         verifier = spec.verifier(shard)
         owner = verifier if verifier and verifier.node_id == reporter else spec.owners[shard]
         screening = self.config.defences.screen
-        direction = self.config.defences.screen_direction
+        direction = False  # owners do not judge direction: the coordinator does, whole
         try:
             evidence = await asyncio.to_thread(
                 self.peer.fetch_evidence, owner, spec.round, shard, AUDIT_TIMEOUT_S
@@ -1375,13 +1415,12 @@ class Coordinator:
         return pb.ReportMeanResponse(settled=settled)
 
     async def _settle_means(self, now: float) -> None:
-        """Settles the mean hash of every verified shard of the newest committed rounds
-        whose owners reported (rounds.settled_mean); starts a recomputation where the
-        two disagree, and bans the owner whose signed mean it shows wrong."""
-        newest = self.store.last_committed_round()
+        """Settles the mean hash of every verified shard of the committed rounds not yet
+        settled whose owners reported (rounds.settled_mean); starts a recomputation where
+        the two disagree, and bans the owner whose signed mean it shows wrong."""
         for number in sorted(self._unsettled):
             round_ = self.store.round(number)
-            if round_ is None or round_.commit is None or number < newest - SETTLED_ROUNDS:
+            if round_ is None or round_.commit is None:
                 self._unsettled.discard(number)
                 continue
             commit = json.loads(json.dumps(round_.commit))
@@ -1401,7 +1440,7 @@ class Coordinator:
                 self._notify()
             if not pending:
                 self._unsettled.discard(number)
-        for old in [k for k in self._recomputes if k[0] < newest - SETTLED_ROUNDS]:
+        for old in [k for k in self._recomputes if k[0] not in self._unsettled]:
             del self._recomputes[old]
 
     def _settled(self, round_: Round, entry: dict[str, Any], now: float) -> tuple[str, str] | None:

@@ -25,6 +25,8 @@ ADDED_COLUMNS = (
     ("progress", "round_tokens", "INTEGER NOT NULL DEFAULT 0"),
     ("shard_reports", "excluded", "TEXT NOT NULL DEFAULT '{}'"),
     ("nodes", "offences", "INTEGER NOT NULL DEFAULT 0"),
+    ("shard_reports", "gram", "TEXT NOT NULL DEFAULT '[]'"),
+    ("verifier_reports", "gram", "TEXT NOT NULL DEFAULT '[]'"),
 )
 
 SCHEMA = """
@@ -106,6 +108,7 @@ CREATE TABLE IF NOT EXISTS verifier_reports (
     owner TEXT NOT NULL,             -- the verifier
     held TEXT NOT NULL,
     excluded TEXT NOT NULL DEFAULT '{}',
+    gram TEXT NOT NULL DEFAULT '[]',  -- JSON: the Gram matrix, row-major over held
     PRIMARY KEY (round, shard)
 );
 -- The mean each of a shard's two owners committed: its signed MeanHeader (protobuf).
@@ -539,14 +542,30 @@ class Store:
         held: list[dict],
         excluded: dict[str, str] | None = None,
         verifier: bool = False,
+        gram: list[float] | None = None,
     ) -> None:
         """`held`: [{node_id, tokens, payload_hash}]; `excluded`: node id → the owner's
-        reason. `verifier`: the report of the shard's second owner."""
+        reason; `gram`: the Gram matrix of the held ones, row-major (or empty).
+        `verifier`: the report of the shard's second owner."""
         self.db.execute(
-            f"INSERT OR REPLACE INTO {_reports(verifier)} (round, shard, owner, held, excluded) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (round_, shard, owner, json.dumps(held), json.dumps(excluded or {})),
+            f"INSERT OR REPLACE INTO {_reports(verifier)} "
+            "(round, shard, owner, held, excluded, gram) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                round_,
+                shard,
+                owner,
+                json.dumps(held),
+                json.dumps(excluded or {}),
+                json.dumps(gram or []),
+            ),
         )
+
+    def shard_grams(self, round_: int, verifier: bool = False) -> dict[int, list[float]]:
+        """Shard → the Gram matrix its owner (or verifier) reported, row-major."""
+        rows = self.db.execute(
+            f"SELECT shard, gram FROM {_reports(verifier)} WHERE round = ?", (round_,)
+        )
+        return {int(r["shard"]): json.loads(r["gram"]) for r in rows}
 
     def delete_shard_report(self, round_: int, shard: int, verifier: bool = False) -> None:
         """Voids an owner's report (an audit found it false): the shard is reassigned."""

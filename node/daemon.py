@@ -168,7 +168,10 @@ class NodeDaemon:
             reachable=not self.options.client_only,
             limits=limits,
             screen=self.config.defences.screen,
-            screen_direction=self.config.defences.screen_direction,
+            # Direction is judged over the whole update, on the coordinator, from the
+            # owners' Gram matrices: not per shard.
+            screen_direction=False,
+            gram=self.config.defences.screen_direction,
         )
         return ExchangePeer(self.identity, config, tls)
 

@@ -302,6 +302,7 @@ class _ShardReporter:
         timeout = spec.deadline - time.time() + REPORT_GRACE_S
         held = self.peer.holders(spec.round, max(timeout, 1.0))
         excluded = self.peer.excluded(spec.round)
+        grams = self.peer.grams(spec.round)
         for shard in shards:
             contributors = [
                 peer_pb2.Contributor(node_id=n, tokens=t, payload_hash=h)
@@ -313,7 +314,12 @@ class _ShardReporter:
             ]
             until = spec.deadline + spec.gather_timeout_s
             report = functools.partial(
-                self.client.report_shard, spec.round, shard, contributors, exclusions
+                self.client.report_shard,
+                spec.round,
+                shard,
+                contributors,
+                exclusions,
+                grams.get(shard),
             )
             try:
                 _retrying(report, until)

@@ -3,10 +3,17 @@ pseudo-gradients that share a direction the way one round's do."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from starling.robust import leave_one_out_cosines, screen
+from starling.robust import (
+    _gram_cosines,
+    direction_outliers,
+    gram,
+    leave_one_out_cosines,
+    screen,
+)
 
 NUMEL = 50_000
 
@@ -84,3 +91,34 @@ def test_a_light_contribution_is_not_judged_by_direction_but_by_its_norm() -> No
     assert sorted(screen(values)) == ["n1", "n4"]  # without tokens both are judged
     scaled = poisoned(honest_round(5), "n4", "scale")
     assert list(screen(scaled, tokens=tokens)) == ["n4"]
+
+
+def test_the_whole_update_direction_check_adds_up_the_shards_gram_matrices() -> None:
+    """Owners report per-shard Gram matrices; their sum is the whole updates' Gram, from
+    which the coordinator's leave-one-out cosines equal the direct ones; a flipped update
+    is cut, and honest ones that barely agree (cosines near 0.03) are all kept."""
+    numel, bounds = 30_000, (0, 10_000, 30_000)
+
+    def judged(agreement: float, flip: bool, light: bool = False) -> dict[str, str]:
+        gen = torch.Generator().manual_seed(3)
+        common = torch.randn(numel, generator=gen)
+        values = {f"n{i}": agreement * common + torch.randn(numel, generator=gen) for i in range(8)}
+        if flip:
+            values["n7"] = -values["n7"]  # its own update, sign-flipped
+        ids = sorted(values)
+        total = np.zeros((len(ids), len(ids)))
+        for start, end in zip(bounds, bounds[1:], strict=False):
+            shard = gram([values[n][start:end] for n in ids])
+            total += np.asarray(shard).reshape(len(ids), len(ids))
+        norms = {n: float(values[n].double().norm()) for n in ids}
+        direct = leave_one_out_cosines(values, norms)
+        via_gram = _gram_cosines(total, np.sqrt(np.diag(total)), list(range(len(ids))))
+        for index, node_id in enumerate(ids):
+            assert via_gram[index] == pytest.approx(direct[node_id], abs=1e-9)
+        tokens = dict.fromkeys(ids, 100) | ({"n7": 10} if light else {})
+        return direction_outliers(ids, total, tokens, numel)
+
+    assert set(judged(0.4, flip=True)) == {"n7"}
+    assert judged(0.4, flip=False) == {}
+    assert judged(0.12, flip=False) == {}  # barely agreeing honest updates all kept
+    assert judged(0.4, flip=True, light=True) == {}  # light: not judged by direction

@@ -332,9 +332,10 @@ class CoordinatorClient:
         shard: int,
         held: list[peer_pb2.Contributor],
         excluded: list[peer_pb2.Exclusion] | None = None,
+        gram: list[float] | None = None,
     ) -> pb.ReportShardResponse:
         request = pb.ReportShardRequest(
-            round=round_, shard=shard, held=held, excluded=excluded or []
+            round=round_, shard=shard, held=held, excluded=excluded or [], gram=gram or []
         )
         return self._signed("ReportShard", request, pb.ReportShardResponse)
 

@@ -29,7 +29,7 @@ from starling.identity import (
     payload_hasher,
     verify,
 )
-from starling.robust import screen
+from starling.robust import gram, screen
 from starling.v1 import peer_pb2, peer_pb2_grpc
 
 HASH_BYTES = 32
@@ -93,6 +93,9 @@ class _ShardReduction:
     # (sender → header, payload; b"" for one refused on its header): what an audit of
     # this owner's report recomputes from (FetchEvidence). Kept for EVIDENCE_ROUNDS.
     evidence: dict[str, tuple[peer_pb2.ContributionHeader, bytes]] = field(default_factory=dict)
+    # The Gram matrix of the held contributions once screened (row-major, node-id order;
+    # OwnerService.gram on): the coordinator's whole-update direction check adds these up.
+    gram: list[float] = field(default_factory=list)
 
     @property
     def numel(self) -> int:
@@ -124,11 +127,15 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         keep_rounds: int = 8,
         screening: bool = True,
         screen_direction: bool = True,
+        gram: bool = False,
     ) -> None:
         self.identity = identity
         # Off only for a control run that shows what poisoned updates do (bench/chaos.py).
         self.screening = screening
+        # The per-shard direction check (robust.screen); runs judge direction over the
+        # whole update on the coordinator instead, from the Gram matrices (`gram`).
         self.screen_direction = screen_direction
+        self.gram = gram
         self.run_id = run_id
         self.ledger = ledger
         self.upload = upload
@@ -202,6 +209,11 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             s: {n: (h.tokens, h.payload_hash) for n, h in r.held.items()}
             for s, r in reductions.items()
         }
+
+    def grams(self, round_: int) -> dict[int, list[float]]:
+        """Per shard this node reduces in `round_`: the Gram matrix of the contributions
+        it holds, row-major in node-id order (read after holders(); empty unless `gram`)."""
+        return {s: list(r.gram) for (r_, s), r in self._reductions.items() if r_ == round_}
 
     def excluded(self, round_: int) -> dict[int, dict[str, str]]:
         """Per shard this node owns in `round_`: the participants it left out, and why
@@ -594,6 +606,9 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
                 for node_id, reason in offenders.items():
                     del reduction.held[node_id]
                     reduction.excluded[node_id] = f"{REJECTED}: {reason}"
+            if self.gram:
+                values = [reduction.held[n].values for n in sorted(reduction.held)]
+                reduction.gram = await asyncio.to_thread(gram, values)
         finally:
             reduction.closed_event.set()
         if reduction.spec.decision == "owner":

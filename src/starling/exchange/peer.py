@@ -78,7 +78,8 @@ class PeerConfig:
     # the others less.
     streams: int = 1
     screen: bool = True  # owners screen contributions (starling.robust) before the mean
-    screen_direction: bool = True  # ... including the direction check
+    screen_direction: bool = True  # ... including the per-shard direction check
+    gram: bool = False  # report each shard's Gram matrix (the whole-update direction check)
     # What one peer may ask of this owner service (starling.serving); None: no limit.
     request_limits: RequestLimits | None = DEFAULT_REQUEST_LIMITS
 
@@ -148,6 +149,13 @@ class ExchangePeer:
         if self.owner is None:
             return {}
         return self._run(self.owner.holders(round_, timeout))
+
+    def grams(self, round_: int) -> dict[int, list[float]]:
+        """Per shard this node reduces in `round_`: its Gram matrix (see OwnerService)."""
+        if self.owner is None:
+            return {}
+        owner = self.owner
+        return self._run(_call(lambda: owner.grams(round_)))
 
     def excluded(self, round_: int) -> dict[int, dict[str, str]]:
         """Per shard this node owns in `round_`: the participants left out, and why."""
@@ -255,6 +263,7 @@ class ExchangePeer:
             self.config.keep_rounds,
             self.config.screen,
             self.config.screen_direction,
+            self.config.gram,
         )
         self._server, port = await create_server(
             self.owner, self.config.host, self.config.port, self.tls, self.config.request_limits

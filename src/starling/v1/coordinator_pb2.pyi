@@ -312,18 +312,20 @@ class RoundState(_message.Message):
     def __init__(self, round: _Optional[int] = ..., phase: _Optional[str] = ..., version: _Optional[int] = ..., deadline_unix: _Optional[float] = ..., budget: _Optional[int] = ..., tokens: _Optional[int] = ..., plan: _Optional[_Union[ExchangePlan, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., checkpoint_due: _Optional[bool] = ...) -> None: ...
 
 class ReportShardRequest(_message.Message):
-    __slots__ = ("round", "shard", "held", "excluded", "auth")
+    __slots__ = ("round", "shard", "held", "excluded", "gram", "auth")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     HELD_FIELD_NUMBER: _ClassVar[int]
     EXCLUDED_FIELD_NUMBER: _ClassVar[int]
+    GRAM_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
     round: int
     shard: int
     held: _containers.RepeatedCompositeFieldContainer[_peer_pb2.Contributor]
     excluded: _containers.RepeatedCompositeFieldContainer[_peer_pb2.Exclusion]
+    gram: _containers.RepeatedScalarFieldContainer[float]
     auth: Auth
-    def __init__(self, round: _Optional[int] = ..., shard: _Optional[int] = ..., held: _Optional[_Iterable[_Union[_peer_pb2.Contributor, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[_peer_pb2.Exclusion, _Mapping]]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., shard: _Optional[int] = ..., held: _Optional[_Iterable[_Union[_peer_pb2.Contributor, _Mapping]]] = ..., excluded: _Optional[_Iterable[_Union[_peer_pb2.Exclusion, _Mapping]]] = ..., gram: _Optional[_Iterable[float]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class ReportMeanRequest(_message.Message):
     __slots__ = ("round", "shard", "header", "auth")
