@@ -23,11 +23,12 @@ framing message: those refused on arrival never show in a commit), mean_statuses
 each verified shard's mean hash was settled: verified, recomputed, unverified, void),
 poisoned_banned (poisoned nodes the coordinator banned), wire_bytes_per_round and
 node_bytes_sent_per_round / node_bytes_received_per_round, final_val_loss,
-baseline_val_loss, loss_ratio, and the two losses after the same number of rounds
-(compared_round, val_loss_same_round, baseline_val_loss_same_round,
-loss_ratio_same_round), mean_exact, mean_max_abs_err (over the means the honest
-nodes applied), wall_s. `--defences off` turns the screen and the second owner per
-shard ([defences] verify_means) off: the control that shows the damage.
+baseline_val_loss, loss_ratio, and the two runs' mean losses over the same rounds
+before the nodes finish (compared_rounds, val_loss_same_rounds,
+baseline_val_loss_same_rounds, loss_ratio_same_rounds), mean_exact,
+mean_max_abs_err (over the means the honest nodes applied), wall_s. `--defences off`
+turns the screen and the second owner per shard ([defences] verify_means) off: the
+control that shows the damage.
 """
 
 from __future__ import annotations
@@ -584,20 +585,24 @@ def run_scenario(root: Path, args: argparse.Namespace, faults: bool) -> dict[str
         scenario.close()
 
 
-def same_round_losses(faulty: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
-    """The two runs' validation losses after the same number of committed rounds (the
-    last round both reached): runs that committed different numbers of rounds are
-    compared like for like."""
+def same_round_losses(
+    faulty: dict[str, Any], baseline: dict[str, Any], rounds: int
+) -> dict[str, Any]:
+    """The two runs' mean validation loss over the same five rounds: the last ones both
+    committed before the nodes start to finish (a node stops after --rounds rounds of its
+    own, so the last rounds of a run have fewer nodes and the loss there swings). Runs
+    that committed different numbers of rounds are compared like for like."""
     mine, theirs = faulty.pop("val_loss_by_round"), baseline.pop("val_loss_by_round", {})
-    common = set(mine) & set(theirs)
-    if not common:
-        return {"compared_round": None, "loss_ratio_same_round": None}
-    at = max(common)
+    window = sorted(r for r in set(mine) & set(theirs) if r <= rounds - 2)[-5:]
+    if not window:
+        return {"compared_rounds": None, "loss_ratio_same_rounds": None}
+    ours = statistics.fmean(mine[r] for r in window)
+    clean = statistics.fmean(theirs[r] for r in window)
     return {
-        "compared_round": at,
-        "val_loss_same_round": mine[at],
-        "baseline_val_loss_same_round": theirs[at],
-        "loss_ratio_same_round": mine[at] / theirs[at],
+        "compared_rounds": [window[0], window[-1]],
+        "val_loss_same_rounds": ours,
+        "baseline_val_loss_same_rounds": clean,
+        "loss_ratio_same_rounds": ours / clean,
     }
 
 
@@ -656,7 +661,7 @@ def main() -> None:
             baseline = run_scenario(root / "baseline", clean, faults=False)
         faulty = run_scenario(root / "faults", args, faults=True)
     err = faulty["mean_max_abs_err"]
-    same_round = same_round_losses(faulty, baseline)
+    same_round = same_round_losses(faulty, baseline, args.rounds)
     result = {
         "nodes": args.nodes,
         "kill": args.kill,

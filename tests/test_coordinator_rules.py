@@ -199,3 +199,28 @@ def test_tls_pinned_by_the_join_url_health_and_reflection(template: Path, tmp_pa
             plain.close()
     finally:
         coordinator.stop()
+
+
+def test_the_owners_gram_matrices_add_up_over_shards_and_must_match_the_verifiers() -> None:
+    import numpy as np
+
+    peer = {"address": "", "cert_fingerprint": "", "public_key": "00"}
+    p = plan(["a", "b"], ["a", "b", "c"], verifiers=[{"node_id": "b", **peer}, None])
+    reports = {
+        0: ("a", held(("a", 10), ("b", 10), ("c", 10))),
+        1: ("b", held(("a", 10), ("b", 10))),  # c missed shard 1: judged without it
+    }
+    first = [4.0, 1.0, 2.0, 1.0, 9.0, 3.0, 2.0, 3.0, 16.0]
+    second = [1.0, 0.5, 0.5, 4.0]
+    verifier = {0: ("b", held(("a", 10), ("b", 10), ("c", 10)))}
+    ids, total = rounds.summed_gram(p, reports, {0: first, 1: second}, verifier, {0: first})
+    assert ids == ["a", "b"]
+    assert np.array_equal(total, np.array([[5.0, 1.5], [1.5, 13.0]]))
+    lying = list(first)
+    lying[1] = lying[3] = -1.0  # the verifier says a and b point apart
+    assert "different Gram matrices" in rounds.summed_gram(
+        p, reports, {0: first, 1: second}, verifier, {0: lying}
+    )
+    assert rounds.summed_gram(p, reports, {0: first}, verifier, {0: first}) == (
+        "shard 1 has no Gram matrix"
+    )
