@@ -291,6 +291,10 @@ class _ShardReporter:
         self.lock = threading.Lock()
 
     def report(self, spec: RoundSpec, pool: ThreadPoolExecutor) -> None:
+        # Open the shards first: all_reduce opens them too, but in another worker, and a
+        # report that ran before it found no shard of the round, held nobody and so
+        # excluded every participant ("missing": seen in 1 of 150 rounds).
+        self.peer.open_round(spec)
         with self.lock:
             node_id = self.peer.identity.node_id
             mine = [s for s in spec.reduced_by(node_id) if s not in self.reported]
