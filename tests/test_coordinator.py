@@ -310,7 +310,9 @@ def test_a_dead_owners_shard_is_reassigned_to_the_coordinator(serve) -> None:
     with ThreadPoolExecutor(2) as pool:
         outcomes = list(pool.map(one, nodes[:2], timeout=120))
     commit = outcomes[0].commit
-    assert {c.node_id for c in commit.contributors} == {nodes[0].node_id, nodes[1].node_id}
+    contributors = {c.node_id for c in commit.contributors}
+    excluded = {e.node_id: e.reason for e in commit.excluded}
+    assert contributors == {nodes[0].node_id, nodes[1].node_id}, excluded
     assert [e.node_id for e in commit.excluded] == [dead.node_id]
     # The shard, then its owner's reason (a fault: missing, left, no contribution in time).
     reason = commit.excluded[0].reason

@@ -207,14 +207,17 @@ class ExchangeClient:
             except ExchangeError as err:
                 outcome.verifier_push_error = str(err)
 
-        # The second owners get the same slices after the owners: when the uplink is the
-        # bottleneck, every owner's copy is complete first. A re-push to a reassigned
-        # shard (`shards` given) goes to its new owner only: the coordinator drops the
-        # verifier of a shard it takes over.
+        # The second owners get the same slices, queued behind the owners' for the stream
+        # window (its waiters are served in turn): when the uplink is the bottleneck,
+        # the owners' copies go first. Independent tasks, not after every owner push:
+        # a push to a dead owner retries until the deadline, and the verifiers must not
+        # wait for it. A re-push to a reassigned shard (`shards` given) goes to its new
+        # owner only: the coordinator drops the verifier of a shard it takes over.
         verified = [o for o in order if shards is None and spec.verifier(o.shard) is not None]
         try:
-            await asyncio.gather(*(push(o) for o in order))
-            await asyncio.gather(*(push_to_verifier(o) for o in verified))
+            await asyncio.gather(
+                *(push(o) for o in order), *(push_to_verifier(o) for o in verified)
+            )
         finally:
             if serving_gate is not None:
                 serving_gate.set()
