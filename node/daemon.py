@@ -55,16 +55,10 @@ from starling.v1 import coordinator_pb2 as pb
 
 from .distributed import InnerLoop, LocalInnerLoop, NodeGroup, ShardedInnerLoop
 from .reporting import TokenReporter
-from .rounds import ExchangeOutcome, check_means, exchange_round, spec_from_state
+from .rounds import RETRYABLE, ExchangeOutcome, check_means, exchange_round, spec_from_state
 
 log = logging.getLogger("starling.node")
 
-# RESOURCE_EXHAUSTED: over the coordinator's request budget; the backoff waits it out.
-RETRYABLE = (
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-)
 RECONNECT_S = 60.0  # how long the node keeps retrying an unreachable coordinator
 LONG_POLL_S = 10.0
 LINGER_S = 20.0  # how long a leaving owner keeps serving its last round's means

@@ -256,7 +256,13 @@ def _report_exchange(
         pass  # accounting only: the round is committed either way (or the node stopped)
 
 
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+# RESOURCE_EXHAUSTED: the coordinator's request budget (an honest node in rounds of well
+# under a second, each with its reports as owner and verifier, can reach it): back off.
+RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+)
 
 
 def _retrying(call: Callable[[], T], until: float) -> T:
