@@ -165,9 +165,13 @@ def gram(values: Sequence[torch.Tensor]) -> list[float]:
     can judge direction over the whole update (dot products add up over shards)."""
     n = len(values)
     out = np.zeros((n, n))
-    for i in range(n):
-        for j in range(i, n):
-            out[i, j] = out[j, i] = _dot(values[i], values[j].to(torch.float64))
+    if n == 0:
+        return []
+    # Block by block: n slices of BLOCK values in float64 at a time (not one float64 copy
+    # per pair, nor of every whole contribution), one matrix product each.
+    for start in range(0, values[0].numel(), BLOCK):
+        block = torch.stack([v[start : start + BLOCK] for v in values]).double()  # (n, BLOCK)
+        out += (block @ block.T).numpy()
     return [float(x) for x in out.reshape(-1)]
 
 
