@@ -10,17 +10,26 @@ prints the state's fingerprint after each round. Run it on two machines and comp
     python bench/bit_identity.py --json > cpu.json              # this machine
     python bench/bit_identity.py --device cuda --expect cpu.json --json   # a GPU host
 
+It also replays what a shard's two reducers (its owner and verifier) do, for every codec
+(`codec_fingerprints`): each contribution encoded, decoded, their token-weighted float64
+mean (`weighted_mean_f64`) encoded again. The coordinator compares the two reducers'
+hashes of that last encoding and takes a disagreement for a lie, so the bytes must be
+a function of the values alone: the same on every machine and at any thread count
+(`codecs_thread_invariant`). Half the rounds use values on a coarse grid, full of ties.
+
 With `--device cuda` it also replays the same ops on the GPU (`device_matches_cpu`: does
 the GPU itself agree bit for bit, which Starling does not rely on) and round-trips θ
 through a model replica on the GPU (`replica_roundtrip_exact`: loading θ into the replica
 and flattening it back must lose nothing, which Starling does rely on).
 
-Needs only PyTorch and NumPy (no install of the project: it puts ../src on the path).
+The outer loop needs only PyTorch and NumPy (no install of the project: it puts ../src on
+the path); the codec replay needs the project's dependencies (`--codecs off` skips it).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import platform
 import sys
@@ -92,6 +101,35 @@ def replay(
     return fingerprints, state
 
 
+def codec_replay(rounds: int, workers: int, n: int) -> dict[str, str]:
+    """codec name → SHA-256 over every contribution's encoding and every round's encoded
+    mean, as a shard's owner computes it (`OwnerService`: decode, weighted_mean_f64,
+    encode). A codec that cannot load here (hivemind's, without hivemind) maps to
+    "unavailable: why"."""
+    from starling.codecs import CODEC_NAMES, make_codec
+    from starling.exchange.owner import weighted_mean_f64
+
+    fingerprints = {}
+    for name in CODEC_NAMES:
+        try:
+            codec = make_codec(name)
+        except (ImportError, ValueError) as exc:
+            fingerprints[name] = f"unavailable: {exc}"
+            continue
+        digest = hashlib.sha256()
+        for r in range(rounds):
+            deltas = [synthetic(1 + r * workers + i, n, -10) for i in range(workers)]
+            if r % 2:  # 17 levels: ties everywhere, in the contributions and the mean
+                deltas = [torch.round(d * 2**13) * 2**-13 for d in deltas]
+            payloads = [codec.encode(d) for d in deltas]
+            tokens = [4096 * (1 + (r + i) % 3) + 17 * i for i in range(workers)]
+            mean = weighted_mean_f64([codec.decode(p, n) for p in payloads], tokens)
+            for payload in (*payloads, codec.encode(mean)):
+                digest.update(hashlib.sha256(payload).digest())
+        fingerprints[name] = digest.hexdigest()
+    return fingerprints
+
+
 def replica_roundtrip_exact(state: GlobalState, device: torch.device) -> bool:
     """Load θ into the tiny model on `device` (fp32) and flatten it back: bit-exact?"""
     from starling.model import build_model, model_config
@@ -125,17 +163,31 @@ def expected_fingerprint(expect: str) -> str:
     raise SystemExit(f"--expect {expect}: neither a JSON output file nor a 64-hex fingerprint")
 
 
+def expected_codec_fingerprints(expect: str) -> dict[str, str]:
+    """The codec fingerprints in another machine's JSON output ({} for a bare hash)."""
+    path = Path(expect)
+    if not path.is_file():
+        return {}
+    last = [line for line in path.read_text().splitlines() if line.strip()][-1]
+    found = json.loads(last).get("codec_fingerprints") or {}
+    return {str(k): str(v) for k, v in found.items()}
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--params", type=int, default=1 << 21, help="values in θ")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or mps: the extra replay")
+    parser.add_argument("--codecs", choices=("on", "off"), default="on")
+    parser.add_argument(
+        "--codec-params", type=int, default=1 << 16, help="values per codec contribution"
+    )
     parser.add_argument("--expect", help="another machine's JSON output, or its fingerprint")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.workers < 1 or args.params < 1:
-        parser.error("--rounds, --workers and --params must be positive")
+    if min(args.rounds, args.workers, args.params, args.codec_params) < 1:
+        parser.error("--rounds, --workers, --params and --codec-params must be positive")
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but PyTorch sees no CUDA GPU")
@@ -153,6 +205,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "final_fingerprint": fingerprints[-1],
         "fingerprints": fingerprints,
     }
+    if args.codecs == "on":
+        threads = torch.get_num_threads()
+        result["codec_fingerprints"] = codec_replay(args.rounds, args.workers, args.codec_params)
+        try:
+            torch.set_num_threads(1)
+            single = codec_replay(args.rounds, args.workers, args.codec_params)
+        finally:
+            torch.set_num_threads(threads)
+        result["codecs_thread_invariant"] = single == result["codec_fingerprints"]
     if device.type != "cpu":
         on_device, _ = replay(args.rounds, args.workers, args.params, device, cfg)
         result["device"] = (
@@ -167,6 +228,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.expect:
         result["expected_fingerprint"] = expected_fingerprint(args.expect)
         result["matches_expected"] = result["expected_fingerprint"] == fingerprints[-1]
+        theirs = expected_codec_fingerprints(args.expect)
+        ours = result.get("codec_fingerprints", {})
+        if theirs and ours:
+            # Only codecs both machines could load; an absent one is not a mismatch.
+            both = [c for c in ours if c in theirs and "unavailable" not in ours[c] + theirs[c]]
+            result["codecs_match_expected"] = {c: ours[c] == theirs[c] for c in both}
     result["wall_s"] = round(time.monotonic() - started, 2)
     if args.json:
         print(json.dumps(result))
@@ -179,4 +246,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     outcome = main()
-    sys.exit(1 if outcome.get("matches_expected") is False else 0)
+    mismatched = outcome.get("matches_expected") is False or not all(
+        outcome.get("codecs_match_expected", {}).values()
+    )
+    sys.exit(1 if mismatched or outcome.get("codecs_thread_invariant") is False else 0)

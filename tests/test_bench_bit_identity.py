@@ -5,6 +5,11 @@ The expected fingerprint was produced on this project's x86 CI CPU (AMD EPYC, to
 on that host's H100 GPU (bench/bit_identity.py --device cuda): if a change to
 `weighted_mean`, `outer_step` or the fingerprint layout alters a single bit, nodes on
 different hardware could stop agreeing, and this fails.
+
+The codec fingerprints (each codec's encodings of 20 rounds of 4 contributions and their
+mean, as a shard's owner and verifier compute them) were produced on the CI CPU: a
+change to any codec's bytes makes the reducers of two versions disagree, which the
+coordinator takes for a lie, so it must be deliberate.
 """
 
 from __future__ import annotations
@@ -17,6 +22,16 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bit_identity.py"
 # 20 rounds of 4 contributions over 2^21 values, outer lr 0.7, Nesterov momentum 0.9.
 PINNED = "d929cb26ead9b332742bc37218c23b4840171327ac6b3c14de2decdf9b809482"
+# 2^16 values per contribution; odd rounds on a grid of 2^-13 (ties).
+PINNED_CODECS = {
+    "fp32": "e5ba9e60b026bb58f1a213bb321fe9b6c8eb6685d553c08b6e774ac2e4bc18da",
+    "bf16": "d48ec2d4960cf5f659120415ca2c57e487a31c3bd17c19e555987c3f6b5cdd78",
+    "int8": "433f29826b84da02894e1dca6ee9893ba75c05c77d965d485fb93404b5f6a70e",
+    "int4": "412867bce68a3c510248b33228cf1ef53696eadbc8c80c2d3508f0312790c22c",
+    "topk": "3ab7d3610907f9c9ce0acddcf764d2ce5d5e97aea7e8c6232ad16af56a41fc20",
+    "hivemind-fp16": "038b49c987a189daae60686d2c2d10a467cf5a1f60048cdc3a27905c26e06e4b",
+    "hivemind-uint8": "5f6808f7dabbaa002bf5ffbf28d3c0eda29cdc186ba4ac3be5c11121dd11db8d",
+}
 
 
 def bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -30,6 +45,8 @@ def test_the_outer_loop_reproduces_the_pinned_fingerprint() -> None:
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["final_fingerprint"] == PINNED and report["matches_expected"] is True
     assert len(set(report["fingerprints"])) == 20  # every round moved the state
+    assert report["codec_fingerprints"] == PINNED_CODECS
+    assert report["codecs_thread_invariant"] is True
 
 
 def test_a_different_fingerprint_fails_the_comparison(tmp_path: Path) -> None:
@@ -38,5 +55,16 @@ def test_a_different_fingerprint_fails_the_comparison(tmp_path: Path) -> None:
     run = bench("--rounds", "2", "--params", "1000", "--expect", str(other), "--json")
     assert run.returncode == 1
     assert json.loads(run.stdout.strip().splitlines()[-1])["matches_expected"] is False
+    small = ("--rounds", "2", "--params", "1000", "--codec-params", "999")
+    ours = bench(*small, "--json")
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    report = json.loads(ours.stdout.strip().splitlines()[-1])
+    report["codec_fingerprints"]["int4"] = "0" * 64  # another machine encodes int4 otherwise
+    other.write_text(json.dumps(report) + "\n")
+    run = bench(*small, "--expect", str(other))
+    assert run.returncode == 1
+    assert "codecs_match_expected: {'fp32': True, 'bf16': True, 'int8': True, 'int4': False" in (
+        run.stdout
+    )
     bad = bench("--expect", "not-a-fingerprint")
     assert bad.returncode != 0 and "neither a JSON output file" in bad.stderr

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,6 +79,50 @@ def test_top_k_with_feedback_eventually_sends_every_coordinate() -> None:
     for _ in range(400):  # the smallest needs ~10x the rounds of the largest
         seen |= feedback.encode(x)[1] != 0
     assert seen.all()  # small coordinates accumulate until they are large enough to go
+
+
+@pytest.mark.parametrize("spec", ["topk", "topk:8/16", "topk:32/1024"])
+def test_top_k_keeps_the_largest_magnitudes_and_breaks_ties_towards_the_lower_index(
+    spec: str,
+) -> None:
+    """A mean of sparse contributions is full of ties (zeros, equal steps), and the
+    owner and verifier must encode it to the same bytes on any hardware: the kept
+    indices are defined, not whatever order the topk kernel happens to leave."""
+    codec = make_codec(spec)
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 15, 16, 4097, 10_001):
+        x = torch.randint(-2, 3, (n,), generator=gen).float() * 0.25  # 5 levels: ties
+        x[torch.rand(n, generator=gen) < 0.5] = 0.0
+        payload = codec.encode(x)
+        expected = []
+        for start in range(0, n, codec.chunk):
+            chunk = x[start : start + codec.chunk].abs().numpy()
+            k = min(codec.k, len(chunk))
+            by_magnitude_then_index = np.lexsort((np.arange(len(chunk)), -chunk))[:k]
+            expected.append(np.sort(by_magnitude_then_index))
+        indices = np.concatenate(expected)
+        kept = len(indices)
+        at = len(payload) - 3 * kept  # u16 indices, then int8 codes, at the end
+        got = np.frombuffer(payload, dtype="<u2", offset=at, count=kept)
+        np.testing.assert_array_equal(got, indices)
+        decoded = codec.decode(payload, n)
+        assert torch.count_nonzero(decoded) <= kept
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_encoding_does_not_depend_on_the_thread_count(spec: str) -> None:
+    """The verifier's hash check assumes an encoding is a function of the values alone."""
+    codec = make_codec(spec)
+    x = sample(300_001, seed=5)
+    x[7::7] = x[: len(x[7::7])]  # ties
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = codec.encode(x)
+        torch.set_num_threads(max(2, threads))
+        assert codec.encode(x) == single
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tamper(payload: bytes, kind: str) -> bytes:

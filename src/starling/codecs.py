@@ -293,8 +293,20 @@ class TopKCodec:
         return HEADER_BYTES + 4 + 2 * n_chunks + 3 * (full * self.k + tail_k)
 
     def _select(self, chunks: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-        """chunks (C, L) → scales (C,) fp16, indices (C, k) sorted, codes (C, k) int8."""
-        idx = chunks.abs().topk(k, dim=1, sorted=False).indices.sort(dim=1).values
+        """chunks (C, L) → scales (C,) fp16, indices (C, k) sorted, codes (C, k) int8.
+
+        The k kept are the largest magnitudes, ties broken towards the lower index.
+        `topk` alone breaks ties as its kernel happens to (it differs between CPU
+        architectures and builds), and ties are common in a mean of sparse contributions
+        (zeros, repeated steps); two honest reducers must encode one mean to the same
+        bytes, or the coordinator takes their disagreement for a lie."""
+        magnitude = chunks.abs().nan_to_num_(nan=math.inf)  # NaN kept, as topk would
+        kth = magnitude.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (C, 1)
+        above = magnitude > kth
+        ties = magnitude == kth
+        room = k - above.sum(dim=1, keepdim=True)  # (C, 1): ties still to keep, ≥ 1
+        keep = above | (ties & (ties.cumsum(dim=1) <= room))
+        idx = keep.nonzero()[:, 1].view(-1, k)  # row-major: each row's indices ascending
         kept = chunks.gather(1, idx)
         peak = kept.abs().amax(dim=1)
         scale = (peak / 127).to(torch.float16)
