@@ -5,6 +5,7 @@ killed -9 at random points and/or poisoned nodes, against the same run without f
     python bench/chaos.py --nodes 8 --poison sign_flip --direction on --rounds 12 --json
     python bench/chaos.py --nodes 6 --poison frame --rounds 4 --json   # a lying owner
     python bench/chaos.py --nodes 6 --poison wrong_mean --rounds 4 --json   # another
+    python bench/chaos.py --nodes 6 --poison omit --rounds 8 --json   # a censoring one
     python bench/chaos.py --nodes 8 --poison scale --defences off --json   # control
 
 Every node runs through bench/poisoned_node.py (honest ones with kind "none"), which
@@ -14,21 +15,24 @@ commit lists. Poisoned runs set ban_after_offences = 0 so that the poisoned node
 in and every round is a trial (tests/test_poisoning.py covers the ban).
 
 Prints one JSON object: rounds_planned, rounds_committed, max_round_s (the longest
-exchange phase, from round close to commit), deadline_s, contributions_excluded
-(reason → count), false_exclusions (honest contributions rejected as poisoned) out of
-honest_contributions (false_positive_rate), poisoned_contributions / poisoned_rejected /
-detection_rate (counted in rounds with at least 3 honest contributions: fewer cannot be
-screened), poisoned_pushes (the owners' answers to each stale, replayed, copied or
-framing message: those refused on arrival never show in a commit), mean_statuses (how
-each verified shard's mean hash was settled: verified, recomputed, unverified, void),
-poisoned_banned (poisoned nodes the coordinator banned), wire_bytes_per_round and
-node_bytes_sent_per_round / node_bytes_received_per_round, final_val_loss,
-baseline_val_loss, loss_ratio, and the two runs' mean losses over the same rounds
-before the nodes finish (compared_rounds, val_loss_same_rounds,
-baseline_val_loss_same_rounds, loss_ratio_same_rounds), mean_exact,
-mean_max_abs_err (over the means the honest nodes applied), wall_s. `--defences off`
-turns the screen and the second owner per shard ([defences] verify_means) off: the
-control that shows the damage.
+exchange phase, from round close to commit), deadline_s, contributions_excluded (reason
+→ count), false_exclusions (honest contributions rejected as poisoned) out of
+honest_contributions (false_positive_rate), honest_excluded (honest contributions left
+out for any reason, faults included), demoted_rounds (rounds a reducer owned no shard
+for losing alone contributions other reducers received: poisoned or honest),
+poisoned_contributions / poisoned_rejected / detection_rate (counted in rounds with at
+least 3 honest contributions: fewer cannot be screened), poisoned_pushes (the owners'
+answers to each stale, replayed, copied or framing message: those refused on arrival
+never show in a commit), mean_statuses (how each verified shard's mean hash was settled:
+verified, recomputed, unverified, void), poisoned_banned (poisoned nodes the coordinator
+banned), wire_bytes_per_round and node_bytes_sent_per_round /
+node_bytes_received_per_round, final_val_loss, baseline_val_loss, loss_ratio, and the
+two runs' mean losses over the same rounds before the nodes finish (compared_rounds,
+val_loss_same_rounds, baseline_val_loss_same_rounds, loss_ratio_same_rounds),
+mean_exact, mean_max_abs_err (over the means the honest nodes applied), wall_s.
+`--defences off` turns the screen, the second owner per shard ([defences] verify_means)
+and the demotion of reducers that lose contributions (demote_reducers) off: the control
+that shows the damage.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from poisoned_node import KINDS  # bench/, beside this script
 from safetensors.torch import load_file
 
 from starling.codecs import make_codec
@@ -61,18 +66,7 @@ HERE = Path(__file__).resolve().parent
 NODE = HERE / "poisoned_node.py"
 BATCH_TOKENS = 1024
 MIN_HONEST = 3  # honest contributions a round needs for its poisoned ones to count
-KINDS = (
-    "nan",
-    "scale",
-    "sign_flip",
-    "noise",
-    "shape",
-    "stale",
-    "replay",
-    "copy",
-    "frame",
-    "wrong_mean",
-)
+POISONS = tuple(k for k in KINDS if k != "none")
 
 CONFIG = """
 [run]
@@ -124,6 +118,7 @@ min_nodes = {nodes}
 screen = {screen}
 screen_direction = {direction}
 verify_means = {screen}
+demote_reducers = {screen}
 ban_after_offences = 0
 requests_per_s = {requests_per_s}
 """
@@ -438,14 +433,18 @@ def measure(scenario: Scenario) -> dict[str, Any]:
     ids = scenario.node_ids()
     poisoned_ids = {ids[i] for i in scenario.poisoned if i in ids}
     excluded: Counter[str] = Counter()
-    false_exclusions = poisoned_total = poisoned_rejected = honest_total = 0
+    false_exclusions = poisoned_total = poisoned_rejected = honest_total = honest_out = 0
+    demoted: Counter[str] = Counter()  # rounds a reducer was kept from reducing, by kind
     longest = 0.0
     for _, plan, commit in commits:
+        for node_id in plan.get("demoted", {}):
+            demoted["poisoned" if node_id in poisoned_ids else "honest"] += 1
         exchange_opened = plan["deadline"] - scenario.args.deadline_s
         longest = max(longest, commit["committed"] - exchange_opened)
         participants = {p["node_id"] for p in plan["participants"]}
         honest = participants - poisoned_ids
         honest_total += len(honest)
+        honest_out += len(honest - set(commit["contributors"]))
         # A trial: a poisoned contribution in a round the screen can judge (at least
         # three honest contributions to compare it with).
         if len(honest) >= MIN_HONEST:
@@ -484,6 +483,10 @@ def measure(scenario: Scenario) -> dict[str, Any]:
         "contributions_excluded": dict(excluded),
         "false_exclusions": false_exclusions,
         "honest_contributions": honest_total,
+        # Honest contributions left out for any reason, faults included (a censoring
+        # reducer's victims are faults: nothing proves the push arrived).
+        "honest_excluded": honest_out,
+        "demoted_rounds": dict(demoted),
         "poisoned_contributions": poisoned_total,
         "poisoned_rejected": poisoned_rejected,
         "poisoned_pushes": dict(poisoned_pushes),
@@ -510,10 +513,12 @@ def measure(scenario: Scenario) -> dict[str, Any]:
 
 def _reason_class(reason: str) -> str:
     """ "shard 3: rejected: direction disagrees ... (cosine ...)" → "rejected: direction
-    disagrees"; "shard 0: missing" → "missing"."""
+    disagrees"; "shard 0: missing" → "missing"; "rejected: norm 104.8x the round's
+    median" → "rejected: norm Nx the round's"; node ids → "<node>"."""
     reason = re.sub(r"^shard \d+( \(verifier\))?: ", "", reason)
     reason = re.split(r" \(|; |, the |: not ", reason)[0]
-    return " ".join(reason.split()[:5])
+    reason = re.sub(r"\b[0-9a-f]{32}\b", "<node>", reason)
+    return " ".join(re.sub(r"\b\d+(\.\d+)?", "N", reason).split()[:5])
 
 
 def mean_error(
@@ -618,7 +623,7 @@ def main() -> None:
     parser.add_argument(
         "--kill-coordinator", type=int, default=0, help="kill -9 and restart it this often"
     )
-    parser.add_argument("--poison", choices=KINDS, help="what the poisoned nodes send")
+    parser.add_argument("--poison", choices=POISONS, help="what the poisoned nodes send")
     parser.add_argument("--poisoned", type=int, default=1, help="how many nodes are poisoned")
     parser.add_argument("--defences", choices=("on", "off"), default="on")
     parser.add_argument(

@@ -16,6 +16,9 @@ tests/test_poisoning.py):
              its own (its other shards carry its honest slices)
   frame      a lying owner: its own contributions are honest, but on each shard it
              owns it reports one honest contributor as rejected (a norm outlier)
+  omit       a censoring reducer: its own contributions are honest, but on each shard
+             it owns or verifies it drops one honest contributor's push (another one
+             each round) after acknowledging it, as if it never arrived
   wrong_mean a lying owner: its own contributions are honest, but every mean it
              commits (as a shard's owner or verifier) is negated, signed and served
              as if right
@@ -63,13 +66,12 @@ KINDS = (
     "replay",
     "copy",
     "frame",
+    "omit",
     "wrong_mean",
     "none",
 )
 DUMP = os.environ.get("STARLING_CHAOS_DUMP")
-kind = sys.argv.pop(1)
-if kind not in KINDS:
-    raise SystemExit(f"poison kind must be one of {', '.join(KINDS)}")
+kind = "none"  # set from the command line by run()
 
 
 def report(round_: int, shard: int, status: str) -> None:
@@ -103,8 +105,6 @@ def poisoned_encode(
         ]
     return payloads, rest
 
-
-daemon.encode_shards = poisoned_encode  # type: ignore[assignment]
 
 # --- poisoned messages: stale, replayed, copied ----------------------------------------
 
@@ -170,8 +170,6 @@ async def _reported(call: Any, spec: RoundSpec, shard: int) -> None:
         report(spec.round, shard, err.code().name)
 
 
-exchange_client.ExchangeClient._push = poisoned_push  # type: ignore[method-assign]
-
 exchange_round = daemon.exchange_round
 
 
@@ -193,8 +191,6 @@ def dumping_exchange_round(*args: Any, **kwargs: Any) -> ExchangeOutcome:
     return outcome
 
 
-daemon.exchange_round = dumping_exchange_round  # type: ignore[assignment]
-
 accept = exchange_owner.OwnerService._accept
 
 
@@ -205,10 +201,13 @@ async def capturing_accept(
         received.setdefault(header.round, []).append((header, bytes(payload)))
         for old in [r for r in received if r < header.round - 1]:
             del received[old]
+    if kind == "omit":
+        others = sorted(set(reduction.spec.participants) - {self.identity.node_id})
+        if others and header.sender == others[header.round % len(others)]:
+            report(header.round, header.shard, f"OMITTED {header.sender}")
+            return  # acknowledged, never held: the report will say it did not arrive
     await accept(self, reduction, header, payload)
 
-
-exchange_owner.OwnerService._accept = capturing_accept  # type: ignore[method-assign]
 
 contribute_local = exchange_owner.OwnerService.contribute_local
 
@@ -234,8 +233,6 @@ async def copying_contribute_local(
     await contribute_local(self, round_, shard, tokens, payload)
 
 
-exchange_owner.OwnerService.contribute_local = copying_contribute_local  # type: ignore[method-assign]
-
 # --- a lying owner: frames an honest contributor ---------------------------------------
 
 screen_held = exchange_owner.OwnerService._screen
@@ -256,8 +253,6 @@ async def framing_screen(self: exchange_owner.OwnerService, reduction: Any) -> N
     await screen_held(self, reduction)
 
 
-exchange_owner.OwnerService._screen = framing_screen  # type: ignore[method-assign]
-
 # --- a lying owner: serves a wrong mean ------------------------------------------------
 
 weighted_mean_payload = exchange_owner._weighted_mean_payload
@@ -274,7 +269,24 @@ def lying_mean_payload(reduction: Any, ordered: list[tuple[str, Any]]) -> bytes 
     return reduction.codec.encode(mean.neg_())
 
 
-exchange_owner._weighted_mean_payload = lying_mean_payload
+def run() -> None:
+    """Poisons this process's node code by `sys.argv[1]` and runs the starling CLI with
+    the rest of the arguments. (Importing this module patches nothing: bench/chaos.py
+    imports it for KINDS.)"""
+    global kind
+    if len(sys.argv) < 2 or sys.argv[1] not in KINDS:
+        raise SystemExit(f"usage: poisoned_node.py KIND ARGS...; KIND one of {', '.join(KINDS)}")
+    kind = sys.argv.pop(1)
+    daemon.encode_shards = poisoned_encode
+    exchange_client.ExchangeClient._push = poisoned_push
+    daemon.exchange_round = dumping_exchange_round
+    exchange_owner.OwnerService._accept = capturing_accept
+    exchange_owner.OwnerService.contribute_local = copying_contribute_local
+    exchange_owner.OwnerService._screen = framing_screen
+    exchange_owner._weighted_mean_payload = lying_mean_payload
+    sys.argv[0] = "starling"
+    main()
 
-sys.argv[0] = "starling"
-main()
+
+if __name__ == "__main__":
+    run()

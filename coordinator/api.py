@@ -164,6 +164,11 @@ def rounds(coordinator: Coordinator, limit: int = 20) -> dict[str, Any]:
                     for s in commit["shards"]
                     if s["detail"]
                 ],
+                # Reducers kept from owning shards this round (see rounds.unreliable_reducers).
+                "demoted": [
+                    {"node_id": n, "reason": why}
+                    for n, why in sorted(({} if plan is None else plan.get("demoted", {})).items())
+                ],
                 "val_loss": losses.get(commit["round"], {}).get("val_loss"),
             }
         )

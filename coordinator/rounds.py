@@ -17,6 +17,17 @@ from starling.exchange.plan import ShardPlan
 
 from .store import Node
 
+# A reducer (a shard's owner or verifier) that alone lost contributions which other
+# reducers received, in LOST_ROUNDS of the last RELIABILITY_WINDOW commits and from at
+# least LOST_VICTIMS different contributors, reduces no shard while that stays true
+# (see `unreliable_reducers`).
+RELIABILITY_WINDOW = 50
+LOST_ROUNDS = 3
+LOST_VICTIMS = 2
+# What a reducer reports for a contribution that did not reach it (as opposed to one it
+# rejected, or one from a participant that left).
+LOSSES = ("missing", "no contribution before the deadline")
+
 
 def peer_info(node: Node) -> dict[str, Any]:
     return {
@@ -51,12 +62,16 @@ def exchange_plan(
     deadline: float,
     gather_timeout_s: float,
     verify: bool = False,
+    demoted: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Shards over the flat θ, owned in turn by the reachable contributors (sorted by
-    node id); the coordinator owns everything when none is reachable. With `verify` and
-    at least two reachable owners, shard s's verifier (its second owner) is the owner
-    after its own in that list."""
-    owners = [peer_info(n) for n in contributors if n.reachable and n.address]
+    node id) that are not `demoted` (node id → why); the coordinator owns everything
+    when none is left. With `verify` and at least two owners, shard s's verifier (its
+    second owner) is the owner after its own in that list."""
+    demoted = demoted or {}
+    owners = [
+        peer_info(n) for n in contributors if n.reachable and n.address and n.node_id not in demoted
+    ]
     if not owners:
         owners = [coordinator]
     plan = ShardPlan.even(numel, len(owners) * shards_per_owner)
@@ -75,6 +90,7 @@ def exchange_plan(
         "gather_timeout_s": gather_timeout_s,
         "reassigned": {},  # shard -> why
         "skipped": {},  # shard -> why
+        "demoted": {n.node_id: demoted[n.node_id] for n in contributors if n.node_id in demoted},
     }
 
 
@@ -107,6 +123,7 @@ def commit_record(
         excluded.setdefault(node_id, f"whole update: {REJECTED}: {why}")
     include = set(participants) - set(excluded)
     weights: dict[str, Counter[int]] = {n: Counter() for n in participants}
+    lost: dict[str, set[str]] = {}  # participant → the reducers it did not reach
     shards = []
     for shard in range(len(plan["bounds"]) - 1):
         key = str(shard)
@@ -123,9 +140,16 @@ def commit_record(
                 why = exclusions.get(shard, {}).get(node_id, "missing")
                 excluded.setdefault(node_id, f"shard {shard}: {why}")
             include &= holders
-            verifier = _verifier_of(plan, shard)
-            if verifier:
+            for node_id in set(participants) - holders:
+                if exclusions.get(shard, {}).get(node_id, "missing") in LOSSES:
+                    lost.setdefault(node_id, set()).add(owner)
+            second = verifier(plan, shard)
+            if second:
                 include &= _agreed(shard, held, verifier_reports, verifier_exclusions, excluded)
+                theirs = {h["node_id"] for h in verifier_reports[shard][1]}
+                for node_id in holders - theirs:
+                    if verifier_exclusions.get(shard, {}).get(node_id, "missing") in LOSSES:
+                        lost.setdefault(node_id, set()).add(second["node_id"])
             for h in held:
                 if h["node_id"] in weights:
                     weights[h["node_id"]][int(h["tokens"])] += 1
@@ -136,7 +160,7 @@ def commit_record(
                 "status": status,
                 "detail": detail,
                 "held": held,
-                "verifier": "" if status == "skipped" else _verifier_of(plan, shard),
+                "verifier": "" if status == "skipped" else _node_id(verifier(plan, shard)),
                 "mean_hash": "",  # hex, once settled (see the service's _settle_means)
                 "mean_status": "",
             }
@@ -158,14 +182,20 @@ def commit_record(
         "fingerprint": "",
         "shards": shards,
         "excluded": {n: excluded[n] for n in sorted(excluded) if n not in contributors},
+        "lost": {n: sorted(lost[n]) for n in sorted(lost)},
         "committed": now,
     }
 
 
-def _verifier_of(plan: dict[str, Any], shard: int) -> str:
+def verifier(plan: dict[str, Any], shard: int) -> dict[str, Any] | None:
+    """The peer that reduces shard `shard` beside its owner, or None (no verifier was
+    planned, or it was dropped and the shard commits on its owner's word)."""
     verifiers = plan.get("verifiers") or []
-    verifier = verifiers[shard] if shard < len(verifiers) else None
-    return verifier["node_id"] if verifier else ""
+    return verifiers[shard] if shard < len(verifiers) else None
+
+
+def _node_id(peer: dict[str, Any] | None) -> str:
+    return peer["node_id"] if peer else ""
 
 
 def _agreed(
@@ -216,7 +246,7 @@ def summed_gram(
         if matrix is None:
             return f"shard {shard} has no Gram matrix"
         matrices[shard] = (ids, matrix)
-        if _verifier_of(plan, shard) and shard in verifier_reports:
+        if verifier(plan, shard) and shard in verifier_reports:
             theirs = [h["node_id"] for h in verifier_reports[shard][1]]
             other = _matrix(verifier_grams.get(shard, []), len(theirs))
             if other is None or not _agree(ids, matrix, theirs, other):
@@ -262,6 +292,51 @@ def settled_mean(
     if theirs is not None:
         return theirs, f"unverified: owner {owner} did not report its mean"
     return "", "void: neither owner reported its mean"
+
+
+def lost_contributions(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(reducer, contributor) for each contribution that one reducer alone did not get
+    (`missing`, or not there by the deadline, at every shard it owns or verifies) while
+    at least two other nodes' shards held it. A contributor too slow for the deadline
+    misses several reducers; one that reached everyone else points at the reducer (or
+    at the link between them, which makes it as poor a reducer)."""
+    out = []
+    for contributor, reducers in record.get("lost", {}).items():
+        if len(reducers) != 1 or reducers[0] == contributor:
+            continue
+        reached = {
+            s["owner"]
+            for s in record["shards"]
+            if s["owner"] not in (reducers[0], contributor)
+            and any(h["node_id"] == contributor for h in s["held"])
+        }
+        if len(reached) >= 2:
+            out.append((reducers[0], contributor))
+    return out
+
+
+def unreliable_reducers(records: list[dict[str, Any]]) -> dict[str, str]:
+    """The reducers that alone lost contributions other reducers received (see
+    `lost_contributions`) in at least LOST_ROUNDS of `records` and from at least
+    LOST_VICTIMS contributors, with why: node id → reason. An owner that claims an
+    honest contributor's push never arrived (censorship: no signature proves it
+    false) is one; so is an honest owner whose downlink cannot keep up. Neither
+    reduces while its record stands; neither is punished, since the one cannot be
+    told from the other. A censor that aims at one contributor only is not caught."""
+    rounds_by: dict[str, set[int]] = {}
+    victims_by: dict[str, set[str]] = {}
+    for record in records:
+        for reducer, contributor in lost_contributions(record):
+            rounds_by.setdefault(reducer, set()).add(int(record["round"]))
+            victims_by.setdefault(reducer, set()).add(contributor)
+    return {
+        reducer: (
+            f"lost the contributions of {len(victims_by[reducer])} nodes that other reducers "
+            f"received, in rounds {', '.join(map(str, sorted(held)))}"
+        )
+        for reducer, held in sorted(rounds_by.items())
+        if len(held) >= LOST_ROUNDS and len(victims_by[reducer]) >= LOST_VICTIMS
+    }
 
 
 def offenders(record: dict[str, Any]) -> dict[str, str]:

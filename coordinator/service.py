@@ -179,6 +179,7 @@ class Coordinator:
         newest = self.store.last_committed_round()
         self._unsettled = set(range(max(0, newest - SETTLED_ROUNDS + 1), newest + 1))
         self._uploading: set[int] = set()  # checkpoint rounds being received
+        self._demoted: set[str] = set()  # reducers kept from reducing (only to log changes)
         self.bound_port: int | None = None
 
     # --- lifecycle ------------------------------------------------------------------
@@ -648,7 +649,7 @@ class Coordinator:
         plan = round_.plan
         if request.shard >= len(plan["owners"]):
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"no shard {request.shard}")
-        verifier = _verifier(plan, request.shard)
+        verifier = rounds.verifier(plan, request.shard)
         as_verifier = verifier is not None and verifier["node_id"] == node.node_id
         if plan["owners"][request.shard]["node_id"] != node.node_id and not as_verifier:
             raise Refused(
@@ -998,13 +999,16 @@ class Coordinator:
             await self._maybe_commit(current, now)
         await self._settle_means(now)
 
+    def _active_ids(self) -> set[str]:
+        return {n.node_id for n in self.store.nodes("active")}
+
     async def _mark_gone(self) -> None:
         """Lists the participants of the rounds being exchanged that are no longer active
         (left, expired, banned) in their plans, so that owners stop waiting for them."""
         current = self.store.current_round()
         if current is None:
             return
-        active = {n.node_id for n in self.store.nodes("active")}
+        active = self._active_ids()
         for number in (current.round - 1, current.round):
             round_ = self.store.round(number) if number >= 0 else None
             if round_ is None or round_.phase != "exchange" or round_.plan is None:
@@ -1057,6 +1061,16 @@ class Coordinator:
                 self._put(round_, deadline=now + self.config.round.deadline_s)
             self._notify()
             return
+        demoted = (
+            rounds.unreliable_reducers(self.store.commits(rounds.RELIABILITY_WINDOW))
+            if self.config.defences.demote_reducers
+            else {}
+        )
+        for node_id in sorted(set(demoted) - self._demoted):
+            log.warning(
+                "%s reduces no shard from round %d: it %s", node_id, round_.round, demoted[node_id]
+            )
+        self._demoted = set(demoted)
         plan = rounds.exchange_plan(
             self.numel,
             self.config.outer.codec,
@@ -1069,6 +1083,7 @@ class Coordinator:
             # reassignment (a second exchange deadline) and two report graces.
             gather_timeout_s=2 * (self.config.round.exchange_deadline_s + REPORT_GRACE_S),
             verify=self.config.defences.verify_means,
+            demoted=demoted,
         )
         with self.store.transaction():
             updated = self._put(round_, phase="exchange", plan=plan)
@@ -1109,7 +1124,7 @@ class Coordinator:
             return
         self._owned_rounds.add(key)
         await asyncio.to_thread(self.peer.open_round, spec)
-        active = {n.node_id for n in self.store.nodes("active")}
+        active = self._active_ids()
         for node_id in sorted(set(spec.participants) - active):
             # Gone already (left or expired): do not wait for it until the deadline.
             await asyncio.to_thread(self.peer.exclude, spec.round, node_id, "left the run")
@@ -1144,13 +1159,13 @@ class Coordinator:
         verifier_reports = self.store.shard_reports(round_.round, verifier=True)
         shards = [s for s in range(len(plan["owners"])) if str(s) not in plan["skipped"]]
         missing = [s for s in shards if s not in reports]
-        unverified = [s for s in shards if _verifier(plan, s) and s not in verifier_reports]
+        unverified = [s for s in shards if rounds.verifier(plan, s) and s not in verifier_reports]
         if (missing or unverified) and now < plan["deadline"] + REPORT_GRACE_S:
             # A report is waited for until the deadline and its grace, unless its
             # reporter is gone already (its lease expired, or it left): then at once.
             awaited = {plan["owners"][s]["node_id"] for s in missing}
             awaited |= {plan["verifiers"][s]["node_id"] for s in unverified}
-            active = {n.node_id for n in self.store.nodes("active")}
+            active = self._active_ids()
             if awaited & (active | {self.run.identity.node_id}):
                 return
         if unverified and not missing:
@@ -1460,7 +1475,7 @@ class Coordinator:
             hashes[node_id] = header.payload_hash.hex() if listed == expected else "wrong list"
         overdue = now > round_.commit["committed"] + MEAN_GRACE_S  # type: ignore[index]
         if not overdue and len(hashes) == 1:  # the other is not waited for once it is gone
-            active = {n.node_id for n in self.store.nodes("active")}
+            active = self._active_ids()
             overdue = not set(owners) - set(hashes) <= active
         settled = rounds.settled_mean(*owners, hashes, overdue)
         if settled is None or settled[1] != "disputed":
@@ -1568,14 +1583,9 @@ def _peer_message(peer: dict[str, Any]) -> pb.PeerInfo:
     )
 
 
-def _verifier(plan: dict[str, Any], shard: int) -> dict[str, Any] | None:
-    verifiers = plan.get("verifiers") or []
-    return verifiers[shard] if shard < len(verifiers) else None
-
-
 def _drop_verifier(plan: dict[str, Any], shard: int, why: str) -> None:
     """Shard `shard` commits on its owner's word alone from now on."""
-    if _verifier(plan, shard) is not None:
+    if rounds.verifier(plan, shard) is not None:
         plan["verifiers"][shard] = None
         plan.setdefault("unverified", {})[str(shard)] = why
 

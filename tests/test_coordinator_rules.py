@@ -134,6 +134,75 @@ def test_a_verified_shard_keeps_only_contributions_its_owner_and_verifier_agree_
     assert first["mean_hash"] == first["mean_status"] == ""  # settled after the commit
 
 
+def test_a_reducer_that_alone_keeps_losing_contributions_is_demoted() -> None:
+    """Censorship by omission: an owner (or verifier) claims a contribution never
+    arrived. No signature proves it false, so nobody is punished, but a reducer that
+    alone loses contributions that reached two or more other nodes' shards, in 3 of the
+    last 50 rounds and from 2 or more contributors, owns no shard while that stands."""
+    peer = {"address": "", "cert_fingerprint": "", "public_key": "00"}
+    everyone = ["a", "b", "c", "d"]  # shard s: owned by everyone[s], verified by the next
+    verifiers = [{"node_id": v, **peer} for v in ("b", "c", "d", "a")]
+
+    def commit(round_: int, by_owner: dict[int, str] | None = None, **by_verifier: str) -> dict:
+        """A round of 4 shards in which the owner of shard s lost `by_owner[s]` (not
+        there by the deadline) and the verifier of shard `int(k[1:])` lost
+        `by_verifier[k]` (missing)."""
+        by_owner = by_owner or {}
+        lost_at_verifier = {int(k[1:]): v for k, v in by_verifier.items()}
+
+        def holding(gone: str | None) -> list[dict]:
+            return held(*[(n, 10) for n in everyone if n != gone])
+
+        reports = {s: (o, holding(by_owner.get(s))) for s, o in enumerate(everyone)}
+        verifier_reports = {
+            s: (verifiers[s]["node_id"], holding(lost_at_verifier.get(s))) for s in range(4)
+        }
+        exclusions = {s: {v: "no contribution before the deadline"} for s, v in by_owner.items()}
+        p = plan(everyone, everyone, verifiers=verifiers)
+        return rounds.commit_record(round_, p, reports, 0, 1, 0, exclusions, verifier_reports, {})
+
+    record = commit(5, {3: "b"})
+    assert record["excluded"] == {"b": "shard 3: no contribution before the deadline"}
+    assert record["lost"] == {"b": ["d"]}
+    assert rounds.lost_contributions(record) == [("d", "b")]
+    assert rounds.lost_contributions(commit(6, s3="c")) == [("a", "c")]  # a verifies shard 3
+    # d owns shard 3 and verifies shard 2: a censor drops its victim in both roles.
+    both_roles = commit(7, {3: "b"}, s2="b")
+    assert both_roles["lost"] == {"b": ["d"]}
+    assert rounds.lost_contributions(both_roles) == [("d", "b")]
+    assert rounds.lost_contributions(commit(8)) == []
+    # Lost by two reducers (d and b): it did not reach everyone, and blames neither.
+    assert rounds.lost_contributions(commit(9, {3: "c", 1: "c"})) == []
+
+    # d loses b, then c, then b: 3 rounds, 2 victims.
+    history = [commit(1, {3: "b"}), commit(2), commit(3, {3: "c"}), commit(4, s2="b")]
+    demoted = rounds.unreliable_reducers(history)
+    assert list(demoted) == ["d"] and "2 nodes" in demoted["d"] and "rounds 1, 3, 4" in demoted["d"]
+    # Two such rounds, or one victim only (a slow contributor, or a censor aimed at one
+    # node): not enough.
+    assert rounds.unreliable_reducers(history[:3]) == {}
+    assert rounds.unreliable_reducers([commit(r, {3: "b"}) for r in range(5)]) == {}
+
+    # A demoted node contributes but owns and verifies no shard.
+    from starling.coordinator.store import Node
+
+    def node(node_id: str) -> Node:
+        return Node(
+            node_id, b"\0", "127.0.0.1:1", "", True, "cpu", 0, 0.0, 0.0, "", 0.0, 0.0, 0.0,
+            "active", "training", 0, False, 0, 0,
+        )  # fmt: skip
+
+    coordinator = {"node_id": "coord", "address": "", "cert_fingerprint": "", "public_key": ""}
+    nodes = [node(n) for n in everyone]
+    made = rounds.exchange_plan(
+        1 << 16, "int4", nodes, dict.fromkeys(everyone, 1), coordinator, 1, 0.0, 1.0, True, demoted
+    )
+    assert [o["node_id"] for o in made["owners"]] == ["a", "b", "c"]
+    assert [v["node_id"] for v in made["verifiers"]] == ["b", "c", "a"]
+    assert [p["node_id"] for p in made["participants"]] == everyone
+    assert made["demoted"] == demoted
+
+
 def test_a_mean_is_verified_by_equal_hashes_disputed_by_different_ones() -> None:
     settle = rounds.settled_mean
     assert settle("a", "b", {"a": "11", "b": "11"}, overdue=False) == ("11", "verified")

@@ -139,3 +139,54 @@ def test_an_owner_that_serves_a_wrong_mean_is_outvoted_by_the_recomputation_and_
     assert state == "banned" and "served a wrong mean" in reason, reason
     assert_agree(run.fingerprints("a"), run.fingerprints("b"))
     assert_agree(run.fingerprints("a"), run.fingerprints("c"))
+
+
+def test_a_reducer_that_censors_contributors_is_demoted_and_they_are_kept_again(
+    e2e,  # noqa: F811
+) -> None:
+    """A censoring reducer acknowledges one honest contributor's push on each shard it
+    owns or verifies (another one each round) and reports it as never arrived. Nothing
+    signed proves that false, so nobody is banned; but after 3 such rounds, with 2
+    victims that reached the other reducers, the coordinator plans no shard for it, and
+    from then on every honest contribution counts again, the censor's own included."""
+    run = e2e(min_nodes=4)
+    for name in HONEST:
+        run.join(name, "--max-rounds", "7")
+    run.join("censor", "--max-rounds", "7", launcher=(str(POISONED_NODE), "omit"))
+    for name in (*HONEST, "censor"):
+        assert run.nodes[name].wait(300) == 0, run.log(name)
+    assert "OMITTED" in run.log("censor")
+    honest = {node_id(run, n) for n in HONEST}
+    censor = node_id(run, "censor")
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{run.run_dir / 'coordinator.db'}?mode=ro", uri=True)
+    plans = {r: json.loads(p) for r, p in db.execute("SELECT round, plan FROM rounds") if p}
+    state, offences = db.execute(
+        "SELECT state, offences FROM nodes WHERE node_id = ?", (censor,)
+    ).fetchone()
+    db.close()
+    commits = run.commits()
+    demoted = sorted(r for r, p in plans.items() if censor in p.get("demoted", {}))
+    assert demoted and demoted[0] <= 5, plans
+    assert "lost the contributions of" in plans[demoted[0]]["demoted"][censor]
+    censored = [r for r in commits if r < demoted[0] and set(commits[r]["excluded"]) & honest]
+    assert len(censored) >= 3, commits  # what it took to be demoted
+    for round_ in censored:
+        for victim in set(commits[round_]["excluded"]) & honest:
+            reason = commits[round_]["excluded"][victim]
+            assert "missing" in reason or "no contribution before the deadline" in reason
+    for round_, commit in commits.items():
+        if round_ >= demoted[0]:  # from demotion on: nobody out, the censor reduces nothing
+            participants = {p["node_id"] for p in plans[round_]["participants"]}
+            assert set(commit["contributors"]) == participants, (round_, commit)
+            assert honest <= participants, plans[round_]
+            reducers = [s["owner"] for s in commit["shards"]] + [
+                s["verifier"] for s in commit["shards"]
+            ]
+            assert censor not in reducers, (round_, commit["shards"])
+    after = [r for r in commits if r >= demoted[0] and censor in commits[r]["contributors"]]
+    assert after, commits  # the censor's own contributions count after its demotion
+    assert state != "banned" and offences == 0  # not punished: a lost push proves nothing
+    assert_agree(run.fingerprints("a"), run.fingerprints("b"))
+    assert_agree(run.fingerprints("a"), run.fingerprints("c"))

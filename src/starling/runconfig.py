@@ -110,6 +110,11 @@ class DefencesSection:
     # contributor a second upload of its pseudo-gradient; off only where every peer is
     # trusted. Needs at least two reachable owners.
     verify_means: bool = True
+    # A shard owner or verifier that alone loses contributions other reducers received
+    # (in 3 of the last 50 rounds, from 2 or more contributors) owns no shard while
+    # that record stands: censorship by omission cannot be proven, but it can be kept
+    # from recurring (coordinator.rounds.unreliable_reducers). Nobody is banned for it.
+    demote_reducers: bool = True
     # A node rejected as poisoned in this many rounds is banned; 0: never banned.
     ban_after_offences: int = 3
     # Requests per second one peer (one address; each connection on loopback) may make
