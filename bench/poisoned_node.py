@@ -19,6 +19,10 @@ tests/test_poisoning.py):
   omit       a censoring reducer: its own contributions are honest, but on each shard
              it owns or verifies it drops one honest contributor's push (another one
              each round) after acknowledging it, as if it never arrived
+  misreport  a lying reducer: its own contributions are honest, but in its report of each
+             shard it owns or verifies it gives one honest contributor's contribution
+             another payload hash (another one each round), so that owner and
+             verifier disagree and the contributor is out of the round
   wrong_mean a lying owner: its own contributions are honest, but every mean it
              commits (as a shard's owner or verifier) is negated, signed and served
              as if right
@@ -53,6 +57,7 @@ from starling.cli import main
 from starling.codecs import ErrorFeedback
 from starling.exchange import client as exchange_client
 from starling.exchange import owner as exchange_owner
+from starling.exchange import peer as exchange_peer
 from starling.exchange.plan import RoundSpec, ShardPlan
 from starling.node.rounds import ExchangeOutcome
 
@@ -67,6 +72,7 @@ KINDS = (
     "copy",
     "frame",
     "omit",
+    "misreport",
     "wrong_mean",
     "none",
 )
@@ -253,6 +259,29 @@ async def framing_screen(self: exchange_owner.OwnerService, reduction: Any) -> N
     await screen_held(self, reduction)
 
 
+# --- a lying reducer: misreports a contribution's hash ---------------------------------
+
+holders = exchange_peer.ExchangePeer.holders
+
+
+def misreporting_holders(
+    self: exchange_peer.ExchangePeer, round_: int, timeout: float
+) -> dict[int, dict[str, tuple[int, bytes]]]:
+    held = {shard: dict(by_node) for shard, by_node in holders(self, round_, timeout).items()}
+    if kind != "misreport":
+        return held
+    others = sorted({n for by_node in held.values() for n in by_node} - {self.identity.node_id})
+    if not others:
+        return held
+    victim = others[round_ % len(others)]
+    for shard, by_node in held.items():
+        if victim in by_node:
+            tokens, digest = by_node[victim]
+            by_node[victim] = (tokens, bytes([digest[0] ^ 0xFF]) + digest[1:])
+            report(round_, shard, f"MISREPORTED {victim}")
+    return held
+
+
 # --- a lying owner: serves a wrong mean ------------------------------------------------
 
 weighted_mean_payload = exchange_owner._weighted_mean_payload
@@ -284,6 +313,7 @@ def run() -> None:
     exchange_owner.OwnerService.contribute_local = copying_contribute_local
     exchange_owner.OwnerService._screen = framing_screen
     exchange_owner._weighted_mean_payload = lying_mean_payload
+    exchange_peer.ExchangePeer.holders = misreporting_holders  # type: ignore[method-assign]
     sys.argv[0] = "starling"
     main()
 

@@ -169,6 +169,8 @@ def rounds(coordinator: Coordinator, limit: int = 20) -> dict[str, Any]:
                     {"node_id": n, "reason": why}
                     for n, why in sorted(({} if plan is None else plan.get("demoted", {})).items())
                 ],
+                # Owner and verifier disagreed on a contribution: who lied, from evidence.
+                "disputes": commit.get("disputes", []),
                 "val_loss": losses.get(commit["round"], {}).get("val_loss"),
             }
         )

@@ -124,6 +124,7 @@ def commit_record(
     include = set(participants) - set(excluded)
     weights: dict[str, Counter[int]] = {n: Counter() for n in participants}
     lost: dict[str, set[str]] = {}  # participant → the reducers it did not reach
+    disputed: dict[str, list[int]] = {}  # participant → shards whose reducers disagree on it
     shards = []
     for shard in range(len(plan["bounds"]) - 1):
         key = str(shard)
@@ -145,7 +146,9 @@ def commit_record(
                     lost.setdefault(node_id, set()).add(owner)
             second = verifier(plan, shard)
             if second:
-                include &= _agreed(shard, held, verifier_reports, verifier_exclusions, excluded)
+                include &= _agreed(
+                    shard, held, verifier_reports, verifier_exclusions, excluded, disputed
+                )
                 theirs = {h["node_id"] for h in verifier_reports[shard][1]}
                 for node_id in holders - theirs:
                     if verifier_exclusions.get(shard, {}).get(node_id, "missing") in LOSSES:
@@ -183,6 +186,10 @@ def commit_record(
         "shards": shards,
         "excluded": {n: excluded[n] for n in sorted(excluded) if n not in contributors},
         "lost": {n: sorted(lost[n]) for n in sorted(lost)},
+        # Resolved after the commit from both reducers' evidence (the service's
+        # _resolve_dispute): the verdicts are appended to "disputes".
+        "disputed": disputed,
+        "disputes": [],
         "committed": now,
     }
 
@@ -204,9 +211,11 @@ def _agreed(
     verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]],
     verifier_exclusions: dict[int, dict[str, str]],
     excluded: dict[str, str],
+    disputed: dict[str, list[int]],
 ) -> set[str]:
     """The owner's holders that the verifier holds with the same tokens and payload
-    hash; the others are recorded in `excluded` with the reason."""
+    hash; the others are recorded in `excluded` with the reason (and in `disputed`
+    where the two hold different contributions of one sender)."""
     _, verifier_held = verifier_reports[shard]
     theirs = {h["node_id"]: (int(h["tokens"]), h["payload_hash"]) for h in verifier_held}
     agreed = set()
@@ -216,6 +225,7 @@ def _agreed(
             why = verifier_exclusions.get(shard, {}).get(node_id, "missing")
             excluded.setdefault(node_id, f"shard {shard} (verifier): {why}")
         elif theirs[node_id] != (int(h["tokens"]), h["payload_hash"]):
+            disputed.setdefault(node_id, []).append(shard)
             excluded.setdefault(
                 node_id, f"shard {shard}: its owner and verifier hold different contributions"
             )

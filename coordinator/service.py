@@ -33,8 +33,10 @@ from starling.coordination import (
 from starling.diloco import GlobalState
 from starling.exchange import ExchangePeer, PeerConfig, PeerEndpoint, RoundSpec, ShardPlan
 from starling.exchange.audit import (
+    Evidence,
     ForgedEvidence,
     IncompleteEvidence,
+    disputed_contribution,
     false_rejections,
     recompute_mean,
 )
@@ -1237,6 +1239,10 @@ class Coordinator:
             len(record["contributors"]),
             record["tokens"],
         )
+        for contributor, disputed in record["disputed"].items():
+            for shard in disputed:
+                task = self._resolve_dispute(round_.round, shard, contributor)
+                self._tasks.append(asyncio.create_task(task))
         spec = self._spec(round_)
         if spec.shards_of(self.run.identity.node_id):
             assert self.peer is not None
@@ -1535,6 +1541,56 @@ class Coordinator:
             log.warning("round %d: shard %d's mean not recomputed: %s", spec.round, shard, why)
         self._recomputes[(spec.round, shard)] = (recomputed, liars)
         await self._advance()
+
+    async def _resolve_dispute(self, number: int, shard: int, contributor: str) -> None:
+        """A shard's owner and verifier reported different contributions of
+        `contributor`: each must show the signed contribution it reported. Bans the
+        reducer that cannot (it framed the contributor) or, if both can, the
+        contributor (it signed two); records the verdict in the commit's `disputes`."""
+        assert self.peer is not None
+        round_ = self.store.round(number)
+        assert round_ is not None and round_.commit is not None
+        spec = self._spec(round_)
+        owner, verifier = spec.owners[shard], spec.verifier(shard)
+        assert verifier is not None
+        reported = {
+            owner.node_id: round_.commit["shards"][shard]["held"],
+            verifier.node_id: self.store.shard_reports(number, verifier=True)[shard][1],
+        }
+        claims = {
+            reducer: (int(h["tokens"]), bytes.fromhex(h["payload_hash"]))
+            for reducer, held in reported.items()
+            for h in held
+            if h["node_id"] == contributor
+        }
+        evidence: dict[str, list[Evidence]] = {}
+        verdict = ""
+        for endpoint in (owner, verifier):
+            try:
+                evidence[endpoint.node_id] = await asyncio.to_thread(
+                    self.peer.fetch_evidence, endpoint, number, shard, AUDIT_TIMEOUT_S
+                )
+            except ExchangeError as err:
+                verdict = f"undecided: {endpoint.node_id} did not serve its evidence ({err})"
+        liars = {}
+        if not verdict:
+            liars = disputed_contribution(spec, shard, contributor, claims, evidence)
+            verdict = "; ".join(f"{n} {why}" for n, why in sorted(liars.items())) or "no dispute"
+        log.warning(
+            "round %d, shard %d, contribution of %s: %s", number, shard, contributor, verdict
+        )
+        with self.store.transaction():
+            for liar, why in liars.items():
+                self.store.set_node_state(liar, "banned", why)
+                log.warning("banned %s: %s", liar, why)
+            latest = self.store.round(number)
+            assert latest is not None and latest.commit is not None
+            commit = json.loads(json.dumps(latest.commit))
+            commit.setdefault("disputes", []).append(
+                {"shard": shard, "contributor": contributor, "verdict": verdict}
+            )
+            self._put(latest, commit=commit)
+        self._notify()
 
     def _wire_bytes(self, round_: int) -> int:
         return sum(

@@ -12,6 +12,7 @@ from starling.exchange.audit import (
     Evidence,
     ForgedEvidence,
     IncompleteEvidence,
+    disputed_contribution,
     false_rejections,
     recompute_mean,
 )
@@ -147,3 +148,38 @@ def test_a_disputed_mean_is_recomputed_from_exactly_the_committed_contributions(
     forged = Evidence(evidence[0].header, CODEC.encode(torch.zeros(NUMEL)))
     with pytest.raises(ForgedEvidence):
         recompute_mean(spec(), 0, [forged, *evidence[1:]], committed)
+
+
+def test_a_dispute_over_one_contribution_convicts_whoever_cannot_show_what_it_reported() -> None:
+    """Owner NODES[0] and verifier NODES[1] report different contributions of NODES[2]:
+    each must show NODES[2]'s signed contribution as it reported it."""
+    values = honest()
+    real = contribution(NODES[2], values[2])
+    other = contribution(NODES[2], values[3])  # NODES[2] signed a second contribution
+    owner, verifier, sender = NODES[0].node_id, NODES[1].node_id, NODES[2].node_id
+
+    def claim(e: Evidence) -> tuple[int, bytes]:
+        return (e.header.tokens, e.header.payload_hash)
+
+    def judge(claims: dict, evidence: dict) -> dict[str, str]:
+        return disputed_contribution(spec(), 0, sender, claims, evidence)
+
+    # The verifier made up a hash: it holds the real contribution, which does not match.
+    fake = (100, bytes(32))
+    liars = judge({owner: claim(real), verifier: fake}, {owner: [real], verifier: [real]})
+    assert list(liars) == [verifier] and "that it cannot show" in liars[verifier]
+    # The owner claims one it never received: nothing of the sender in its evidence.
+    liars = judge({owner: claim(other), verifier: claim(real)}, {owner: [], verifier: [real]})
+    assert list(liars) == [owner]
+    # Both show a signed contribution as they reported it: the sender signed two.
+    liars = judge({owner: claim(real), verifier: claim(other)}, {owner: [real], verifier: [other]})
+    assert list(liars) == [sender] and "signed 2 different contributions" in liars[sender]
+    # Evidence forged to match a false claim: a payload its header does not sign.
+    forged = Evidence(real.header, other.payload)
+    liars = judge({owner: claim(real), verifier: claim(other)}, {owner: [real], verifier: [forged]})
+    assert list(liars) == [verifier] and "forged evidence" in liars[verifier]
+    # A header alone (a contribution refused on its header) shows nothing.
+    bare = Evidence(other.header, b"")
+    liars = judge({owner: claim(real), verifier: claim(other)}, {owner: [real], verifier: [bare]})
+    assert list(liars) == [verifier]
+    assert judge({owner: claim(real), verifier: claim(real)}, {}) == {}  # no dispute

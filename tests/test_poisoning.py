@@ -190,3 +190,49 @@ def test_a_reducer_that_censors_contributors_is_demoted_and_they_are_kept_again(
     assert state != "banned" and offences == 0  # not punished: a lost push proves nothing
     assert_agree(run.fingerprints("a"), run.fingerprints("b"))
     assert_agree(run.fingerprints("a"), run.fingerprints("c"))
+
+
+def test_a_reducer_that_misreports_a_contribution_is_caught_by_its_evidence_and_banned(
+    e2e,  # noqa: F811
+) -> None:
+    """A lying reducer reports one honest contributor's contribution (another each
+    round) with another payload hash on every shard it owns or verifies: the owner and
+    verifier disagree, so the contributor is out of that round. After the commit the
+    coordinator asks both for the signed contribution each reported; the liar cannot
+    show one with the hash it claimed, and is banned; the contributor is not."""
+    run = e2e(min_nodes=4)
+    for name in HONEST:
+        run.join(name, "--max-rounds", "3")
+    run.join("liar", launcher=(str(POISONED_NODE), "misreport"))
+    assert run.nodes["liar"].wait(300) == 3, run.log("liar")  # refused once banned
+    assert "this node is banned" in run.log("liar")
+    for name in HONEST:
+        assert run.nodes[name].wait(300) == 0, run.log(name)
+    assert "MISREPORTED" in run.log("liar")
+    honest = {node_id(run, n) for n in HONEST}
+    liar = node_id(run, "liar")
+    commits = run.commits()
+    first = commits[min(commits)]
+    victims = set(first["disputed"])
+    assert len(victims) == 1 and victims <= honest, first
+    (victim,) = victims
+    assert "its owner and verifier hold different contributions" in first["excluded"][victim]
+    verdicts = first["disputes"]
+    assert len(verdicts) == len(first["disputed"][victim]) >= 1, first
+    for verdict in verdicts:
+        assert verdict["contributor"] == victim
+        assert verdict["verdict"].startswith(f"{liar} reported a contribution of {victim}")
+    for round_, commit in commits.items():
+        if round_ > min(commits):  # banned: out of the run, no honest node out
+            assert liar not in commit["contributors"], (round_, commit)
+            assert not set(commit["excluded"]) & honest, (round_, commit)
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{run.run_dir / 'coordinator.db'}?mode=ro", uri=True)
+    states = dict(db.execute("SELECT node_id, state FROM nodes"))
+    reason = db.execute("SELECT state_reason FROM nodes WHERE node_id = ?", (liar,)).fetchone()[0]
+    db.close()
+    assert states[liar] == "banned" and "that it cannot show" in reason, reason
+    assert all(states[n] != "banned" for n in honest), states
+    assert_agree(run.fingerprints("a"), run.fingerprints("b"))
+    assert_agree(run.fingerprints("a"), run.fingerprints("c"))

@@ -12,7 +12,10 @@ evidence does not bear out is the owner's lie.
 The same evidence settles a dispute over a mean: when a shard's owner and its verifier
 report different mean hashes, the coordinator recomputes the mean from the signed
 contributions the commit lists (`recompute_mean`); whichever owner signed another hash
-lied.
+lied. And a dispute over one contribution: when a shard's owner and verifier report
+different tokens or payload hashes for one contributor, each must show that
+contributor's signed contribution as it reported it (`disputed_contribution`); one
+that cannot made it up, and if both can, the contributor signed two.
 """
 
 from __future__ import annotations
@@ -130,6 +133,47 @@ def recompute_mean(
         raise ForgedEvidence(f"a committed contribution does not decode: {err}") from None
     mean = weighted_mean_f64(values, [found[n].header.tokens for n in ordered])
     return payload_hash(codec.encode(mean))
+
+
+def disputed_contribution(
+    spec: RoundSpec,
+    shard: int,
+    contributor: str,
+    claims: dict[str, tuple[int, bytes]],
+    evidence: dict[str, list[Evidence]],
+) -> dict[str, str]:
+    """Who lied when the reducers of `shard` (node id → (tokens, payload hash) each
+    reported for `contributor`, in `claims`) disagree: node id → why. A reducer whose
+    evidence holds no authentic contribution of `contributor` in full with the tokens
+    and hash it reported, or holds a forged one, lied about it; if every reducer shows
+    one as it reported, the contributor signed different contributions to the same
+    shard and round (no honest node does). Empty when the claims agree."""
+    if len(set(claims.values())) < 2:
+        return {}
+    liars = {}
+    for reducer, claim in sorted(claims.items()):
+        shown = [e for e in evidence.get(reducer, []) if e.header.sender == contributor]
+        try:
+            for item in shown:
+                _check_authentic(spec, shard, item)
+        except ForgedEvidence as err:
+            liars[reducer] = (
+                f"served forged evidence for shard {shard} of round {spec.round}: {err}"
+            )
+            continue
+        if not any(
+            item.payload and (item.header.tokens, item.header.payload_hash) == claim
+            for item in shown
+        ):
+            liars[reducer] = (
+                f"reported a contribution of {contributor} to shard {shard} of round "
+                f"{spec.round} that it cannot show (hash {claim[1].hex()[:16]})"
+            )
+    if not liars:
+        liars[contributor] = (
+            f"signed {len(claims)} different contributions to shard {shard} of round {spec.round}"
+        )
+    return liars
 
 
 def _check_authentic(spec: RoundSpec, shard: int, item: Evidence) -> None:
