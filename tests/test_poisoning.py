@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from .coordinator_support import wait_for
 from .test_node_e2e import assert_agree, e2e  # noqa: F401  (the fixture)
@@ -16,6 +17,23 @@ HONEST = ("a", "b", "c")
 
 def node_id(run, name: str) -> str:
     return json.loads((run.root / name / "summary.json").read_text())["node_id"]
+
+
+def run_until_banned(e2e, kind: str, marker: str) -> tuple[Any, set[str], str]:  # noqa: F811
+    """Three honest nodes (3 rounds each) and "liar", a node poisoned by `kind`: waits
+    until the coordinator has banned the liar (its exit status 3) and the honest nodes
+    are done, and checks the liar's log shows `marker` (it did lie). Returns the run,
+    the honest node ids and the liar's."""
+    run = e2e(min_nodes=4)
+    for name in HONEST:
+        run.join(name, "--max-rounds", "3")
+    run.join("liar", launcher=(str(POISONED_NODE), kind))
+    assert run.nodes["liar"].wait(300) == 3, run.log("liar")  # refused once banned
+    assert "this node is banned" in run.log("liar")
+    for name in HONEST:
+        assert run.nodes[name].wait(300) == 0, run.log(name)
+    assert marker in run.log("liar"), run.log("liar")
+    return run, {node_id(run, n) for n in HONEST}, node_id(run, "liar")
 
 
 def test_a_sign_flipping_node_is_excluded_every_round_then_banned(e2e) -> None:  # noqa: F811
@@ -59,18 +77,7 @@ def test_an_owner_that_frames_an_honest_contributor_is_banned_and_the_contributo
     """A lying owner reports an honest contributor of its shard as a norm outlier. The
     coordinator audits the report against the signed contributions behind it, finds the
     claim false, bans the owner and reassigns its shard; the framed node stays in."""
-    run = e2e(min_nodes=4)
-    for name in HONEST:
-        run.join(name, "--max-rounds", "3")
-    run.join("liar", launcher=(str(POISONED_NODE), "frame"))
-    assert run.nodes["liar"].wait(300) == 3, run.log("liar")  # refused once banned
-    assert "this node is banned" in run.log("liar")
-    for name in HONEST:
-        assert run.nodes[name].wait(300) == 0, run.log(name)
-    framed = [line for line in run.log("liar").splitlines() if "FRAMED" in line]
-    assert framed, run.log("liar")
-    honest = {node_id(run, n) for n in HONEST}
-    liar = node_id(run, "liar")
+    run, honest, liar = run_until_banned(e2e, "frame", "FRAMED")
     commits = run.commits()
     for round_, commit in commits.items():
         assert set(commit["contributors"]) == honest, (round_, commit)  # the framed kept
@@ -99,17 +106,7 @@ def test_an_owner_that_serves_a_wrong_mean_is_outvoted_by_the_recomputation_and_
     verifies. Each such shard's other owner reports another hash; the coordinator
     recomputes the mean from the signed contributions, records the right hash and bans
     the liar; honest nodes take the mean from the honest owner and stay in agreement."""
-    run = e2e(min_nodes=4)
-    for name in HONEST:
-        run.join(name, "--max-rounds", "3")
-    run.join("liar", launcher=(str(POISONED_NODE), "wrong_mean"))
-    assert run.nodes["liar"].wait(300) == 3, run.log("liar")  # refused once banned
-    assert "this node is banned" in run.log("liar")
-    for name in HONEST:
-        assert run.nodes[name].wait(300) == 0, run.log(name)
-    assert "WRONG MEAN" in run.log("liar")
-    honest = {node_id(run, n) for n in HONEST}
-    liar = node_id(run, "liar")
+    run, honest, liar = run_until_banned(e2e, "wrong_mean", "WRONG MEAN")
     commits = run.commits()
     first = commits[min(commits)]
     lied = [s for s in first["shards"] if liar in (s["owner"], s["verifier"])]
@@ -200,17 +197,7 @@ def test_a_reducer_that_misreports_a_contribution_is_caught_by_its_evidence_and_
     verifier disagree, so the contributor is out of that round. After the commit the
     coordinator asks both for the signed contribution each reported; the liar cannot
     show one with the hash it claimed, and is banned; the contributor is not."""
-    run = e2e(min_nodes=4)
-    for name in HONEST:
-        run.join(name, "--max-rounds", "3")
-    run.join("liar", launcher=(str(POISONED_NODE), "misreport"))
-    assert run.nodes["liar"].wait(300) == 3, run.log("liar")  # refused once banned
-    assert "this node is banned" in run.log("liar")
-    for name in HONEST:
-        assert run.nodes[name].wait(300) == 0, run.log(name)
-    assert "MISREPORTED" in run.log("liar")
-    honest = {node_id(run, n) for n in HONEST}
-    liar = node_id(run, "liar")
+    run, honest, liar = run_until_banned(e2e, "misreport", "MISREPORTED")
     commits = run.commits()
     first = commits[min(commits)]
     victims = set(first["disputed"])
