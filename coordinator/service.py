@@ -1553,9 +1553,11 @@ class Coordinator:
         spec = self._spec(round_)
         owner, verifier = spec.owners[shard], spec.verifier(shard)
         assert verifier is not None
+        verifier_report = self.store.shard_reports(number, verifier=True).get(shard)
+        assert verifier_report is not None  # the dispute was found in it
         reported = {
             owner.node_id: round_.commit["shards"][shard]["held"],
-            verifier.node_id: self.store.shard_reports(number, verifier=True)[shard][1],
+            verifier.node_id: verifier_report[1],
         }
         claims = {
             reducer: (int(h["tokens"]), bytes.fromhex(h["payload_hash"]))
