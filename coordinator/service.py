@@ -216,6 +216,8 @@ class Coordinator:
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         (self.run.path / JOIN_URL_FILE).write_text(str(self.join_url) + "\n")
         self._tasks.append(asyncio.create_task(self._drive()))
+        for record in self.store.commits(SETTLED_ROUNDS):
+            self._resolve_disputes(record)
         # A round that was in its exchange when we died: our own shards' reductions were
         # in memory, so re-open them (contributors re-push on retry) before the tick.
         current = self.store.current_round()
@@ -1239,10 +1241,7 @@ class Coordinator:
             len(record["contributors"]),
             record["tokens"],
         )
-        for contributor, disputed in record["disputed"].items():
-            for shard in disputed:
-                task = self._resolve_dispute(round_.round, shard, contributor)
-                self._tasks.append(asyncio.create_task(task))
+        self._resolve_disputes(record)
         spec = self._spec(round_)
         if spec.shards_of(self.run.identity.node_id):
             assert self.peer is not None
@@ -1541,6 +1540,17 @@ class Coordinator:
             log.warning("round %d: shard %d's mean not recomputed: %s", spec.round, shard, why)
         self._recomputes[(spec.round, shard)] = (recomputed, liars)
         await self._advance()
+
+    def _resolve_disputes(self, record: dict[str, Any]) -> None:
+        """Starts a resolution for each dispute of a commit that has no verdict yet
+        (after the commit; at start, for the newest commits: a restart loses those in
+        flight)."""
+        decided = {(d["contributor"], d["shard"]) for d in record.get("disputes", [])}
+        for contributor, shards in record.get("disputed", {}).items():
+            for shard in shards:
+                if (contributor, shard) not in decided:
+                    task = self._resolve_dispute(record["round"], shard, contributor)
+                    self._tasks.append(asyncio.create_task(task))
 
     async def _resolve_dispute(self, number: int, shard: int, contributor: str) -> None:
         """A shard's owner and verifier reported different contributions of

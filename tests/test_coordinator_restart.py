@@ -5,6 +5,7 @@ nodes carry on by themselves."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sqlite3
 import threading
@@ -245,3 +246,62 @@ def train_and_exchange_after_restart(nodes: list[Node], numel: int):
         exchange_all(nodes, state, numel)
         return nodes[0].client.get_round(state.round), None
     return train_and_exchange(nodes, numel)
+
+
+def test_a_dispute_left_undecided_by_a_kill_is_decided_after_the_restart(
+    template: Path, tmp_path: Path
+) -> None:
+    """A dispute (owner and verifier reported different contributions of one sender) is
+    decided after its commit, from both reducers' evidence; a coordinator killed before
+    the verdict decides it when it starts again. The dispute is written into a real
+    commit while the coordinator is down; both reducers still hold the same signed
+    contribution, so the verdict is that there is none."""
+    run_dir = copy_run(
+        template,
+        tmp_path / "run",
+        round={"tokens": 200, "exchange_deadline_s": 10.0},
+        outer={"codec": "fp32"},
+        membership={"heartbeat_s": 0.5, "lease_s": 60.0},
+    )
+    coordinator = CoordinatorProcess(run_dir)
+    port = coordinator.url.port
+    nodes = [Node(coordinator.url), Node(coordinator.url)]
+    try:
+        for node in nodes:
+            node.join()
+        numel = nodes[0].client.get_run().numel
+        committed, _ = train_and_exchange(nodes, numel)
+        assert committed.phase == "committed" and len(committed.commit.contributors) == 2
+        coordinator.kill()
+        db = sqlite3.connect(run_dir / "coordinator.db")
+        (raw,) = db.execute(
+            "SELECT commit_record FROM rounds WHERE round = ?", (committed.round,)
+        ).fetchone()
+        record = json.loads(raw)
+        assert record["shards"][0]["verifier"], record["shards"]  # two reducers
+        sender = nodes[1].node_id
+        record["disputed"], record["disputes"] = {sender: [0]}, []
+        with db:
+            db.execute(
+                "UPDATE rounds SET commit_record = ? WHERE round = ?",
+                (json.dumps(record), committed.round),
+            )
+        db.close()
+        coordinator = CoordinatorProcess(run_dir, port)
+
+        def verdicts() -> list:
+            ro = sqlite3.connect(f"file:{run_dir / 'coordinator.db'}?mode=ro", uri=True)
+            try:
+                (stored,) = ro.execute(
+                    "SELECT commit_record FROM rounds WHERE round = ?", (committed.round,)
+                ).fetchone()
+            finally:
+                ro.close()
+            return json.loads(stored)["disputes"]
+
+        (verdict,) = wait_for(verdicts, 60, "the verdict")
+        assert verdict == {"shard": 0, "contributor": sender, "verdict": "no dispute"}
+    finally:
+        for node in nodes:
+            node.close()
+        coordinator.stop()
