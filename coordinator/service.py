@@ -13,7 +13,7 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 import grpc
@@ -166,7 +166,9 @@ class Coordinator:
         self._manifest_json = (run.path / "data" / "manifest.json").read_text(encoding="utf-8")
         self.peer: ExchangePeer | None = None
         self._server: grpc.aio.Server | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        # Background tasks (reports, audits, recomputations, disputes), until they end:
+        # held here because the event loop keeps only weak references to them.
+        self._tasks: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
         self._owned_rounds: set[tuple[int, int]] = set()  # (round, plan generation) reported
         # (round, shard, owner) → None while its report's offences are audited, then
@@ -215,7 +217,7 @@ class Coordinator:
         await health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         (self.run.path / JOIN_URL_FILE).write_text(str(self.join_url) + "\n")
-        self._tasks.append(asyncio.create_task(self._drive()))
+        self._spawn(self._drive())
         for record in self.store.commits(SETTLED_ROUNDS):
             self._resolve_disputes(record)
         # A round that was in its exchange when we died: our own shards' reductions were
@@ -240,10 +242,21 @@ class Coordinator:
         tls = self.run.certificate if self.tls else None
         return await asyncio.to_thread(ExchangePeer, self.run.identity, config, tls)
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.stop(1.0)
         if self.peer is not None:
@@ -1127,6 +1140,8 @@ class Coordinator:
         if not mine or key in self._owned_rounds:
             return
         self._owned_rounds.add(key)
+        for old in [k for k in self._owned_rounds if k[0] < round_.round - SETTLED_ROUNDS]:
+            self._owned_rounds.discard(old)
         await asyncio.to_thread(self.peer.open_round, spec)
         active = self._active_ids()
         for node_id in sorted(set(spec.participants) - active):
@@ -1154,7 +1169,7 @@ class Coordinator:
                     )
             await self._advance()
 
-        self._tasks.append(asyncio.create_task(report()))
+        self._spawn(report())
 
     async def _maybe_commit(self, round_: Round, now: float) -> None:
         plan = round_.plan
@@ -1275,7 +1290,7 @@ class Coordinator:
                 if key not in self._audits:
                     self._audits[key] = None
                     audit = self._audit(round_, shard, reporter, claimed)
-                    self._tasks.append(asyncio.create_task(audit))
+                    self._spawn(audit)
                 verdict = self._audits[key]
                 if verdict is None:
                     pending = True
@@ -1488,7 +1503,7 @@ class Coordinator:
         key = (round_.round, shard)
         if key not in self._recomputes:
             self._recomputes[key] = None
-            self._tasks.append(asyncio.create_task(self._recompute(round_, shard, hashes)))
+            self._spawn(self._recompute(round_, shard, hashes))
             log.warning("round %d: the two owners of shard %d disagree on its mean", *key)
         verdict = self._recomputes[key]
         if verdict is None:
@@ -1550,7 +1565,7 @@ class Coordinator:
             for shard in shards:
                 if (contributor, shard) not in decided:
                     task = self._resolve_dispute(record["round"], shard, contributor)
-                    self._tasks.append(asyncio.create_task(task))
+                    self._spawn(task)
 
     async def _resolve_dispute(self, number: int, shard: int, contributor: str) -> None:
         """A shard's owner and verifier reported different contributions of
