@@ -18,7 +18,7 @@ from starling.exchange.plan import ShardPlan
 from .store import Node
 
 # A reducer (a shard's owner or verifier) that alone lost contributions which other
-# reducers received, in LOST_ROUNDS of the last RELIABILITY_WINDOW commits and from at
+# reducers received, in LOST_ROUNDS of the last RELIABILITY_WINDOW rounds and from at
 # least LOST_VICTIMS different contributors, reduces no shard while that stays true
 # (see `unreliable_reducers`).
 RELIABILITY_WINDOW = 50
@@ -325,19 +325,20 @@ def lost_contributions(record: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def unreliable_reducers(records: list[dict[str, Any]]) -> dict[str, str]:
-    """The reducers that alone lost contributions other reducers received (see
-    `lost_contributions`) in at least LOST_ROUNDS of `records` and from at least
-    LOST_VICTIMS contributors, with why: node id → reason. An owner that claims an
-    honest contributor's push never arrived (censorship: no signature proves it
-    false) is one; so is an honest owner whose downlink cannot keep up. Neither
-    reduces while its record stands; neither is punished, since the one cannot be
-    told from the other. A censor that aims at one contributor only is not caught."""
+def unreliable_reducers(lost: dict[int, list[tuple[str, str]]]) -> dict[str, str]:
+    """From `lost` (round → its `lost_contributions`, over the window): the reducers
+    that alone lost contributions other reducers received in at least LOST_ROUNDS
+    rounds and from at least LOST_VICTIMS contributors, with why: node id → reason. An
+    owner that claims an honest contributor's push never arrived (censorship: no
+    signature proves it false) is one; so is an honest owner whose downlink cannot keep
+    up. Neither reduces while its record stands; neither is punished, since the one
+    cannot be told from the other. A censor that aims at one contributor only is not
+    caught."""
     rounds_by: dict[str, set[int]] = {}
     victims_by: dict[str, set[str]] = {}
-    for record in records:
-        for reducer, contributor in lost_contributions(record):
-            rounds_by.setdefault(reducer, set()).add(int(record["round"]))
+    for round_, pairs in lost.items():
+        for reducer, contributor in pairs:
+            rounds_by.setdefault(reducer, set()).add(round_)
             victims_by.setdefault(reducer, set()).add(contributor)
     return {
         reducer: (

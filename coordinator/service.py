@@ -184,6 +184,7 @@ class Coordinator:
         self._unsettled = set(range(max(0, newest - SETTLED_ROUNDS + 1), newest + 1))
         self._uploading: set[int] = set()  # checkpoint rounds being received
         self._demoted: set[str] = set()  # reducers kept from reducing (only to log changes)
+        self._lost: dict[int, list[tuple[str, str]]] = {}  # round → rounds.lost_contributions
         self.bound_port: int | None = None
 
     # --- lifecycle ------------------------------------------------------------------
@@ -1066,6 +1067,21 @@ class Coordinator:
         log.info("round %d open", number)
         self._notify()
 
+    def _unreliable_reducers(self) -> dict[str, str]:
+        """rounds.unreliable_reducers over the last RELIABILITY_WINDOW rounds, from each
+        commit's lost contributions, worked out once per commit (a commit record grows
+        with nodes × shards: not parsed again at every close)."""
+        newest = self.store.last_committed_round()
+        window = range(max(0, newest - rounds.RELIABILITY_WINDOW + 1), newest + 1)
+        for number in window:
+            if number not in self._lost:
+                round_ = self.store.round(number)
+                commit = round_.commit if round_ is not None else None
+                self._lost[number] = [] if commit is None else rounds.lost_contributions(commit)
+        for old in [n for n in self._lost if n not in window]:
+            del self._lost[old]
+        return rounds.unreliable_reducers(self._lost)
+
     async def _maybe_close(self, round_: Round, now: float) -> None:
         tokens = self.store.round_tokens(round_.round)
         active = {n.node_id: n for n in self.store.nodes("active")}
@@ -1078,11 +1094,7 @@ class Coordinator:
                 self._put(round_, deadline=now + self.config.round.deadline_s)
             self._notify()
             return
-        demoted = (
-            rounds.unreliable_reducers(self.store.commits(rounds.RELIABILITY_WINDOW))
-            if self.config.defences.demote_reducers
-            else {}
-        )
+        demoted = self._unreliable_reducers() if self.config.defences.demote_reducers else {}
         for node_id in sorted(set(demoted) - self._demoted):
             log.warning(
                 "%s reduces no shard from round %d: it %s", node_id, round_.round, demoted[node_id]

@@ -174,14 +174,19 @@ def test_a_reducer_that_alone_keeps_losing_contributions_is_demoted() -> None:
     # Lost by two reducers (d and b): it did not reach everyone, and blames neither.
     assert rounds.lost_contributions(commit(9, {3: "c", 1: "c"})) == []
 
+    def judged(*records: dict) -> dict[str, str]:
+        return rounds.unreliable_reducers(
+            {r["round"]: rounds.lost_contributions(r) for r in records}
+        )
+
     # d loses b, then c, then b: 3 rounds, 2 victims.
     history = [commit(1, {3: "b"}), commit(2), commit(3, {3: "c"}), commit(4, s2="b")]
-    demoted = rounds.unreliable_reducers(history)
+    demoted = judged(*history)
     assert list(demoted) == ["d"] and "2 nodes" in demoted["d"] and "rounds 1, 3, 4" in demoted["d"]
     # Two such rounds, or one victim only (a slow contributor, or a censor aimed at one
     # node): not enough.
-    assert rounds.unreliable_reducers(history[:3]) == {}
-    assert rounds.unreliable_reducers([commit(r, {3: "b"}) for r in range(5)]) == {}
+    assert judged(*history[:3]) == {}
+    assert judged(*[commit(r, {3: "b"}) for r in range(5)]) == {}
 
     # A demoted node contributes but owns and verifies no shard.
     from starling.coordinator.store import Node
