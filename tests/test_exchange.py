@@ -292,6 +292,9 @@ def test_a_mean_of_an_earlier_round_is_kept_for_catch_up_then_forgotten(make_pee
     forgotten = late.gather(specs[0])
     assert forgotten.missing_shards == [0, 1]
     assert all("NOT_FOUND" in (o.error or "") for o in forgotten.shards)
+    # The byte counts of a forgotten round go with it (they grew every round before).
+    assert peers[0].traffic(0) == {}
+    assert peers[0].traffic(1) and peers[0].traffic(2)
 
 
 def test_global_state_streams_to_a_joiner_with_its_hash(make_peers) -> None:

@@ -176,6 +176,9 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
             for key in [k for k in self._reductions if k[0] == old]:
                 del self._reductions[key]
                 self._served.pop(key, None)
+        # The byte counts too (the client shares this ledger): a dict per round and
+        # peer, kept for the life of the node before.
+        self.ledger.forget_before(spec.round - self.keep_rounds + 1)
 
     def hold_serving(self, round_: int) -> asyncio.Event:
         """Holds back serving this round's means until the returned event is set (by

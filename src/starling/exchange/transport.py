@@ -152,7 +152,8 @@ class TrafficLedger:
         self._rounds[round_][peer].received += nbytes
 
     def of_round(self, round_: int) -> dict[str, Traffic]:
-        return {peer: Traffic(t.sent, t.received) for peer, t in self._rounds[round_].items()}
+        counts = self._rounds.get(round_, {})  # .get: asking must not add a round
+        return {peer: Traffic(t.sent, t.received) for peer, t in counts.items()}
 
     def forget_before(self, round_: int) -> None:
         for old in [r for r in self._rounds if r < round_]:
