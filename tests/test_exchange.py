@@ -265,6 +265,14 @@ def test_a_shards_verifier_reduces_the_same_contributions_to_the_same_signed_mea
         for reducer in (spec.owners[shard], verifier):
             evidence = peers[0].fetch_evidence(reducer, 2, shard, timeout=20)
             assert recompute_mean(spec, shard, evidence, committed) in hashes
+    # An owner gone after the commit: its shard's mean comes from the verifier (before,
+    # the dead owner was retried until the gather timeout and the shard was lost).
+    gone = spec.owners[1]
+    peers[[p.identity.node_id for p in peers].index(gone.node_id)].close()
+    late = make_peers(1, client_only=1)[0]
+    caught_up = late.gather(spec)
+    assert caught_up.missing_shards == [], [o.error for o in caught_up.shards]
+    assert torch.equal(caught_up.mean, results[0].mean)
 
 
 def test_weighted_mean_is_exact_and_independent_of_blocking() -> None:

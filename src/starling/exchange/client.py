@@ -46,6 +46,9 @@ T = TypeVar("T")
 # opened the round yet (participants and owners learn of a round at slightly
 # different times).
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
+# Seconds of failed attempts after which a shard's owner counts as gone when its
+# verifier can serve the mean instead.
+OWNER_UNREACHABLE_S = 5.0
 # What gRPC reports to a client still writing its stream when the server has already
 # answered (an owner that had not opened the round yet refuses right after the header,
 # while the data chunks are on their way): the server's own status is lost, so the push
@@ -357,12 +360,16 @@ class ExchangeClient:
         owner: str,
         attempt: Callable[[], Awaitable[T]],
         window: asyncio.Semaphore | None = None,
+        unreachable_s: float | None = None,
     ) -> T:
         """Runs `attempt` until it succeeds, a non-retryable status, or the deadline
         (unix seconds), with jittered exponential backoff from 50 ms to 2 s. Each attempt
         holds a slot of `window` (the streams in flight); the backoff does not, so an
-        owner that is down does not hold up the shards behind it."""
+        owner that is down does not hold up the shards behind it. With `unreachable_s`,
+        gives up once every attempt for that long failed as retryable (a dead owner: a
+        live one opens its round within a second, or holds the call open)."""
         delay = 0.05
+        failing_since: float | None = None
         while True:
             try:
                 if window is None:
@@ -377,7 +384,9 @@ class ExchangeClient:
                 code, details = grpc.StatusCode.UNAVAILABLE, str(err)
             remaining = deadline - time.time()
             retryable = code in RETRYABLE or (code, details) == LOST_STATUS
-            if not retryable or remaining <= delay:
+            failing_since = failing_since or time.time()
+            given_up = unreachable_s is not None and time.time() - failing_since > unreachable_s
+            if not retryable or remaining <= delay or given_up:
                 raise ExchangeError(owner, f"{code.name}: {details}", code)
             await asyncio.sleep(delay * (0.5 + random.random()))
             delay = min(2.0, delay * 2)
@@ -500,13 +509,29 @@ class ExchangeClient:
         window: asyncio.Semaphore | None = None,
     ) -> None:
         shard = outcome.shard
+        verifier = spec.verifier(shard)
         try:
+            # With a verifier, an owner that cannot be reached is not waited for until
+            # the gather timeout (it died after the commit: seen to stall every node for
+            # 40 s under churn): the verifier serves the same mean, and the node checks
+            # whichever it got against the settled hash (node.rounds.check_means).
             header, values = await self.fetch_checked_mean(
-                spec, shard, spec.owners[shard], local, window
+                spec,
+                shard,
+                spec.owners[shard],
+                local,
+                window,
+                unreachable_s=None if verifier is None else OWNER_UNREACHABLE_S,
             )
         except ExchangeError as err:
-            outcome.error = str(err)
-            return
+            if verifier is None or err.code != grpc.StatusCode.UNAVAILABLE:
+                outcome.error = str(err)
+                return
+            try:
+                header, values = await self.fetch_checked_mean(spec, shard, verifier, local, window)
+            except ExchangeError as second:
+                outcome.error = f"{err}; its verifier: {second}"
+                return
         start, end = spec.plan.range(shard)
         mean[start:end] = values
         outcome.committed = True
@@ -521,6 +546,7 @@ class ExchangeClient:
         endpoint: PeerEndpoint,
         local: OwnerService | None,
         window: asyncio.Semaphore | None = None,
+        unreachable_s: float | None = None,
     ) -> tuple[peer_pb2.MeanHeader, torch.Tensor]:
         """`shard`'s committed mean as `endpoint` (its owner or its verifier; this very
         node's owner service when it is `endpoint`) serves it: the signed header, whose
@@ -541,6 +567,7 @@ class ExchangeClient:
                     endpoint.node_id,
                     lambda: self._fetch_mean(spec, shard, endpoint, end_by),
                     window,
+                    unreachable_s,
                 )
         except (ExchangeAbort, TimeoutError) as err:
             raise ExchangeError(endpoint.node_id, f"local owner: {err!r}") from None
