@@ -137,22 +137,17 @@ def commit_record(
             status = "reassigned" if key in plan["reassigned"] else "committed"
             detail = plan["reassigned"].get(key, "")
             holders = {h["node_id"] for h in held}
-            for node_id in sorted(include - holders):
+            for node_id in sorted(set(participants) - holders):
                 why = exclusions.get(shard, {}).get(node_id, "missing")
-                excluded.setdefault(node_id, f"shard {shard}: {why}")
-            include &= holders
-            for node_id in set(participants) - holders:
-                if exclusions.get(shard, {}).get(node_id, "missing") in LOSSES:
+                if why in LOSSES:
                     lost.setdefault(node_id, set()).add(owner)
-            second = verifier(plan, shard)
-            if second:
+                if node_id in include:
+                    excluded.setdefault(node_id, f"shard {shard}: {why}")
+            include &= holders
+            if verifier(plan, shard):
                 include &= _agreed(
-                    shard, held, verifier_reports, verifier_exclusions, excluded, disputed
+                    shard, held, verifier_reports, verifier_exclusions, excluded, disputed, lost
                 )
-                theirs = {h["node_id"] for h in verifier_reports[shard][1]}
-                for node_id in holders - theirs:
-                    if verifier_exclusions.get(shard, {}).get(node_id, "missing") in LOSSES:
-                        lost.setdefault(node_id, set()).add(second["node_id"])
             for h in held:
                 if h["node_id"] in weights:
                     weights[h["node_id"]][int(h["tokens"])] += 1
@@ -212,17 +207,21 @@ def _agreed(
     verifier_exclusions: dict[int, dict[str, str]],
     excluded: dict[str, str],
     disputed: dict[str, list[int]],
+    lost: dict[str, set[str]],
 ) -> set[str]:
     """The owner's holders that the verifier holds with the same tokens and payload
     hash; the others are recorded in `excluded` with the reason (and in `disputed`
-    where the two hold different contributions of one sender)."""
-    _, verifier_held = verifier_reports[shard]
+    where the two hold different contributions of one sender, in `lost` where the
+    verifier says it never got one)."""
+    second, verifier_held = verifier_reports[shard]
     theirs = {h["node_id"]: (int(h["tokens"]), h["payload_hash"]) for h in verifier_held}
     agreed = set()
     for h in held:
         node_id = h["node_id"]
         if node_id not in theirs:
             why = verifier_exclusions.get(shard, {}).get(node_id, "missing")
+            if why in LOSSES:
+                lost.setdefault(node_id, set()).add(second)
             excluded.setdefault(node_id, f"shard {shard} (verifier): {why}")
         elif theirs[node_id] != (int(h["tokens"]), h["payload_hash"]):
             disputed.setdefault(node_id, []).append(shard)
