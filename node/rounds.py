@@ -128,6 +128,11 @@ def exchange_round(
                 start, end = spec.plan.range(outcome.shard)
                 mean[start:end] = result.mean[start:end]
                 fetched[outcome.shard] = outcome.mean_hash
+                if outcome.served_by:
+                    log.warning(
+                        "round %d: shard %d's mean taken from %s (its owner %s unreachable)",
+                        spec.round, outcome.shard, outcome.served_by[:12], outcome.owner[:12],
+                    )  # fmt: skip
     if commit.contributors and any(e.verifier for e in commit.shards):
         state, skipped = check_means(client, peer, spec, state, mean, fetched, skipped)
         commit = state.commit

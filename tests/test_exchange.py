@@ -272,6 +272,7 @@ def test_a_shards_verifier_reduces_the_same_contributions_to_the_same_signed_mea
     late = make_peers(1, client_only=1)[0]
     caught_up = late.gather(spec)
     assert caught_up.missing_shards == [], [o.error for o in caught_up.shards]
+    assert [o.served_by for o in caught_up.shards] == ["", spec.verifier(1).node_id, ""]
     assert torch.equal(caught_up.mean, results[0].mean)
 
 

@@ -79,6 +79,7 @@ class ShardOutcome:
     mean_done_s: float | None = None  # ... we held the decoded mean
     mean_hash: bytes = b""  # BLAKE3 of the mean's payload as the owner served it
     verifier_push_error: str | None = None  # our push to the shard's second owner failed
+    served_by: str = ""  # the verifier that served the mean, when the owner could not
 
 
 @dataclass
@@ -532,6 +533,7 @@ class ExchangeClient:
             except ExchangeError as second:
                 outcome.error = f"{err}; its verifier: {second}"
                 return
+            outcome.served_by = verifier.node_id
         start, end = spec.plan.range(shard)
         mean[start:end] = values
         outcome.committed = True
