@@ -274,6 +274,18 @@ def test_a_shards_verifier_reduces_the_same_contributions_to_the_same_signed_mea
     assert caught_up.missing_shards == [], [o.error for o in caught_up.shards]
     assert [o.served_by for o in caught_up.shards] == ["", spec.verifier(1).node_id, ""]
     assert torch.equal(caught_up.mean, results[0].mean)
+    # Its verifier gone too: the mean is lost, and the node learns so once each was
+    # unreachable for UNREACHABLE_S, not at the gather timeout (here 110 s away;
+    # under churn every node stalled for it).
+    verifier = spec.verifier(1)
+    assert verifier is not None
+    peers[[p.identity.node_id for p in peers].index(verifier.node_id)].close()
+    distant = RoundSpec(**{**spec.__dict__, "deadline": time.time() + 100})
+    with ThreadPoolExecutor(1) as pool:
+        lost = pool.submit(late.gather, distant).result(timeout=60)
+    assert lost.missing_shards == [1]
+    assert "UNAVAILABLE" in (lost.shards[1].error or "")
+    assert [o.served_by for o in lost.shards] == ["", "", spec.verifier(2).node_id]
 
 
 def test_weighted_mean_is_exact_and_independent_of_blocking() -> None:

@@ -46,9 +46,12 @@ T = TypeVar("T")
 # opened the round yet (participants and owners learn of a round at slightly
 # different times).
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
-# Seconds of failed attempts after which a shard's owner counts as gone when its
-# verifier can serve the mean instead.
-OWNER_UNREACHABLE_S = 5.0
+# Seconds of failed attempts to reach a peer that serves a committed mean after which it
+# counts as gone (it died after the commit): a live one answers within a second, or holds
+# the call open until its mean is ready. Then the shard's other reducer is asked, and if
+# it is gone too the mean is lost here (node.daemon: take a peer's state, or the shard
+# does not move). Waiting out the gather timeout instead stalled every node under churn.
+UNREACHABLE_S = 5.0
 # What gRPC reports to a client still writing its stream when the server has already
 # answered (an owner that had not opened the round yet refuses right after the header,
 # while the data chunks are on their way): the server's own status is lost, so the push
@@ -512,17 +515,10 @@ class ExchangeClient:
         shard = outcome.shard
         verifier = spec.verifier(shard)
         try:
-            # With a verifier, an owner that cannot be reached is not waited for until
-            # the gather timeout (it died after the commit: seen to stall every node for
-            # 40 s under churn): the verifier serves the same mean, and the node checks
-            # whichever it got against the settled hash (node.rounds.check_means).
+            # An owner that cannot be reached: its verifier serves the same mean, and the
+            # node checks whichever it got against the settled hash (check_means).
             header, values = await self.fetch_checked_mean(
-                spec,
-                shard,
-                spec.owners[shard],
-                local,
-                window,
-                unreachable_s=None if verifier is None else OWNER_UNREACHABLE_S,
+                spec, shard, spec.owners[shard], local, window
             )
         except ExchangeError as err:
             if verifier is None or err.code != grpc.StatusCode.UNAVAILABLE:
@@ -548,12 +544,12 @@ class ExchangeClient:
         endpoint: PeerEndpoint,
         local: OwnerService | None,
         window: asyncio.Semaphore | None = None,
-        unreachable_s: float | None = None,
     ) -> tuple[peer_pb2.MeanHeader, torch.Tensor]:
         """`shard`'s committed mean as `endpoint` (its owner or its verifier; this very
         node's owner service when it is `endpoint`) serves it: the signed header, whose
         payload_hash the payload matches, and the decoded values, shape (numel,).
-        Raises ExchangeError."""
+        Raises ExchangeError, UNAVAILABLE once `endpoint` was unreachable for
+        UNREACHABLE_S."""
         end_by = spec.deadline + spec.gather_timeout_s
         payload: bytes | bytearray
         try:
@@ -569,7 +565,7 @@ class ExchangeClient:
                     endpoint.node_id,
                     lambda: self._fetch_mean(spec, shard, endpoint, end_by),
                     window,
-                    unreachable_s,
+                    UNREACHABLE_S,
                 )
         except (ExchangeAbort, TimeoutError) as err:
             raise ExchangeError(endpoint.node_id, f"local owner: {err!r}") from None
