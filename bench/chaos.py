@@ -7,6 +7,7 @@ killed -9 at random points and/or poisoned nodes, against the same run without f
     python bench/chaos.py --nodes 6 --poison wrong_mean --rounds 4 --json   # another
     python bench/chaos.py --nodes 6 --poison omit --rounds 8 --json   # a censoring one
     python bench/chaos.py --nodes 6 --poison misreport --rounds 4 --json   # a false hash
+    python bench/chaos.py --nodes 6 --poison withhold --rounds 8 --json   # and no evidence
     python bench/chaos.py --nodes 8 --poison scale --defences off --json   # control
 
 Every node runs through bench/poisoned_node.py (honest ones with kind "none"), which

@@ -23,6 +23,8 @@ tests/test_poisoning.py):
              shard it owns or verifies it gives one honest contributor's contribution
              another payload hash (another one each round), so that owner and
              verifier disagree and the contributor is out of the round
+  withhold   a lying reducer as `misreport` that also refuses to serve its evidence
+             (Peer.FetchEvidence answers UNAVAILABLE), so that no verdict can convict it
   wrong_mean a lying owner: its own contributions are honest, but every mean it
              commits (as a shard's owner or verifier) is negated, signed and served
              as if right
@@ -45,6 +47,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,7 @@ KINDS = (
     "frame",
     "omit",
     "misreport",
+    "withhold",
     "wrong_mean",
     "none",
 )
@@ -268,7 +272,7 @@ def misreporting_holders(
     self: exchange_peer.ExchangePeer, round_: int, timeout: float
 ) -> dict[int, dict[str, tuple[int, bytes]]]:
     held = {shard: dict(by_node) for shard, by_node in holders(self, round_, timeout).items()}
-    if kind != "misreport":
+    if kind not in ("misreport", "withhold"):
         return held
     others = sorted({n for by_node in held.values() for n in by_node} - {self.identity.node_id})
     if not others:
@@ -280,6 +284,19 @@ def misreporting_holders(
             by_node[victim] = (tokens, bytes([digest[0] ^ 0xFF]) + digest[1:])
             report(round_, shard, f"MISREPORTED {victim}")
     return held
+
+
+fetch_evidence = exchange_owner.OwnerService.FetchEvidence
+
+
+async def withholding_fetch_evidence(
+    self: exchange_owner.OwnerService, request: Any, context: grpc.aio.ServicerContext
+) -> AsyncIterator[bytes]:
+    if kind == "withhold":
+        report(request.round, request.shard, "WITHHELD")
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "busy")
+    async for message in fetch_evidence(self, request, context):
+        yield message
 
 
 # --- a lying owner: serves a wrong mean ------------------------------------------------
@@ -314,6 +331,7 @@ def run() -> None:
     exchange_owner.OwnerService._screen = framing_screen
     exchange_owner._weighted_mean_payload = lying_mean_payload
     exchange_peer.ExchangePeer.holders = misreporting_holders  # type: ignore[method-assign]
+    exchange_owner.OwnerService.FetchEvidence = withholding_fetch_evidence
     sys.argv[0] = "starling"
     main()
 

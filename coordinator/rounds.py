@@ -308,8 +308,10 @@ def lost_contributions(record: dict[str, Any]) -> list[tuple[str, str]]:
     (`missing`, or not there by the deadline, at every shard it owns or verifies) while
     at least two other nodes' shards held it. A contributor too slow for the deadline
     misses several reducers; one that reached everyone else points at the reducer (or
-    at the link between them, which makes it as poor a reducer)."""
-    out = []
+    at the link between them, which makes it as poor a reducer). Also each disputed
+    contribution whose evidence one reducer withheld while the other showed it: the
+    contributor was out of the round on that reducer's word alone."""
+    out = [(d["withheld"], d["contributor"]) for d in record.get("disputes", []) if "withheld" in d]
     for contributor, reducers in record.get("lost", {}).items():
         if len(reducers) != 1 or reducers[0] == contributor:
             continue

@@ -1583,7 +1583,11 @@ class Coordinator:
         """A shard's owner and verifier reported different contributions of
         `contributor`: each must show the signed contribution it reported. Bans the
         reducer that cannot (it framed the contributor) or, if both can, the
-        contributor (it signed two); records the verdict in the commit's `disputes`."""
+        contributor (it signed two); records the verdict in the commit's `disputes`.
+        A reducer that serves no evidence while the other shows what it reported is
+        not banned (a crashed node serves none either) but `withheld` it: that counts
+        as the contribution lost by it alone (rounds.lost_contributions), so a liar
+        that keeps refusing is demoted like a censor."""
         assert self.peer is not None
         round_ = self.store.round(number)
         assert round_ is not None and round_.commit is not None
@@ -1603,18 +1607,25 @@ class Coordinator:
             if h["node_id"] == contributor
         }
         evidence: dict[str, list[Evidence]] = {}
-        verdict = ""
+        unserved: dict[str, str] = {}  # node id → why its evidence could not be fetched
         for endpoint in (owner, verifier):
             try:
                 evidence[endpoint.node_id] = await asyncio.to_thread(
                     self.peer.fetch_evidence, endpoint, number, shard, AUDIT_TIMEOUT_S
                 )
             except ExchangeError as err:
-                verdict = f"undecided: {endpoint.node_id} did not serve its evidence ({err})"
-        liars = {}
-        if not verdict:
-            liars = disputed_contribution(spec, shard, contributor, claims, evidence)
-            verdict = "; ".join(f"{n} {why}" for n, why in sorted(liars.items())) or "no dispute"
+                unserved[endpoint.node_id] = str(err)
+        liars = disputed_contribution(spec, shard, contributor, claims, evidence)
+        findings = [f"{n} {why}" for n, why in sorted(liars.items())]
+        findings += [
+            f"undecided: {n} did not serve its evidence ({why})" for n, why in unserved.items()
+        ]
+        # One side withheld, the other showed its claim (then it is not among the liars).
+        withheld = next(iter(unserved)) if len(unserved) == 1 and not liars else None
+        if withheld:
+            (shown,) = evidence
+            findings.append(f"{shown} showed the contribution it reported")
+        verdict = "; ".join(findings) or "no dispute"
         log.warning(
             "round %d, shard %d, contribution of %s: %s", number, shard, contributor, verdict
         )
@@ -1625,10 +1636,12 @@ class Coordinator:
             latest = self.store.round(number)
             assert latest is not None and latest.commit is not None
             commit = json.loads(json.dumps(latest.commit))
-            commit.setdefault("disputes", []).append(
-                {"shard": shard, "contributor": contributor, "verdict": verdict}
-            )
+            outcome = {"shard": shard, "contributor": contributor, "verdict": verdict}
+            if withheld:
+                outcome["withheld"] = withheld
+            commit.setdefault("disputes", []).append(outcome)
             self._put(latest, commit=commit)
+        self._lost.pop(number, None)  # its losses now count the withheld evidence too
         self._notify()
 
     def _wire_bytes(self, round_: int) -> int:

@@ -183,3 +183,9 @@ def test_a_dispute_over_one_contribution_convicts_whoever_cannot_show_what_it_re
     liars = judge({owner: claim(real), verifier: claim(other)}, {owner: [real], verifier: [bare]})
     assert list(liars) == [verifier]
     assert judge({owner: claim(real), verifier: claim(real)}, {}) == {}  # no dispute
+    # A reducer that served no evidence is not judged, nor is the sender then; one that
+    # served evidence not bearing out its claim still is.
+    assert judge({owner: claim(real), verifier: fake}, {owner: [real]}) == {}
+    liars = judge({owner: claim(other), verifier: claim(real)}, {owner: [real]})
+    assert list(liars) == [owner] and "that it cannot show" in liars[owner]
+    assert judge({owner: claim(real), verifier: fake}, {}) == {}

@@ -188,6 +188,21 @@ def test_a_reducer_that_alone_keeps_losing_contributions_is_demoted() -> None:
     assert judged(*history[:3]) == {}
     assert judged(*[commit(r, {3: "b"}) for r in range(5)]) == {}
 
+    # A reducer that withheld its evidence of a disputed contribution which the other
+    # reducer showed lost it alone too (the coordinator's verdict names it); an
+    # undecided dispute with nobody named counts against nobody.
+    def disputed(round_: int, victim: str, withheld: str | None) -> dict:
+        record = commit(round_)
+        outcome = {"shard": 3, "contributor": victim, "verdict": "undecided: ..."}
+        record["disputes"] = [outcome | ({"withheld": withheld} if withheld else {})]
+        return record
+
+    assert rounds.lost_contributions(disputed(1, "b", "d")) == [("d", "b")]
+    assert rounds.lost_contributions(disputed(1, "b", None)) == []
+    withholding = [disputed(1, "b", "d"), disputed(2, "c", "d"), commit(3, {3: "a"})]
+    assert list(judged(*withholding)) == ["d"]
+    assert judged(*withholding[:2]) == {}
+
     # A demoted node contributes but owns and verifies no shard.
     from starling.coordinator.store import Node
 

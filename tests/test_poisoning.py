@@ -138,6 +138,59 @@ def test_an_owner_that_serves_a_wrong_mean_is_outvoted_by_the_recomputation_and_
     assert_agree(run.fingerprints("a"), run.fingerprints("c"))
 
 
+def run_until_demoted(e2e, kind: str, marker: str) -> dict[str, Any]:  # noqa: F811
+    """Three honest nodes and "reducer", a node poisoned by `kind` that keeps one honest
+    contribution (another each round) out of the round on its word alone, for 7
+    rounds each. Checks that the coordinator demotes it within 6 rounds, after 3 or
+    more rounds with a victim, that from then on every participant's contribution
+    counts (its own included) and it reduces no shard, and that it is neither banned
+    nor counted an offence. Returns the commits, plans, node ids and the first round
+    it was demoted."""
+    run = e2e(min_nodes=4)
+    for name in HONEST:
+        run.join(name, "--max-rounds", "7")
+    run.join("reducer", "--max-rounds", "7", launcher=(str(POISONED_NODE), kind))
+    for name in (*HONEST, "reducer"):
+        assert run.nodes[name].wait(300) == 0, run.log(name)
+    assert marker in run.log("reducer"), run.log("reducer")
+    honest = {node_id(run, n) for n in HONEST}
+    reducer = node_id(run, "reducer")
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{run.run_dir / 'coordinator.db'}?mode=ro", uri=True)
+    plans = {r: json.loads(p) for r, p in db.execute("SELECT round, plan FROM rounds") if p}
+    state, offences = db.execute(
+        "SELECT state, offences FROM nodes WHERE node_id = ?", (reducer,)
+    ).fetchone()
+    db.close()
+    commits = run.commits()
+    demoted = sorted(r for r, p in plans.items() if reducer in p.get("demoted", {}))
+    assert demoted and demoted[0] <= 5, plans
+    assert "lost the contributions of" in plans[demoted[0]]["demoted"][reducer]
+    victimised = [r for r in commits if r < demoted[0] and set(commits[r]["excluded"]) & honest]
+    assert len(victimised) >= 3, commits  # what it took to be demoted
+    for round_, commit in commits.items():
+        if round_ >= demoted[0]:  # from demotion on: nobody out, it reduces nothing
+            participants = {p["node_id"] for p in plans[round_]["participants"]}
+            assert set(commit["contributors"]) == participants, (round_, commit)
+            assert honest <= participants, plans[round_]
+            reducers = [s["owner"] for s in commit["shards"]] + [
+                s["verifier"] for s in commit["shards"]
+            ]
+            assert reducer not in reducers, (round_, commit["shards"])
+    after = [r for r in commits if r >= demoted[0] and reducer in commits[r]["contributors"]]
+    assert after, commits  # its own contributions count after its demotion
+    assert state != "banned" and offences == 0  # not punished: it may only be faulty
+    assert_agree(run.fingerprints("a"), run.fingerprints("b"))
+    assert_agree(run.fingerprints("a"), run.fingerprints("c"))
+    return {
+        "commits": commits,
+        "honest": honest,
+        "reducer": reducer,
+        "victimised": victimised,
+    }
+
+
 def test_a_reducer_that_censors_contributors_is_demoted_and_they_are_kept_again(
     e2e,  # noqa: F811
 ) -> None:
@@ -146,47 +199,34 @@ def test_a_reducer_that_censors_contributors_is_demoted_and_they_are_kept_again(
     signed proves that false, so nobody is banned; but after 3 such rounds, with 2
     victims that reached the other reducers, the coordinator plans no shard for it, and
     from then on every honest contribution counts again, the censor's own included."""
-    run = e2e(min_nodes=4)
-    for name in HONEST:
-        run.join(name, "--max-rounds", "7")
-    run.join("censor", "--max-rounds", "7", launcher=(str(POISONED_NODE), "omit"))
-    for name in (*HONEST, "censor"):
-        assert run.nodes[name].wait(300) == 0, run.log(name)
-    assert "OMITTED" in run.log("censor")
-    honest = {node_id(run, n) for n in HONEST}
-    censor = node_id(run, "censor")
-    import sqlite3
-
-    db = sqlite3.connect(f"file:{run.run_dir / 'coordinator.db'}?mode=ro", uri=True)
-    plans = {r: json.loads(p) for r, p in db.execute("SELECT round, plan FROM rounds") if p}
-    state, offences = db.execute(
-        "SELECT state, offences FROM nodes WHERE node_id = ?", (censor,)
-    ).fetchone()
-    db.close()
-    commits = run.commits()
-    demoted = sorted(r for r, p in plans.items() if censor in p.get("demoted", {}))
-    assert demoted and demoted[0] <= 5, plans
-    assert "lost the contributions of" in plans[demoted[0]]["demoted"][censor]
-    censored = [r for r in commits if r < demoted[0] and set(commits[r]["excluded"]) & honest]
-    assert len(censored) >= 3, commits  # what it took to be demoted
-    for round_ in censored:
-        for victim in set(commits[round_]["excluded"]) & honest:
-            reason = commits[round_]["excluded"][victim]
+    seen = run_until_demoted(e2e, "omit", "OMITTED")
+    for round_ in seen["victimised"]:
+        excluded = seen["commits"][round_]["excluded"]
+        for victim in set(excluded) & seen["honest"]:
+            reason = excluded[victim]
             assert "missing" in reason or "no contribution before the deadline" in reason
-    for round_, commit in commits.items():
-        if round_ >= demoted[0]:  # from demotion on: nobody out, the censor reduces nothing
-            participants = {p["node_id"] for p in plans[round_]["participants"]}
-            assert set(commit["contributors"]) == participants, (round_, commit)
-            assert honest <= participants, plans[round_]
-            reducers = [s["owner"] for s in commit["shards"]] + [
-                s["verifier"] for s in commit["shards"]
-            ]
-            assert censor not in reducers, (round_, commit["shards"])
-    after = [r for r in commits if r >= demoted[0] and censor in commits[r]["contributors"]]
-    assert after, commits  # the censor's own contributions count after its demotion
-    assert state != "banned" and offences == 0  # not punished: a lost push proves nothing
-    assert_agree(run.fingerprints("a"), run.fingerprints("b"))
-    assert_agree(run.fingerprints("a"), run.fingerprints("c"))
+
+
+def test_a_reducer_that_misreports_and_withholds_its_evidence_is_demoted(
+    e2e,  # noqa: F811
+) -> None:
+    """A lying reducer misreports one honest contribution's hash (another each round)
+    and then refuses to serve its evidence, so that no verdict can convict it: each
+    dispute is undecided, the other reducer showed what it reported, and the verdict
+    names the silent one as having withheld it. That counts as a contribution lost by it
+    alone: after 3 such rounds it reduces no shard, and nobody is framed again."""
+    seen = run_until_demoted(e2e, "withhold", "WITHHELD")
+    reducer = seen["reducer"]
+    for round_ in seen["victimised"]:
+        commit = seen["commits"][round_]
+        (victim,) = set(commit["disputed"])
+        assert victim in seen["honest"], commit
+        assert "owner and verifier hold different contributions" in commit["excluded"][victim]
+        assert commit["disputes"], commit
+        for outcome in commit["disputes"]:
+            assert outcome["withheld"] == reducer, outcome
+            assert f"undecided: {reducer} did not serve its evidence" in outcome["verdict"]
+            assert "showed the contribution it reported" in outcome["verdict"]
 
 
 def test_a_reducer_that_misreports_a_contribution_is_caught_by_its_evidence_and_banned(

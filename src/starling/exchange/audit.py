@@ -147,12 +147,16 @@ def disputed_contribution(
     evidence holds no authentic contribution of `contributor` in full with the tokens
     and hash it reported, or holds a forged one, lied about it; if every reducer shows
     one as it reported, the contributor signed different contributions to the same
-    shard and round (no honest node does). Empty when the claims agree."""
+    shard and round (no honest node does). A reducer absent from `evidence` served
+    none: it is not judged, and then neither is the contributor (the caller decides
+    what a withheld answer means). Empty when the claims agree."""
     if len(set(claims.values())) < 2:
         return {}
     liars = {}
     for reducer, claim in sorted(claims.items()):
-        shown = [e for e in evidence.get(reducer, []) if e.header.sender == contributor]
+        if reducer not in evidence:
+            continue
+        shown = [e for e in evidence[reducer] if e.header.sender == contributor]
         try:
             for item in shown:
                 _check_authentic(spec, shard, item)
@@ -169,7 +173,7 @@ def disputed_contribution(
                 f"reported a contribution of {contributor} to shard {shard} of round "
                 f"{spec.round} that it cannot show (hash {claim[1].hex()[:16]})"
             )
-    if not liars:
+    if not liars and claims.keys() <= evidence.keys():
         liars[contributor] = (
             f"signed {len(claims)} different contributions to shard {shard} of round {spec.round}"
         )
