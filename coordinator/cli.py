@@ -17,6 +17,7 @@ from rich.console import Console
 from starling.progress import PrepareProgress
 from starling.runconfig import RunConfig
 
+from .heap import configure_heap
 from .rundir import RunDir, create_join_token, init_run, parse_duration
 from .service import Coordinator
 from .store import Store
@@ -77,6 +78,7 @@ def serve_command(
     if not 0 <= grpc_port < 65536 or (http_port is not None and not 0 <= http_port < 65536):
         raise ValueError("ports must be in 0..65535")
     run = RunDir.open(run_dir)
+    configure_heap()  # before gRPC and the event loop start their threads
     asyncio.run(_serve(run, host, grpc_port, http_port, advertise_host, tls))
 
 

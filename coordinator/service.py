@@ -58,6 +58,7 @@ from starling.v1 import coordinator_pb2 as pb
 from starling.v1 import peer_pb2
 
 from . import rounds
+from .heap import release_free_heap
 from .rundir import JOIN_URL_FILE, RunDir, checkpoint_dir
 from .store import Checkpoint, Node, Round, Store
 
@@ -1269,6 +1270,7 @@ class Coordinator:
             record["tokens"],
         )
         self._resolve_disputes(record)
+        release_free_heap()
         spec = self._spec(round_)
         if spec.shards_of(self.run.identity.node_id):
             assert self.peer is not None
