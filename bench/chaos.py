@@ -154,10 +154,10 @@ class Scenario:
                 nodes=args.nodes,
                 batch_tokens=BATCH_TOKENS,
                 screen="true" if args.defences == "on" else "false",
-                # Off by default, as in runs (see [defences] in starling.runconfig): only
-                # the direction check catches sign_flip and noise.
+                # On by default, as in runs (see [defences] in starling.runconfig): only
+                # the direction check catches sign_flip.
                 direction="true"
-                if args.defences == "on" and getattr(args, "direction", "off") == "on"
+                if args.defences == "on" and getattr(args, "direction", "on") == "on"
                 else "false",
                 requests_per_s=getattr(args, "requests_per_s", 50.0),
             )
@@ -638,8 +638,8 @@ def main() -> None:
     parser.add_argument(
         "--direction",
         choices=("on", "off"),
-        default="off",
-        help="the screen's direction check ([defences] screen_direction; off by default)",
+        default="on",
+        help="the screen's direction check ([defences] screen_direction, on in runs too)",
     )
     parser.add_argument(
         "--baseline", choices=("on", "off"), default="on", help="also run without faults"
