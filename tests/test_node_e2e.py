@@ -422,10 +422,15 @@ def test_a_node_whose_state_disagrees_resyncs_and_agrees_again(e2e) -> None:
     faulty_id = json.loads((run.root / "faulty" / "summary.json").read_text())["node_id"]
     assert reports[faulty_id] != honest[1]
     assert sorted(reports.values()).count(honest[1]) == 2
-    # The flag may reach it by heartbeat after it applied round 2 on the bad state; from
-    # round 3 on it has resynced (checkpoint, then the missed means) and agrees again.
-    later = [r for r in faulty if r >= 3]
-    assert len(later) >= 2
+    # The flag reaches it in a reply or by heartbeat, after it applied round 2 or 3 on the
+    # bad state (CI saw both); it takes the agreed state (a checkpoint or a peer's, then
+    # the missed means), and from there on agrees again.
+    import re
+
+    taken = [int(r) for r in re.findall(r"took the global state at round (\d+)", run.log("faulty"))]
+    assert taken and taken[-1] <= 4, run.log("faulty")
+    later = [r for r in faulty if r >= taken[-1]]
+    assert later, faulty
     for round_ in later:
         assert faulty[round_] == honest[round_], f"round {round_}"
 
