@@ -68,6 +68,7 @@ from starling.identity import Identity
 HERE = Path(__file__).resolve().parent
 NODE = HERE / "poisoned_node.py"
 BATCH_TOKENS = 1024
+JOINER_SETTLE_S = 60.0  # after the churn, how long joiners still running get to enter a commit
 MIN_HONEST = 3  # honest contributions a round needs for its poisoned ones to count
 POISONS = tuple(k for k in KINDS if k != "none")
 # [model] for --model: "micro" (the default: 2 layers of width 64, 64-token sequences,
@@ -279,31 +280,47 @@ class Scenario:
             if minute >= len(rss_by_minute):  # the first sample of each minute
                 rss_by_minute.append(round(rss_bytes(self.coordinator.pid) / 2**20, 1))
         ended = time.time()
+        rss_end = rss_bytes(self.coordinator.pid)
         commits = sorted(
             json.loads(c)["committed"]
             for (c,) in self.db("SELECT commit_record FROM rounds WHERE commit_record IS NOT NULL")
         )
-        # Nodes started by the churn that made it into a commit: a joiner that cannot
-        # start (as when the coordinator refused round 0 past round 8) would show as 0.
-        ids = self.node_ids()
-        joiners = {ids[i] for i in self.nodes if i >= self.args.nodes and i in ids}
-        contributed = set()
-        for (c,) in self.db("SELECT commit_record FROM rounds WHERE commit_record IS NOT NULL"):
-            contributed |= set(json.loads(c)["contributors"])
+        joiners_started, joiners_contributed = self._joiners_contributed(JOINER_SETTLE_S)
         inside = [started] + [c for c in commits if started <= c <= ended] + [ended]
         gaps = [b - a for a, b in zip(inside, inside[1:], strict=False)]
-        rss_end = rss_bytes(self.coordinator.pid)
         return {
             "churn_minutes": minutes,
             "churn_events": dict(events),
             "churn_rounds_committed": len(inside) - 2,
-            "churn_joiners_contributed": len(joiners & contributed),
+            "churn_joiners_started": joiners_started,
+            "churn_joiners_contributed": joiners_contributed,
             "churn_max_gap_s": round(max(gaps), 2),
             "coordinator_rss_start_mb": round(rss_start / 2**20, 1),
             "coordinator_rss_end_mb": round(rss_end / 2**20, 1),
             "coordinator_rss_growth": round(rss_end / rss_start - 1, 4),
             "coordinator_rss_mb_by_minute": rss_by_minute,
         }
+
+    def _joiners_contributed(self, settle_s: float) -> tuple[int, int]:
+        """(joiners started, joiners that made it into a commit). A joiner that cannot
+        start (as when the coordinator refused round 0 past round 8) never shows. One
+        started in the churn's last seconds is still importing torch when it ends (about
+        4 s to its first round here, several times that on a loaded CI machine), so the
+        count waits up to `settle_s`, with no more churn, for every joiner still running
+        to enter a commit."""
+        first = self.args.nodes  # indices below this are the nodes the run started with
+        deadline = time.monotonic() + settle_s
+        while True:
+            ids = self.node_ids()
+            contributed: set[str] = set()
+            for (c,) in self.db("SELECT commit_record FROM rounds WHERE commit_record IS NOT NULL"):
+                contributed |= set(json.loads(c)["contributors"])
+            running = {i for i, p in self.nodes.items() if i >= first and p.poll() is None}
+            waiting = [i for i in running if ids.get(i) not in contributed]
+            if not waiting or time.monotonic() > deadline:
+                joiners = {ids[i] for i in self.nodes if i >= first and i in ids}
+                return len(self.nodes) - first, len(joiners & contributed)
+            time.sleep(0.5)
 
     def _join(self, index: int, kind: str, max_rounds: int | None = None) -> subprocess.Popen[str]:
         work = self.root / f"node{index}"

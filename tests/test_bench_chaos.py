@@ -50,6 +50,7 @@ def test_churn_keeps_rounds_committing(tmp_path: Path) -> None:
     )
     assert sum(report["churn_events"].values()) >= 5
     assert report["churn_rounds_committed"] >= 3
+    assert report["churn_joiners_started"] >= 1
     assert report["churn_joiners_contributed"] >= 1  # nodes started mid-run take part
     assert report["churn_max_gap_s"] < 60.0
     assert report["mean_exact"] is True
