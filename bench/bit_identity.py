@@ -16,6 +16,9 @@ mean (`weighted_mean_f64`) encoded again. The coordinator compares the two reduc
 hashes of that last encoding and takes a disagreement for a lie, so the bytes must be
 a function of the values alone: the same on every machine and at any thread count
 (`codecs_thread_invariant`). Half the rounds use values on a coarse grid, full of ties.
+hivemind-uint8 is the exception: its bytes differed between an AMD EPYC (torch 2.13) and
+an Intel Xeon (torch 2.11), so runs that verify means refuse it, and its mismatch under
+`--expect` is reported without failing the comparison.
 
 With `--device cuda` it also replays the same ops on the GPU (`device_matches_cpu`: does
 the GPU itself agree bit for bit, which Starling does not rely on) and round-trips θ
@@ -245,8 +248,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from starling.codecs import HARDWARE_DEPENDENT
+
     outcome = main()
+    # hivemind-uint8's bytes are known to differ between machines (runs that verify
+    # means refuse it): its mismatch is reported, and does not fail the comparison.
     mismatched = outcome.get("matches_expected") is False or not all(
-        outcome.get("codecs_match_expected", {}).values()
+        same
+        for codec, same in outcome.get("codecs_match_expected", {}).items()
+        if codec not in HARDWARE_DEPENDENT
     )
     sys.exit(1 if mismatched or outcome.get("codecs_thread_invariant") is False else 0)

@@ -9,7 +9,9 @@ different hardware could stop agreeing, and this fails.
 The codec fingerprints (each codec's encodings of 20 rounds of 4 contributions and their
 mean, as a shard's owner and verifier compute them) were produced on the CI CPU: a
 change to any codec's bytes makes the reducers of two versions disagree, which the
-coordinator takes for a lie, so it must be deliberate.
+coordinator takes for a lie, so it must be deliberate. All but hivemind-uint8's were
+reproduced on the Intel Xeon host (torch 2.11.0, numpy 2.3.5); hivemind-uint8's differ
+there, which is why runs that verify means refuse that codec (starling.runconfig).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .codecs import make_codec
+from .codecs import HARDWARE_DEPENDENT, make_codec
 from .diloco import DEFAULT_CODEC, DEFAULT_INNER_STEPS, OuterConfig
 from .model import PRESETS, ModelConfig, model_config
 from .train import TrainConfig
@@ -166,12 +166,19 @@ class RunConfig:
             if not ok:
                 raise RunConfigError(message)
         try:
-            make_codec(self.outer.codec)
+            codec = make_codec(self.outer.codec)
             OuterConfig(self.outer.lr, self.outer.momentum, self.outer.nesterov)
             model_config(self.model.preset, **self.model.overrides)
             self.train_config()
         except (TypeError, ValueError) as err:
             raise RunConfigError(str(err)) from None
+        if self.defences.verify_means and codec.name in HARDWARE_DEPENDENT:
+            raise RunConfigError(
+                f"outer.codec {codec.name} cannot be used with defences.verify_means: its "
+                "bytes depend on the machine that encodes, so two honest reducers of a "
+                "shard would disagree; use int8 or int4, or set verify_means = false "
+                "where every peer is trusted"
+            )
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return model_config(self.model.preset, **{"vocab_size": vocab_size, **self.model.overrides})
