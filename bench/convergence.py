@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per worker step")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--warmup-steps", type=int, default=30)
+    parser.add_argument("--beta2", type=float, default=TrainConfig().beta2, help="inner AdamW β2")
     parser.add_argument("--outer-lr", type=float, default=OuterConfig().lr)
     parser.add_argument("--outer-momentum", type=float, default=OuterConfig().momentum)
     parser.add_argument("--seed", type=int, default=0)
@@ -68,6 +69,7 @@ def main() -> None:
         seq_len=args.seq_len,
         lr=args.lr,
         warmup_steps=args.warmup_steps,
+        beta2=args.beta2,
         seed=args.seed,
         device=args.device,
     )

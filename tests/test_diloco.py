@@ -88,7 +88,7 @@ def test_ddp_equals_one_worker_with_k_times_the_batch() -> None:
             {"params": [p for p in leader.parameters() if p.dim() < 2], "weight_decay": 0.0},
         ],
         lr=cfg.lr,
-        betas=(0.9, 0.95),
+        betas=(cfg.beta1, cfg.beta2),
     )
     for step, data in enumerate(steps):
         grads = []
@@ -251,6 +251,7 @@ def test_simulate_cli_json_and_plot(pydoc_dir: Path, tmp_path: Path) -> None:
         (["--speeds", "1,fast"], "comma-separated"),
         (["--speeds", "1,1,1"], "needs 4 values"),
         (["--outer-momentum", "1.5"], "outer momentum"),
+        (["--beta2", "1"], "beta2 must be in [0, 1)"),
         (["--device", "tpu"], "device must be one of"),
         (["--device", "mps"], "MPS backend is not available"),
     ],

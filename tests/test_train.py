@@ -93,7 +93,9 @@ def test_trainer_matches_plain_torch_adamw() -> None:
         trainer.step(iter([(b[:, :-1], b[:, 1:])]))
 
     reference = build_model(model_config("tiny", vocab_size=256), seed=2)
-    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(
+        reference.parameters(), lr=1e-2, betas=(cfg.beta1, cfg.beta2), weight_decay=0.0
+    )
     for b in batches:
         logits = reference(b[:, :-1])
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten()).backward()

@@ -389,6 +389,9 @@ def simulate_command(
     batch_size: Annotated[int, typer.Option(help="Sequences per worker step.")] = 8,
     lr: Annotated[float, typer.Option(help="Inner AdamW peak learning rate.")] = 3e-3,
     warmup_steps: Annotated[int, typer.Option(help="Inner warmup steps.")] = 30,
+    beta2: Annotated[
+        float | None, typer.Option(help="Inner AdamW β2 (default: the runs' default).")
+    ] = None,
     outer_lr: Annotated[float | None, typer.Option(help="Outer learning rate.")] = None,
     outer_momentum: Annotated[float | None, typer.Option(help="Outer Nesterov momentum.")] = None,
     speeds: Annotated[
@@ -450,6 +453,7 @@ def simulate_command(
         seq_len=seq_len,
         lr=lr,
         warmup_steps=warmup_steps,
+        beta2=TrainConfig.beta2 if beta2 is None else beta2,
         eval_batches=eval_batches,
         seed=seed,
         device=device,
