@@ -147,8 +147,10 @@ class Scenario:
                 seed=args.seed,
                 model=MODELS[getattr(args, "model", "micro")],
                 inner_steps=args.inner_steps,
-                round_tokens=getattr(
-                    args, "round_tokens", args.nodes * args.inner_steps * BATCH_TOKENS
+                round_tokens=(
+                    args.nodes * args.inner_steps * BATCH_TOKENS
+                    if getattr(args, "round_tokens", None) is None
+                    else args.round_tokens
                 ),
                 deadline_s=args.deadline_s,
                 codec=args.codec,
@@ -664,6 +666,12 @@ def main() -> None:
     parser.add_argument("--codec", default="fp32")
     parser.add_argument("--model", choices=sorted(MODELS), default="micro")
     parser.add_argument("--inner-steps", type=int, default=10)
+    parser.add_argument(
+        "--round-tokens",
+        type=int,
+        help="a round's token budget (default: nodes × inner steps × batch, so survivors "
+        "of a kill train longer); 0: every node does --inner-steps, the tokens fall with it",
+    )
     parser.add_argument("--deadline-s", type=float, default=15.0, help="exchange deadline")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=900.0, help="per run, seconds")
@@ -680,6 +688,8 @@ def main() -> None:
         parser.error("--rounds must be at least 2")
     if args.kill_coordinator < 0:
         parser.error("--kill-coordinator must be ≥ 0")
+    if args.round_tokens is not None and args.round_tokens < 0:
+        parser.error("--round-tokens must be ≥ 0")
     if args.churn_minutes < 0 or args.churn_every_s <= 0:
         parser.error("--churn-minutes must be ≥ 0 and --churn-every-s positive")
     make_codec(args.codec)

@@ -75,6 +75,7 @@ def test_chaos_benchmark_rejects_bad_options() -> None:
         ["--poison", "bogus"],
         ["--churn-every-s", "0"],
         ["--kill-coordinator", "-1"],
+        ["--round-tokens", "-1"],
     ):
         run = subprocess.run(
             [sys.executable, str(BENCH), *options], capture_output=True, text=True, timeout=60
