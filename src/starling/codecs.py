@@ -476,9 +476,10 @@ def make_codec(spec: str) -> Codec:
 CODEC_NAMES = ("fp32", "bf16", "int8", "int4", "topk", "hivemind-fp16", "hivemind-uint8")
 # Codecs whose bytes for the same values can differ between machines. hivemind's
 # Uniform8BitQuantization sums the tensor (its mean, its norm, each bucket's average) in
-# an order that the CPU, the thread count and the torch version pick: bench/bit_identity.py
-# got other bytes for the same means on an Intel Xeon with torch 2.11 than on an AMD EPYC
-# with torch 2.13 (the other six codecs matched bit for bit). The two reducers of a shard
+# an order that the CPU and the torch version pick (not the thread count: each machine
+# gave the same bytes at one thread and at several). bench/bit_identity.py got other
+# bytes for the same means on an Intel Xeon with torch 2.11 than on an AMD EPYC with
+# torch 2.13 (the other six codecs matched bit for bit). The two reducers of a shard
 # must encode its mean to the same bytes, or the coordinator takes the honest one for a
 # liar, so runs that verify means refuse these (starling.runconfig).
 HARDWARE_DEPENDENT = frozenset({"hivemind-uint8"})
