@@ -25,10 +25,12 @@ Prints one JSON object: messages, by_method and by_kind (count), statuses (code 
 count), imprecise (UNKNOWN, INTERNAL or UNAVAILABLE answers: a server that did not say
 what was wrong, or fell over; an owner's "round r is not open yet", its documented
 retry-later answer, excepted), slow (answered after more than 1 s), max_latency_s,
-p99_latency_s, crashes (server processes that died), unhandled (tracebacks and
-unexpected-error lines in the servers' logs), rounds_committed_during (rounds the
-honest nodes committed while the fuzzer ran), examples (one call per imprecise or slow
-status), wall_s.
+p99_latency_s, max_latency_s_by_kind (the slowest answer of each kind: gRPC's tarpit
+holds its own refusals, e.g. oversize, 100-500 ms on purpose; see
+starling.exchange.transport.SERVER_OPTIONS), crashes (server processes that died),
+unhandled (tracebacks and unexpected-error lines in the servers' logs),
+rounds_committed_during (rounds the honest nodes committed while the fuzzer ran),
+examples (one call per imprecise or slow status), wall_s.
 """
 
 from __future__ import annotations
@@ -312,6 +314,7 @@ def fuzz(scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
     by_method: Counter[str] = Counter()
     by_kind: Counter[str] = Counter()
     latencies = []
+    slowest_by_kind: dict[str, float] = {}
     imprecise = slow = 0
     examples: dict[str, dict[str, Any]] = {}
     for (target, kind, _, _), (code, latency, detail) in zip(jobs, results, strict=True):
@@ -319,6 +322,7 @@ def fuzz(scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
         by_method[target.label] += 1
         by_kind[kind] += 1
         latencies.append(latency)
+        slowest_by_kind[kind] = max(slowest_by_kind.get(kind, 0.0), latency)
         bad = code in IMPRECISE and not (code == "UNAVAILABLE" and RETRY_LATER in detail)
         imprecise += bad
         slow += latency > ANSWER_S
@@ -338,6 +342,7 @@ def fuzz(scenario: Scenario, args: argparse.Namespace) -> dict[str, Any]:
         "slow": slow,
         "max_latency_s": round(latencies[-1], 3),
         "p99_latency_s": round(latencies[int(0.99 * (len(latencies) - 1))], 3),
+        "max_latency_s_by_kind": {k: round(v, 3) for k, v in sorted(slowest_by_kind.items())},
         "fuzz_s": round(wall, 1),
         "rounds_committed_during": sum(started_unix <= c <= ended_unix for c in commits),
         "examples": dict(list(examples.items())[:20]),

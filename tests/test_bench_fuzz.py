@@ -24,6 +24,7 @@ def test_malformed_messages_get_precise_answers_while_a_round_commits(tmp_path: 
     assert report["messages"] == 2000
     assert report["methods"] == 23 and len(report["by_method"]) == 23
     assert set(report["by_kind"]) == set(KINDS)
+    assert set(report["max_latency_s_by_kind"]) == set(KINDS)
     assert report["imprecise"] == 0, report["examples"]
     assert report["max_latency_s"] < 5.0  # the client's deadline: every call was answered
     assert report["crashes"] == []

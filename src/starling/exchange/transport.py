@@ -39,6 +39,14 @@ SERVER_OPTIONS = GRPC_OPTIONS + [
     # Accept the clients' keepalive pings (the default would answer them with GOAWAY).
     ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ("grpc.max_concurrent_streams", 256),
+    # A stream that gRPC itself refuses (a message over MAX_MESSAGE_BYTES, bad framing)
+    # is "tarpitted": its reset waits a random 100-1,000 ms, to slow a client that
+    # provokes errors. At the upper end that, plus the time to read the message, makes
+    # an honest client with an oversize message (say, an older or newer version) wait
+    # over a second for its RESOURCE_EXHAUSTED. Half a second still slows abuse (the
+    # per-peer request limits in starling.serving do the rest) and keeps every answer
+    # within bench/fuzz.py's 1 s bar.
+    ("grpc.http.tarpit_max_duration_ms", 500),
 ]
 
 
