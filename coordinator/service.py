@@ -762,8 +762,12 @@ class Coordinator:
             resync = bool(expected) and expected != request.fingerprint
             if expected:
                 self.store.set_resync(node.node_id, resync)
+        previous = self.store.round(request.round - 1) if request.round > 0 else None
+        previous_expected = previous.commit["fingerprint"] if previous and previous.commit else ""
         self._notify()
-        return pb.ReportFingerprintResponse(expected=expected, resync=resync)
+        return pb.ReportFingerprintResponse(
+            expected=expected, resync=resync, previous_expected=previous_expected
+        )
 
     async def _report_progress(
         self, request: pb.ReportProgressRequest, node: Node | None, _: grpc.aio.ServicerContext

@@ -137,6 +137,9 @@ class NodeDaemon:
         self._resync_wanted = threading.Event()
         self._last_commit: tuple[int, set[str]] | None = None  # round, its contributors
         self._fingerprint_reports = 0  # fingerprints reported so far
+        # (round, fingerprint) of our last report that came in before a majority agreed
+        # on that round: the next report's reply says whether it was the agreed one.
+        self._unconfirmed: tuple[int, str] | None = None
         self._reports_at_resync = 0  # … when this node last resynced
 
     # --- setup ------------------------------------------------------------------------
@@ -598,10 +601,23 @@ class NodeDaemon:
         self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
         reply = self._retry(lambda: self.client.report_fingerprint(round_, fingerprint))
         self._fingerprint_reports += 1
+        unconfirmed, self._unconfirmed = self._unconfirmed, None
         if reply.resync:
             self._event(f"round {round_}: fingerprint disagrees with the commit: resync")
             self._resync(self.state_round)
             return
+        if (
+            unconfirmed is not None
+            and unconfirmed[0] == round_ - 1
+            and reply.previous_expected not in ("", unconfirmed[1])
+        ):
+            # Our state already disagreed a round ago (we reported before the others
+            # agreed), so this one, built on it, is wrong too.
+            self._event(f"round {round_ - 1}: fingerprint disagrees with the commit: resync")
+            self._resync(self.state_round)
+            return
+        if not reply.expected:
+            self._unconfirmed = (round_, fingerprint)
         self._log_fingerprint(round_, fingerprint)
         # Validation runs on its own copy of the model in a worker: never on the round's
         # critical path (a training replica in overlap mode is elsewhere, too).
@@ -758,6 +774,7 @@ class NodeDaemon:
         """Adopts a whole global state (`round_` rounds in) from a checkpoint or a peer,
         both checked against the agreed fingerprint of round `round_` − 1."""
         self.state, self.state_round = state, round_
+        self._unconfirmed = None  # this state's fingerprint is the agreed one
         self.peer.set_state(round_, state.params, state.momentum)
         if round_ > 0:
             self._log_fingerprint(round_ - 1, state.fingerprint())

@@ -241,6 +241,12 @@ def test_round_lifecycle_commit_fingerprints_and_checkpoint(serve) -> None:
     assert status.latest_checkpoint.round == 1 and status.last_commit.round == 0
     assert status.tokens_trained == 600
     assert not nodes[0].client.get_round(0).checkpoint_due
+    # A report that comes in before a majority agreed learns the agreement one round
+    # later: the reply for round 1 carries round 0's agreed fingerprint.
+    run_round(nodes, tokens, numel)
+    first = nodes[2].client.report_fingerprint(1, "1" * 64)
+    assert first.expected == "" and not first.resync
+    assert first.previous_expected == fingerprint
 
 
 def assert_mean_reports_are_checked(nodes: list[Node], commit) -> None:

@@ -422,9 +422,11 @@ def test_a_node_whose_state_disagrees_resyncs_and_agrees_again(e2e) -> None:
     faulty_id = json.loads((run.root / "faulty" / "summary.json").read_text())["node_id"]
     assert reports[faulty_id] != honest[1]
     assert sorted(reports.values()).count(honest[1]) == 2
-    # The flag reaches it in a reply or by heartbeat, after it applied round 2 or 3 on the
-    # bad state (CI saw both); it takes the agreed state (a checkpoint or a peer's, then
-    # the missed means), and from there on agrees again.
+    # It learns in the reply to its report of round 1, by heartbeat, or at the latest in
+    # the reply to its report of round 2 (which carries round 1's agreed fingerprint;
+    # before it had that, CI saw the flag come as late as round 4 or not within 5 rounds,
+    # when its reports came first); it takes the agreed state (a checkpoint or a peer's,
+    # then the missed means), and from there on agrees again.
     import re
 
     taken = [int(r) for r in re.findall(r"took the global state at round (\d+)", run.log("faulty"))]

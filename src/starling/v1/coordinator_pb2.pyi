@@ -384,12 +384,14 @@ class ReportFingerprintRequest(_message.Message):
     def __init__(self, round: _Optional[int] = ..., fingerprint: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class ReportFingerprintResponse(_message.Message):
-    __slots__ = ("expected", "resync")
+    __slots__ = ("expected", "resync", "previous_expected")
     EXPECTED_FIELD_NUMBER: _ClassVar[int]
     RESYNC_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_EXPECTED_FIELD_NUMBER: _ClassVar[int]
     expected: str
     resync: bool
-    def __init__(self, expected: _Optional[str] = ..., resync: _Optional[bool] = ...) -> None: ...
+    previous_expected: str
+    def __init__(self, expected: _Optional[str] = ..., resync: _Optional[bool] = ..., previous_expected: _Optional[str] = ...) -> None: ...
 
 class ReportProgressRequest(_message.Message):
     __slots__ = ("round", "loss", "tokens_per_s", "bytes_sent", "bytes_received", "utilization", "train_loss", "round_tokens", "auth")
