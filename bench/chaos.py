@@ -492,11 +492,13 @@ def measure(scenario: Scenario) -> dict[str, Any]:
         for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
             if line.startswith("POISON "):
                 poisoned_pushes[json.loads(line[len("POISON ") :])["status"]] += 1
-    losses = scenario.db(
-        "SELECT round, loss FROM progress WHERE loss > 0 ORDER BY round DESC, id DESC LIMIT 1"
-    )
-    # Every node evaluates the same global state after a round: one loss per round.
-    by_round = dict(scenario.db("SELECT round, loss FROM progress WHERE loss > 0 ORDER BY id"))
+    # Every node evaluates the same global state after a round: one loss per round. Only
+    # the honest nodes' evaluations count: once they have done their rounds, poisoned
+    # ones may commit a round or two among themselves, unscreened (under four
+    # contributions), and that state is not the run's result.
+    evaluated = scenario.db("SELECT round, loss, node_id FROM progress WHERE loss > 0 ORDER BY id")
+    by_round = {r: loss for r, loss, node_id in evaluated if node_id not in poisoned_ids}
+    losses = [max(by_round.items())] if by_round else []
     error = mean_error(scenario, commits, poisoned_ids)
     statuses = Counter(
         s["mean_status"].split(":")[0]

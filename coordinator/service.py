@@ -558,13 +558,18 @@ class Coordinator:
     # --- data leases and tokens -----------------------------------------------------------
 
     async def _acquire_lease(
-        self, _: pb.AcquireLeaseRequest, node: Node | None, __: grpc.aio.ServicerContext
+        self, request: pb.AcquireLeaseRequest, node: Node | None, _: grpc.aio.ServicerContext
     ) -> pb.DataLease:
         assert node is not None
         now = self.clock()
         lease_s = self.config.membership.data_lease_s
+        if request.finished and not self.store.is_shard(request.finished):
+            raise Refused(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"finished names no training shard of this run: {request.finished[:100]!r}",
+            )
         with self.store.transaction():
-            row = self.store.lease_shard(node.node_id, now, now + lease_s)
+            row = self.store.lease_shard(node.node_id, now, now + lease_s, request.finished)
         if row is None:
             raise Refused(grpc.StatusCode.FAILED_PRECONDITION, "the run has no data shards")
         return pb.DataLease(

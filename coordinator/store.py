@@ -371,9 +371,15 @@ class Store:
             (file, tokens, sha256),
         )
 
-    def lease_shard(self, node_id: str, now: float, expires: float) -> sqlite3.Row | None:
+    def lease_shard(
+        self, node_id: str, now: float, expires: float, finished: str = ""
+    ) -> sqlite3.Row | None:
         """Renews the node's live lease, else leases the shard with the fewest live
-        lessees (then the least trained); None only when the run has no shards."""
+        lessees (then the least trained); None only when the run has no shards. With
+        `finished` (a shard the node has trained a pass over) the node's lease is not
+        renewed, and that shard is taken again only when every other is held by more."""
+        if finished:
+            self.db.execute("DELETE FROM data_leases WHERE node_id = ?", (node_id,))
         row = self.db.execute(
             "SELECT file FROM data_leases WHERE node_id = ? AND expires >= ? LIMIT 1",
             (node_id, now),
@@ -382,9 +388,10 @@ class Store:
             row = self.db.execute(
                 """SELECT s.file FROM data_shards AS s
                    LEFT JOIN data_leases AS l ON l.file = s.file AND l.expires >= ?
-                   GROUP BY s.file ORDER BY count(l.node_id), s.tokens_trained, s.file
+                   GROUP BY s.file
+                   ORDER BY count(l.node_id), s.file = ?, s.tokens_trained, s.file
                    LIMIT 1""",
-                (now,),
+                (now, finished),
             ).fetchone()
         if row is None:
             return None
@@ -396,6 +403,11 @@ class Store:
         return self.db.execute(
             "SELECT * FROM data_shards WHERE file = ?", (row["file"],)
         ).fetchone()
+
+    def is_shard(self, file: str) -> bool:
+        """Whether `file` is one of the run's training shards."""
+        row = self.db.execute("SELECT 1 FROM data_shards WHERE file = ?", (file,)).fetchone()
+        return row is not None
 
     def lease_of(self, node_id: str, file: str, now: float) -> bool:
         row = self.db.execute(

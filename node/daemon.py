@@ -306,6 +306,7 @@ class NodeDaemon:
         self.run_tokens = int(self._retry(self.client.get_status).tokens_trained)
         self.lease: pb.DataLease | None = None
         self._data_file = ""  # the shard the inner loop samples from
+        self._pass_tokens = 0  # tokens trained on it since it was leased (or last renewed)
         self._eval_trainer: InnerTrainer | None = None
 
     def _train_config(self) -> TrainConfig:
@@ -436,16 +437,20 @@ class NodeDaemon:
 
     # --- training ---------------------------------------------------------------------
 
-    def _ensure_lease(self) -> pb.DataLease:
-        """The node's data lease (heartbeats renew it; a new one only when it lapsed)."""
-        if self.lease is not None:
+    def _ensure_lease(self, finished: str = "") -> pb.DataLease:
+        """The node's data lease (heartbeats renew it; a new one when it lapsed, or when
+        the node hands back the shard it has `finished` a pass over)."""
+        if self.lease is not None and not finished:
             return self.lease
-        lease = self._retry(self.client.acquire_lease)
+        lease = self._retry(lambda: self.client.acquire_lease(finished))
+        if finished:
+            self._pass_tokens = 0  # count the next pass, on whichever shard it is
         if lease.file != self._data_file:  # the same shard again: keep its sampling order
             path = self._fetch("data/" + lease.file, lease.sha256)
             seed = int(self.identity.node_id[:8], 16)
             self.inner.set_data(path, self.manifest.dtype, seed)
             self._data_file = lease.file
+            self._pass_tokens = 0
             self._event(f"leased data shard {lease.file}")
         self.lease = lease
         return lease
@@ -471,6 +476,13 @@ class NodeDaemon:
                 functools.partial(self.client.report_tokens, state.round, file, count, done)
             )
         )
+        if self.lease is not None and self._pass_tokens >= self.lease.tokens:
+            # One pass over the shard: hand it back for another. Only here, between
+            # rounds, so that no token report names a shard the node no longer holds.
+            # A node that kept one shard for a whole run would train it tens of times,
+            # leave the rest of the data unread, and pull its updates away from the
+            # others' (bench/chaos.py: 26-35 passes over 8 of 62 shards in 170 rounds).
+            self._ensure_lease(finished=self.lease.file)
         try:
             while not reporter.closed.is_set() and not self.stop_event.is_set():
                 if reporter.lease_lost.is_set():
@@ -486,6 +498,7 @@ class NodeDaemon:
                     # Rest in proportion to the step: a share f trains f of the time.
                     self.stop_event.wait(step_s * (1 / self.options.compute_share - 1))
                 tokens += stats.tokens
+                self._pass_tokens += stats.tokens
                 loss_sum += stats.loss
                 steps_done += 1
                 done = not budget_mode and steps_done >= steps

@@ -127,6 +127,26 @@ def test_data_leases_are_exclusive_and_return_to_the_pool(serve) -> None:
     assert code_of(lambda: a.client.fetch_file("../coordinator.db")) == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_node_that_finished_its_shard_hands_it_back_for_another(serve) -> None:
+    coordinator, _ = serve(membership={"data_lease_s": 30.0, "lease_s": 30.0})
+    a, b = serve.node(coordinator), serve.node(coordinator)
+    a.join()
+    b.join()
+    first, held_by_b = a.client.acquire_lease(), b.client.acquire_lease()
+    second = a.client.acquire_lease(finished=first.file)
+    assert second.file not in {first.file, held_by_b.file}  # a free, untrained one
+    assert a.client.acquire_lease().file == second.file  # and it is renewed as usual
+    leases = coordinator.call(_leases(coordinator))
+    assert leases[second.file] == [a.node_id] and first.file not in leases
+    # A name that is no training shard of the run: refused, and the lease kept.
+    for bad in ("train/none.bin", "../coordinator.db", "x" * 5000):
+        assert (
+            code_of(lambda bad=bad: a.client.acquire_lease(finished=bad))
+            == grpc.StatusCode.INVALID_ARGUMENT
+        )
+    assert coordinator.call(_leases(coordinator))[second.file] == [a.node_id]
+
+
 async def _leases(coordinator: CoordinatorThread) -> dict[str, list[str]]:
     return coordinator.coordinator.store.leases()
 

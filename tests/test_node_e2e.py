@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -235,6 +236,10 @@ def test_a_late_joiner_catches_up_and_agrees(e2e) -> None:
     assert "caught up with round 0" in run.log("late")
     for name in ("a", "b"):
         assert run.nodes[name].wait(240) == 0, run.log(name)
+        # A round (150 steps of 512 tokens) is more than a pass over a 16,384-token
+        # shard: each node hands its shard back for a new one between rounds.
+        shards = re.findall(r"leased data shard (\S+)", run.log(name))
+        assert len(set(shards)) >= 3, shards
     mine, theirs = run.fingerprints("late"), run.fingerprints("a")
     assert_agree(run.fingerprints("b"), theirs)
     assert len(mine) >= 3  # rounds caught up on, then contributed to

@@ -303,8 +303,10 @@ class CoordinatorClient:
     def leave(self, reason: str = "") -> pb.LeaveResponse:
         return self._signed("Leave", pb.LeaveRequest(reason=reason), pb.LeaveResponse)
 
-    def acquire_lease(self) -> pb.DataLease:
-        return self._signed("AcquireLease", pb.AcquireLeaseRequest(), pb.DataLease)
+    def acquire_lease(self, finished: str = "") -> pb.DataLease:
+        """The node's data lease (renewed); with `finished`, another shard than that one."""
+        request = pb.AcquireLeaseRequest(finished=finished)
+        return self._signed("AcquireLease", request, pb.DataLease)
 
     def report_tokens(
         self, round_: int, file: str, tokens: int, done: bool = False

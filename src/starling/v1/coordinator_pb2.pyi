@@ -156,10 +156,12 @@ class FileChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[FileHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class AcquireLeaseRequest(_message.Message):
-    __slots__ = ("auth",)
+    __slots__ = ("finished", "auth")
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     AUTH_FIELD_NUMBER: _ClassVar[int]
+    finished: str
     auth: Auth
-    def __init__(self, auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+    def __init__(self, finished: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
 
 class DataLease(_message.Message):
     __slots__ = ("file", "tokens", "sha256", "lease_s", "tokens_trained")
