@@ -349,6 +349,22 @@ def test_evaluation_batches_are_fixed(pydoc_dir: Path) -> None:
     a = evaluation_batches(dataset.split("val"), 64, 4, 3)
     b = evaluation_batches(dataset.split("val"), 64, 4, 3)
     assert len(a) == 3 and all(torch_equal(x[0], y[0]) for x, y in zip(a, b, strict=True))
+    # They sample the whole split, not its first windows: each batch's rows come from
+    # the split's first, middle and last windows alike (12 rows, evenly spaced).
+    shards = dataset.split("val")
+    windows = SequenceBatcher(shards, 64, 4, seed=0, shuffle=False).windows
+    assert len(windows) >= 48, "the test needs a split of several batches"
+
+    def index_of(row) -> int:
+        for index, (shard, start) in enumerate(windows):
+            if np.array_equal(np.asarray(shards[shard][start : start + 64]), row.numpy()):
+                return index
+        raise AssertionError("a row that is no window of the split")
+
+    rows = [index_of(row) for inputs, _ in a for row in inputs]
+    assert rows == sorted(rows) and rows[0] == 0
+    assert rows[-1] >= len(windows) * 11 // 12
+    assert (a[0][1][0][:-1] == a[0][0][0][1:]).all()  # targets are inputs shifted by one
 
 
 def test_too_little_data_for_a_sequence_is_refused() -> None:

@@ -262,8 +262,19 @@ class SequenceBatcher:
 def evaluation_batches(
     shards: list[np.ndarray], seq_len: int, batch_size: int, max_batches: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """A fixed set of validation batches (the first windows, in order), the same every call
-    so validation losses are comparable across steps and runs."""
-    batcher = SequenceBatcher(shards, seq_len, batch_size, seed=0, shuffle=False)
-    count = max(1, min(max_batches, len(batcher.windows) // batch_size))
-    return [next(batcher) for _ in range(count)]
+    """A fixed set of validation batches, the same every call so validation losses are
+    comparable across steps and runs: windows spread evenly over the whole split. (The
+    first windows alone would measure one region of the corpus — a few chapters of one
+    book of the embedded Bible — and favour whoever trained on that region.)"""
+    windows = SequenceBatcher(shards, seq_len, batch_size, seed=0, shuffle=False).windows
+    count = max(1, min(max_batches, len(windows) // batch_size))
+    rows = count * batch_size
+    # Evenly spaced window indices; a split with fewer windows than one batch repeats them.
+    picks = (np.arange(rows) * len(windows)) // rows if rows <= len(windows) else np.arange(rows)
+    batches = []
+    for first in range(0, rows, batch_size):
+        chosen = windows[picks[first : first + batch_size] % len(windows)]
+        stacked = np.stack([shards[i][start : start + seq_len + 1] for i, start in chosen])
+        batch = torch.from_numpy(stacked.astype(np.int64))  # (B, T+1)
+        batches.append((batch[:, :-1], batch[:, 1:]))
+    return batches
