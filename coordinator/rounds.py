@@ -105,6 +105,7 @@ def commit_record(
     verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]] | None = None,
     verifier_exclusions: dict[int, dict[str, str]] | None = None,
     judged: dict[str, str] | None = None,
+    direction: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """All-or-nothing per contributor: the mean includes exactly the participants whose
     slice reached every shard that committed, with the same token weight everywhere,
@@ -112,7 +113,8 @@ def commit_record(
     its owner and at its verifier (so that the two compute the same mean).
     `exclusions`: shard → node id → why its owner (`verifier_exclusions`: its verifier)
     left that participant out. `judged`: node id → why the coordinator's whole-update
-    direction check rejected it (an offence)."""
+    direction check rejected it (an offence); `direction`: node id → its whole-update
+    cosine (kept for the evidence across rounds)."""
     exclusions = exclusions or {}
     verifier_reports = verifier_reports or {}
     verifier_exclusions = verifier_exclusions or {}
@@ -186,6 +188,7 @@ def commit_record(
         "disputed": disputed,
         "disputes": [],
         "committed": now,
+        "direction": {n: round(c, 6) for n, c in sorted((direction or {}).items())},
     }
 
 

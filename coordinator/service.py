@@ -52,7 +52,12 @@ from starling.identity import (
     request_message,
     verify,
 )
-from starling.robust import direction_outliers
+from starling.robust import (
+    DIRECTION_WINDOW,
+    direction_outliers,
+    persistent_direction_outliers,
+    whole_update_cosines,
+)
 from starling.serving import RequestLimits, RequestThrottle, guarded
 from starling.v1 import coordinator_pb2 as pb
 from starling.v1 import peer_pb2
@@ -1247,6 +1252,7 @@ class Coordinator:
         if verdicts:
             await self._void_reports(round_, reports, verifier_reports, verdicts, now)
             return
+        judged, cosines = self._judged_direction(round_, reports, verifier_reports)
         record = rounds.commit_record(
             round_.round,
             plan,
@@ -1257,7 +1263,8 @@ class Coordinator:
             self.store.shard_exclusions(round_.round),
             verifier_reports,
             self.store.shard_exclusions(round_.round, verifier=True),
-            self._judged_direction(round_, reports, verifier_reports),
+            judged,
+            cosines,
         )
         with self.store.transaction():
             self._put(round_, phase="committed", commit=record)
@@ -1328,12 +1335,13 @@ class Coordinator:
         round_: Round,
         reports: dict[int, tuple[str, list[dict[str, Any]]]],
         verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]],
-    ) -> dict[str, str]:
-        """With [defences] screen_direction: node id → why its whole pseudo-gradient
-        points against the others' (robust.direction_outliers over the sum of the
-        owners' Gram matrices)."""
+    ) -> tuple[dict[str, str], dict[str, float]]:
+        """With [defences] screen_direction: (node id → why its whole pseudo-gradient
+        points against the others', in this round or over the last rounds; node id →
+        its whole-update cosine, for the commit), from the sum of the owners' Gram
+        matrices (robust.direction_outliers, robust.persistent_direction_outliers)."""
         if not self.config.defences.screen_direction or round_.plan is None:
-            return {}
+            return {}, {}
         plan = round_.plan
         summed = rounds.summed_gram(
             plan,
@@ -1344,10 +1352,19 @@ class Coordinator:
         )
         if isinstance(summed, str):
             log.warning("round %d: direction not judged: %s", round_.round, summed)
-            return {}
+            return {}, {}
         ids, matrix = summed
         tokens = {p["node_id"]: int(plan["tokens"][p["node_id"]]) for p in plan["participants"]}
-        return direction_outliers(ids, matrix, tokens, plan["bounds"][-1])
+        judged = direction_outliers(ids, matrix, tokens, plan["bounds"][-1])
+        cosines = whole_update_cosines(ids, matrix, tokens)
+        history = []  # what the commits of the rounds before recorded, oldest first
+        for earlier in range(max(0, round_.round - DIRECTION_WINDOW + 1), round_.round):
+            past = self.store.round(earlier)
+            if past is not None and past.commit is not None:
+                history.append(past.commit.get("direction", {}))
+        for node_id, why in persistent_direction_outliers(cosines, history).items():
+            judged.setdefault(node_id, why)
+        return judged, cosines
 
     async def _audit(
         self, round_: Round, shard: int, reporter: str, claimed: dict[str, str]

@@ -58,6 +58,10 @@ def test_a_sign_flipping_node_is_excluded_every_round_then_banned(e2e) -> None: 
         if round_ in poisoned_rounds:
             reason = commit["excluded"][mallory]
             assert "rejected: direction disagrees" in reason, reason
+            # The commit keeps every whole-update cosine (the evidence across rounds).
+            cosines = commit["direction"]
+            assert set(cosines) == honest | {mallory}, cosines
+            assert cosines[mallory] < 0 < min(cosines[n] for n in honest), cosines
     wait_for(lambda: run.status() is not None, 10, "status")
     import sqlite3
 

@@ -8,11 +8,15 @@ import pytest
 import torch
 
 from starling.robust import (
+    DIRECTION_WINDOW,
+    DIRECTION_WINDOW_MIN,
     _gram_cosines,
     direction_outliers,
     gram,
     leave_one_out_cosines,
+    persistent_direction_outliers,
     screen,
+    whole_update_cosines,
 )
 
 NUMEL = 50_000
@@ -122,3 +126,57 @@ def test_the_whole_update_direction_check_adds_up_the_shards_gram_matrices() -> 
     assert judged(0.4, flip=False) == {}
     assert judged(0.12, flip=False) == {}  # barely agreeing honest updates all kept
     assert judged(0.4, flip=True, light=True) == {}  # light: not judged by direction
+
+
+def _updates_gram(agreement: float, flipped: int, seed: int, numel: int = 20_000):
+    """The Gram matrix of 8 updates that share `agreement` of a common direction, the
+    first `flipped` of them sign-flipped."""
+    gen = torch.Generator().manual_seed(seed)
+    common = torch.randn(numel, generator=gen)
+    values = [agreement * common + torch.randn(numel, generator=gen) for _ in range(8)]
+    values = [-v if i < flipped else v for i, v in enumerate(values)]
+    ids = [f"n{i}" for i in range(8)]
+    return ids, np.asarray(gram(values)).reshape(8, 8), dict.fromkeys(ids, 100), numel
+
+
+def test_flipped_updates_that_one_round_cannot_tell_are_cut_by_their_history() -> None:
+    """Two of eight flip their update while honest ones barely agree: the second
+    flipper, among "the others", pulls their median under noise and the single-round
+    check stands down in most rounds. Over DIRECTION_WINDOW_MIN rounds both stand out
+    (mean cosine below the floor) and are cut from then on; no honest node ever is."""
+    history: list[dict[str, float]] = []
+    single, persistent = [], []
+    for round_ in range(DIRECTION_WINDOW + 4):
+        ids, matrix, tokens, numel = _updates_gram(0.28, flipped=2, seed=round_, numel=2_000)
+        cosines = whole_update_cosines(ids, matrix, tokens)
+        assert set(cosines) == set(ids)
+        single.append(set(direction_outliers(ids, matrix, tokens, numel)))
+        persistent.append(set(persistent_direction_outliers(cosines, history)))
+        history.append(cosines)
+    assert sum(cut == {"n0", "n1"} for cut in single) < len(single) // 2  # it needs help
+    assert all(not cut for cut in persistent[: DIRECTION_WINDOW_MIN - 1])  # too little yet
+    assert all(cut == {"n0", "n1"} for cut in persistent[DIRECTION_WINDOW_MIN - 1 :])
+
+
+def test_history_judges_only_recent_rounds_and_a_node_that_agrees_now() -> None:
+    bad, slight = -0.15, -0.05  # below the floor on average; above it
+    now = {"a": -0.12, "b": 0.02, "c": -0.12, "d": -0.12}
+    history = [{"a": bad, "b": bad, "c": slight, "d": bad}] * (DIRECTION_WINDOW - 1)
+    cut = persistent_direction_outliers(now, history)
+    # a and d: against the others now and on average; b: agrees now; c: slightly below
+    # 0 on average only.
+    assert set(cut) == {"a", "d"} and f"over its last {DIRECTION_WINDOW} rounds" in cut["a"]
+    # Rounds older than the window do not count; nor does a window with too few rounds.
+    old = [{"a": -1.0}] * 20 + [{"a": 0.05}] * (DIRECTION_WINDOW - 1)
+    assert persistent_direction_outliers({"a": -0.12}, old) == {}
+    few = [{"a": bad}] * (DIRECTION_WINDOW_MIN - 2)
+    assert persistent_direction_outliers({"a": bad}, few) == {}
+    assert set(persistent_direction_outliers({"a": bad}, few + [{"a": bad}])) == {"a"}
+
+
+def test_whole_update_cosines_leave_out_light_and_too_few() -> None:
+    ids, matrix, tokens, _ = _updates_gram(0.4, flipped=1, seed=0)
+    cosines = whole_update_cosines(ids, matrix, tokens | {"n7": 10})
+    assert "n7" not in cosines and cosines["n0"] < 0 < min(cosines[f"n{i}"] for i in range(1, 7))
+    few = ids[:3]
+    assert whole_update_cosines(few, matrix[:3, :3], tokens) == {}
