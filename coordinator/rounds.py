@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -42,14 +43,29 @@ def should_close(
     budget: int,
     tokens: dict[str, tuple[int, bool]],
     active_since_open: set[str],
+    on_probation: Collection[str] = (),
 ) -> bool:
-    """With a token budget: once the reported tokens reach it. With fixed inner steps
-    (budget 0): once every node that was active when the round opened reported done
-    (nodes that joined later start with the next round)."""
+    """With a token budget: once the reported tokens reach it, not counting those of
+    nodes `on_probation` (rejected as poisoned in the last commit) unless nobody else
+    reported any. With fixed inner steps (budget 0): once every node that was active
+    when the round opened reported done (nodes that joined later start with the next
+    round)."""
     if budget > 0:
-        return sum(t for t, _ in tokens.values()) >= budget
+        return counted_tokens(tokens, on_probation) >= budget
     done = {n for n, (t, d) in tokens.items() if d and t > 0}
     return bool(done) and active_since_open <= done
+
+
+def counted_tokens(tokens: dict[str, tuple[int, bool]], on_probation: Collection[str]) -> int:
+    """The tokens that count toward a round's budget. The budget is what a round's
+    update is made of: a node whose last update was rejected would, if its tokens
+    counted, close rounds on tokens that are likely to be cut again, and every honest
+    node would train a smaller share of each round (2 of 8 sign-flipping nodes, never
+    banned: 6/8 of the budget in each commit). Its contribution is still judged, and
+    counts again once a commit keeps it. Where only nodes on probation reported, all
+    count, so that the round does not wait for its deadline."""
+    trusted = [t for n, (t, _) in tokens.items() if n not in on_probation and t > 0]
+    return sum(trusted) if trusted else sum(t for t, _ in tokens.values())
 
 
 def exchange_plan(

@@ -191,6 +191,7 @@ class Coordinator:
         self._uploading: set[int] = set()  # checkpoint rounds being received
         self._demoted: set[str] = set()  # reducers kept from reducing (only to log changes)
         self._lost: dict[int, list[tuple[str, str]]] = {}  # round → rounds.lost_contributions
+        self._probation: tuple[int, frozenset[str]] = (-1, frozenset())  # (commit, nodes)
         self.bound_port: int | None = None
 
     # --- lifecycle ------------------------------------------------------------------
@@ -1097,11 +1098,23 @@ class Coordinator:
             del self._lost[old]
         return rounds.unreliable_reducers(self._lost)
 
+    def _on_probation(self) -> frozenset[str]:
+        """The nodes the newest commit rejected as poisoned (rounds.counted_tokens: their
+        tokens do not count toward the budget), worked out once per commit."""
+        newest = self.store.last_committed_round()
+        if self._probation[0] != newest:
+            round_ = self.store.round(newest) if newest >= 0 else None
+            commit = round_.commit if round_ is not None else None
+            offenders = frozenset() if commit is None else frozenset(rounds.offenders(commit))
+            self._probation = (newest, offenders)
+        return self._probation[1]
+
     async def _maybe_close(self, round_: Round, now: float) -> None:
         tokens = self.store.round_tokens(round_.round)
         active = {n.node_id: n for n in self.store.nodes("active")}
         since_open = {n for n, node in active.items() if node.joined <= round_.opened}
-        if not rounds.should_close(round_.budget, tokens, since_open) and now < round_.deadline:
+        closing = rounds.should_close(round_.budget, tokens, since_open, self._on_probation())
+        if not closing and now < round_.deadline:
             return
         contributors = [active[n] for n, (t, _) in tokens.items() if t > 0 and n in active]
         if not contributors:

@@ -244,6 +244,21 @@ def test_rounds_close_on_the_budget_or_when_everyone_is_done() -> None:
     assert not rounds.should_close(0, {}, set())
 
 
+def test_tokens_of_a_node_rejected_in_the_last_commit_do_not_close_the_round() -> None:
+    tokens = {"honest": (60, False), "poisoner": (50, False)}
+    assert rounds.should_close(100, tokens, {"honest", "poisoner"})
+    assert not rounds.should_close(100, tokens, {"honest", "poisoner"}, {"poisoner"})
+    assert rounds.counted_tokens(tokens, {"poisoner"}) == 60
+    more = {**tokens, "honest": (100, False)}
+    assert rounds.should_close(100, more, {"honest", "poisoner"}, {"poisoner"})
+    # Nobody else trained: the probation's tokens count, or the round waits for its deadline.
+    alone = {"poisoner": (120, False), "idle": (0, False)}
+    assert rounds.counted_tokens(alone, {"poisoner"}) == 120
+    assert rounds.should_close(100, alone, {"poisoner", "idle"}, {"poisoner"})
+    # Fixed inner steps: everyone's `done` counts as before.
+    assert rounds.should_close(0, {"a": (5, True), "b": (7, True)}, {"a", "b"}, {"b"})
+
+
 def test_fingerprints_need_a_strict_majority_of_the_contributors() -> None:
     assert rounds.agreed_fingerprint({"a": "x"}, ["a", "b", "c"]) is None
     assert rounds.agreed_fingerprint({"a": "x", "b": "x"}, ["a", "b", "c"]) == "x"

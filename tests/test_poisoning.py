@@ -75,6 +75,35 @@ def test_a_sign_flipping_node_is_excluded_every_round_then_banned(e2e) -> None: 
     assert_agree(run.fingerprints("a"), run.fingerprints("c"))
 
 
+def test_a_rejected_node_does_not_close_the_next_round_with_its_tokens(e2e) -> None:  # noqa: F811
+    # Rounds close at a token budget (640 steps of 512 tokens); mallory is never banned.
+    # In a round after a commit that rejected it, its tokens do not count toward the
+    # budget (rounds.counted_tokens), so the honest nodes train the whole of it; in the
+    # others a quarter or so of the budget is mallory's.
+    budget = 640 * 512
+    run = e2e(
+        min_nodes=4,
+        round_tokens=budget,
+        extra_toml="\n[defences]\nscreen_direction = true\nban_after_offences = 0\n",
+    )
+    for name in HONEST:
+        run.join(name, "--max-rounds", "8")
+    run.join("mallory", launcher=(str(POISONED_NODE), "sign_flip"))
+    for name in HONEST:
+        assert run.nodes[name].wait(300) == 0, run.log(name)
+    honest = {node_id(run, n) for n in HONEST}
+    commits = run.commits()  # mallory still runs: its id is the one not honest
+    everyone = {n for c in commits.values() for n in (*c["contributors"], *c["excluded"])}
+    (mallory,) = everyone - honest
+    rejected = {r for r, c in commits.items() if "rejected" in c["excluded"].get(mallory, "")}
+    on_probation = sorted(r + 1 for r in rejected if r + 1 in commits)
+    assert on_probation, commits
+    for round_ in on_probation:
+        trained = commits[round_]["contributors"]
+        assert sum(t for n, t in trained.items() if n in honest) >= budget, (round_, trained)
+    assert "Traceback" not in run.log("mallory")
+
+
 def test_an_owner_that_frames_an_honest_contributor_is_banned_and_the_contributor_kept(
     e2e,  # noqa: F811
 ) -> None:
