@@ -28,6 +28,9 @@ tests/test_poisoning.py):
   wrong_mean a lying owner: its own contributions are honest, but every mean it
              commits (as a shard's owner or verifier) is negated, signed and served
              as if right
+  inflate    an honest pseudo-gradient whose signed headers weigh it by 1,000× the
+             tokens the coordinator counted for it, so that it would outweigh everyone
+             else's in the mean (a norm check cannot see a weight)
   none       honest (bench/chaos.py runs every node through here)
 
 With STARLING_CHAOS_DUMP=DIR set, every payload pushed is written to
@@ -78,8 +81,10 @@ KINDS = (
     "misreport",
     "withhold",
     "wrong_mean",
+    "inflate",
     "none",
 )
+INFLATION = 1000
 DUMP = os.environ.get("STARLING_CHAOS_DUMP")
 kind = "none"  # set from the command line by run()
 
@@ -187,6 +192,10 @@ def dumping_exchange_round(*args: Any, **kwargs: Any) -> ExchangeOutcome:
     """The node's combined mean of the round, as it applies it: each shard from its
     latest owner (after a reassignment), with the shards it did get listed, so that
     skipped and unfetched shards are not compared."""
+    if kind == "inflate":
+        client, peer, state, payloads, tokens = args
+        args = (client, peer, state, payloads, min(tokens * INFLATION, exchange_owner.MAX_TOKENS))
+        report(state.round, -1, "declared " + str(args[4]))
     outcome = exchange_round(*args, **kwargs)
     if DUMP:
         state, peer = args[2], args[1]

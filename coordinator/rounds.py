@@ -181,10 +181,20 @@ def commit_record(
                 "mean_status": "",
             }
         )
+    counted = plan.get("tokens", {})
     for node_id in sorted(include):
         if len(weights[node_id]) > 1:  # a contributor must weigh the same in every shard
             include.discard(node_id)
             excluded[node_id] = "different token counts in different shards"
+        elif weights[node_id] and next(iter(weights[node_id])) > counted.get(node_id, math.inf):
+            # Its signed headers weigh it by more tokens than it reported training: an
+            # honest-looking update at 1,000× its weight would steer the mean as a 1,000×
+            # scaled one would, unseen by the norm check. Honest nodes declare the count.
+            include.discard(node_id)
+            excluded[node_id] = (
+                f"whole update: {REJECTED}: declares {next(iter(weights[node_id])):,} tokens; "
+                f"the coordinator counted {counted[node_id]:,} in this round"
+            )
     contributors = {n: next(iter(weights[n])) if weights[n] else 0 for n in sorted(include)}
     if all(s["status"] == "skipped" for s in shards):
         contributors = {}

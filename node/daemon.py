@@ -459,8 +459,11 @@ class NodeDaemon:
         self, state: pb.RoundState, anchor: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, int] | None:
         """Inner steps until the round closes, from θ (or, in overlap mode, from where
-        the replica is, measuring Δ from `anchor`); returns (Δ, tokens) or None when the
-        round closed before this node trained anything."""
+        the replica is, measuring Δ from `anchor`); returns (Δ, weight) or None when the
+        round closed before this node trained anything. The weight is the tokens the
+        coordinator counted for this node, not those it trained: steps taken after the
+        round closed reach no report, and a header declaring more than the count is
+        rejected (coordinator.rounds.commit_record)."""
         if anchor is None:
             self.inner.load(self.state.params)
         self.inner.set_schedule_step(self.run_tokens // self.train_cfg.batch_tokens)
@@ -521,13 +524,16 @@ class NodeDaemon:
             reporter.close()
         if tokens == 0 or self.stop_event.is_set():
             return None
+        # At least 1 (a header's least): a report the coordinator counted but whose reply
+        # was lost leaves `accepted` short, never over.
+        weight = max(reporter.accepted, 1)
         self._wait_closed(state.round)
         self._timings[state.round].update(
             train_ended=time.time(), train_loss=loss_sum / steps_done, tokens=tokens
         )
         if anchor is None:
-            return self.state.params - self.inner.flat(), tokens
-        return anchor - self.inner.flat(), tokens
+            return self.state.params - self.inner.flat(), weight
+        return anchor - self.inner.flat(), weight
 
     def _wait_closed(self, round_: int) -> None:
         state = self._retry(lambda: self.client.get_round(round_))

@@ -44,6 +44,10 @@ class TokenReporter:
         self._error: BaseException | None = None
         self.closed = threading.Event()
         self.lease_lost = threading.Event()
+        # Tokens the coordinator answered for: what it counted for this node in the round,
+        # and so the most the node may weigh in the round's mean (its contribution
+        # headers declare this, not the tokens trained after the round closed).
+        self.accepted = 0
         self._thread = threading.Thread(target=self._run, name="token-reports", daemon=True)
         self._thread.start()
 
@@ -98,6 +102,8 @@ class TokenReporter:
             sent_at = time.monotonic()
             try:
                 reply = self._send(file, tokens, done)
+                with self._lock:
+                    self.accepted += tokens
                 if reply.closed:
                     self.closed.set()
             except grpc.RpcError as err:

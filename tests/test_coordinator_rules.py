@@ -91,6 +91,17 @@ def test_a_contributor_weighted_differently_in_two_shards_is_excluded() -> None:
     assert "different token counts" in record["excluded"]["b"]
 
 
+def test_a_contributor_declaring_more_tokens_than_it_reported_is_rejected() -> None:
+    p = plan(["a", "b"], ["a", "b", "c"])  # the coordinator counted 10 tokens for each
+    inflated = held(("a", 10), ("b", 9), ("c", 10_000))
+    record = rounds.commit_record(0, p, {0: ("a", inflated), 1: ("b", inflated)}, 0, 1, 0)
+    assert record["contributors"] == {"a": 10, "b": 9}  # under the count: its own loss
+    assert record["excluded"]["c"] == (
+        "whole update: rejected: declares 10,000 tokens; the coordinator counted 10 in this round"
+    )
+    assert rounds.offenders(record) == {"c": record["excluded"]["c"]}  # an offence
+
+
 def test_each_shards_verifier_is_another_reachable_owner_and_only_when_there_are_two() -> None:
     from starling.coordinator.store import Node
 

@@ -387,6 +387,9 @@ def test_a_slow_node_trains_fewer_steps_and_weighs_by_its_tokens(e2e) -> None:
     for round_, commit in commits.items():
         tokens = commit["contributors"]
         assert commit["tokens"] == sum(tokens.values())
+        # Each node's headers declare what the coordinator counted for it, never more
+        # (the steps it took after the round closed reached no report).
+        assert not [why for why in commit["excluded"].values() if "declares" in why], commit
         # Round 0 is a warm-up (nodes start training as they finish loading); a round one
         # of them missed (catching up) says nothing about speed.
         if round_ == 0 or len(tokens) < 3:

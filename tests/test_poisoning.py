@@ -104,6 +104,23 @@ def test_a_rejected_node_does_not_close_the_next_round_with_its_tokens(e2e) -> N
     assert "Traceback" not in run.log("mallory")
 
 
+def test_a_node_that_declares_more_tokens_than_it_reported_is_rejected_then_banned(
+    e2e,  # noqa: F811
+) -> None:
+    # Its update is honest; only its headers' weight (1,000× its count) lies.
+    run, honest, liar = run_until_banned(e2e, "inflate", "declared")
+    commits = run.commits()
+    rejected = 0
+    for round_, commit in commits.items():
+        assert set(commit["contributors"]) == honest, (round_, commit)
+        if liar in commit["excluded"]:
+            reason = commit["excluded"][liar]
+            assert "rejected: declares" in reason and "the coordinator counted" in reason, reason
+            rejected += 1
+        assert commit["tokens"] == sum(commit["contributors"].values())
+    assert rejected == 3, commits  # three offences, then banned
+
+
 def test_an_owner_that_frames_an_honest_contributor_is_banned_and_the_contributor_kept(
     e2e,  # noqa: F811
 ) -> None:
