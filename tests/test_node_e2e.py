@@ -168,6 +168,20 @@ class Run:
             db.close()
         return {r: json.loads(record) for r, record in rows if record is not None}
 
+    def reported_tokens(self) -> dict[int, dict[str, int]]:
+        """The tokens each node reported to the coordinator, by round and node id."""
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.run_dir / 'coordinator.db'}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT round, node_id, tokens FROM round_tokens").fetchall()
+        finally:
+            db.close()
+        reported: dict[int, dict[str, int]] = {}
+        for round_, node, tokens in rows:
+            reported.setdefault(round_, {})[node] = tokens
+        return reported
+
     def committed(self) -> int:
         """Rounds committed so far."""
         commit = self.status()["last_commit"]

@@ -78,8 +78,8 @@ def test_a_sign_flipping_node_is_excluded_every_round_then_banned(e2e) -> None: 
 def test_a_rejected_node_does_not_close_the_next_round_with_its_tokens(e2e) -> None:  # noqa: F811
     # Rounds close at a token budget (640 steps of 512 tokens); mallory is never banned.
     # In a round after a commit that rejected it, its tokens do not count toward the
-    # budget (rounds.counted_tokens), so the honest nodes train the whole of it; in the
-    # others a quarter or so of the budget is mallory's.
+    # budget (rounds.counted_tokens), so the honest nodes' reported tokens reach it on
+    # their own; in the others a quarter or so of the budget is mallory's.
     budget = 640 * 512
     run = e2e(
         min_nodes=4,
@@ -98,9 +98,13 @@ def test_a_rejected_node_does_not_close_the_next_round_with_its_tokens(e2e) -> N
     rejected = {r for r, c in commits.items() if "rejected" in c["excluded"].get(mallory, "")}
     on_probation = sorted(r + 1 for r in rejected if r + 1 in commits)
     assert on_probation, commits
+    reported = run.reported_tokens()
     for round_ in on_probation:
-        trained = commits[round_]["contributors"]
-        assert sum(t for n, t in trained.items() if n in honest) >= budget, (round_, trained)
+        # What closed the round is the tokens reported to the coordinator, not those of
+        # the contributions that reached the mean: on a loaded machine an honest node's
+        # contribution can miss the exchange deadline after its tokens counted.
+        counted = {n: t for n, t in reported[round_].items() if n != mallory}
+        assert sum(counted.values()) >= budget, (round_, reported[round_], commits[round_])
     assert "Traceback" not in run.log("mallory")
 
 
