@@ -55,6 +55,7 @@ from starling.identity import (
 from starling.robust import (
     DIRECTION_WINDOW,
     direction_outliers,
+    history_direction_outliers,
     persistent_direction_outliers,
     whole_update_cosines,
 )
@@ -1377,6 +1378,8 @@ class Coordinator:
                 history.append(past.commit.get("direction", {}))
         for node_id, why in persistent_direction_outliers(cosines, history).items():
             judged.setdefault(node_id, why)
+        if not cosines:  # too few contributions to judge this round: history alone
+            judged.update(history_direction_outliers(ids, history))
         return judged, cosines
 
     async def _audit(

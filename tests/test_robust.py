@@ -13,6 +13,7 @@ from starling.robust import (
     _gram_cosines,
     direction_outliers,
     gram,
+    history_direction_outliers,
     leave_one_out_cosines,
     persistent_direction_outliers,
     screen,
@@ -172,6 +173,25 @@ def test_history_judges_only_recent_rounds_and_a_node_that_agrees_now() -> None:
     few = [{"a": bad}] * (DIRECTION_WINDOW_MIN - 2)
     assert persistent_direction_outliers({"a": bad}, few) == {}
     assert set(persistent_direction_outliers({"a": bad}, few + [{"a": bad}])) == {"a"}
+
+
+def test_a_round_too_small_to_judge_cuts_by_history_alone() -> None:
+    """Two flippers and one honest node left: the round has too few contributions for a
+    cosine (the two flippers would outvote the honest one), so their history decides."""
+    ids, matrix, tokens, _ = _updates_gram(0.4, flipped=2, seed=1)
+    three = ["n0", "n1", "n2"]
+    keep = [ids.index(n) for n in three]
+    assert whole_update_cosines(three, matrix[np.ix_(keep, keep)], tokens) == {}
+    history = [{"n0": -0.15, "n1": -0.13, "n2": 0.04, "n3": 0.06}] * (DIRECTION_WINDOW - 1)
+    cut = history_direction_outliers(three, history)
+    assert set(cut) == {"n0", "n1"} and "too few contributions to judge" in cut["n0"]
+    # A node absent from the history, or judged in too few rounds of the window, stays.
+    few = [{"n0": -0.5}] * (DIRECTION_WINDOW_MIN - 1)
+    assert history_direction_outliers(["n0", "n9"], few) == {}
+    # Only the window counts: a flipper that has agreed for the last rounds stays.
+    reformed = [{"n0": -1.0}] * 20 + [{"n0": 0.05}] * (DIRECTION_WINDOW - 1)
+    assert history_direction_outliers(["n0"], reformed) == {}
+    assert history_direction_outliers(three, []) == {}
 
 
 def test_whole_update_cosines_leave_out_light_and_too_few() -> None:
