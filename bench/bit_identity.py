@@ -109,7 +109,7 @@ def codec_replay(rounds: int, workers: int, n: int) -> dict[str, str]:
     mean, as a shard's owner computes it (`OwnerService`: decode, weighted_mean_f64,
     encode). A codec that cannot load here (hivemind's, without hivemind) maps to
     "unavailable: why"."""
-    from starling.codecs import CODEC_NAMES, make_codec
+    from starling.codecs import CODEC_NAMES, make_codec, mean_codec
     from starling.exchange.owner import weighted_mean_f64
 
     fingerprints = {}
@@ -127,7 +127,7 @@ def codec_replay(rounds: int, workers: int, n: int) -> dict[str, str]:
             payloads = [codec.encode(d) for d in deltas]
             tokens = [4096 * (1 + (r + i) % 3) + 17 * i for i in range(workers)]
             mean = weighted_mean_f64([codec.decode(p, n) for p in payloads], tokens)
-            for payload in (*payloads, codec.encode(mean)):
+            for payload in (*payloads, mean_codec(codec, workers).encode(mean)):
                 digest.update(hashlib.sha256(payload).digest())
         fingerprints[name] = digest.hexdigest()
     return fingerprints

@@ -61,7 +61,7 @@ from typing import Any
 from poisoned_node import KINDS  # bench/, beside this script
 from safetensors.torch import load_file
 
-from starling.codecs import make_codec
+from starling.codecs import make_codec, mean_codec
 from starling.coordination import JoinUrl
 from starling.exchange.owner import weighted_mean_f64
 from starling.identity import Identity
@@ -594,7 +594,8 @@ def mean_error(
                 values.append(codec.decode(path.read_bytes(), hi - lo))
                 tokens.append(contributors[node_id])
             exact = weighted_mean_f64(values, tokens)
-            expected = codec.decode(codec.encode(exact), hi - lo)
+            encoding = mean_codec(codec, len(values))
+            expected = encoding.decode(encoding.encode(exact), hi - lo)
             for node_mean in gathered:
                 if s not in node_mean["fetched"].tolist():
                     continue  # skipped or lost for this node: its slice of θ did not move

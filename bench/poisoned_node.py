@@ -60,7 +60,7 @@ from safetensors.torch import save_file
 
 import starling.node.daemon as daemon
 from starling.cli import main
-from starling.codecs import ErrorFeedback
+from starling.codecs import ErrorFeedback, mean_codec
 from starling.exchange import client as exchange_client
 from starling.exchange import owner as exchange_owner
 from starling.exchange import peer as exchange_peer
@@ -321,7 +321,7 @@ def lying_mean_payload(reduction: Any, ordered: list[tuple[str, Any]]) -> bytes 
     values = [h.values for _, h in ordered]
     mean = exchange_owner.weighted_mean_f64(values, [h.tokens for _, h in ordered])
     report(reduction.spec.round, reduction.shard, "WRONG MEAN")
-    return reduction.codec.encode(mean.neg_())
+    return mean_codec(reduction.codec, len(ordered)).encode(mean.neg_())
 
 
 def run() -> None:

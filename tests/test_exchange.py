@@ -157,6 +157,29 @@ def test_codec_means_stay_within_the_codecs_bound(make_peers, codec_name: str) -
     assert torch.equal(results[0].mean, results[2].mean)
 
 
+def test_a_top_k_mean_keeps_every_contributors_entries(make_peers) -> None:
+    """The owner encodes the mean of three top-k contributions with three times k per
+    chunk (codecs.mean_codec), not k: every entry any contributor sent is in the mean
+    every peer applies, off only by the mean's own 8-bit rounding."""
+    peers = make_peers(3, tls=False)
+    numel = 50_000
+    deltas = [payload_of(20 + i, numel) * 0.01 for i in range(3)]
+    tokens = [100, 300, 600]
+    spec = spec_for(peers, 0, "topk", numel)
+    results = reduce_together(peers, spec, deltas, tokens)
+    codec = make_codec("topk")
+    sent = [encode_shards(spec.plan, d, ErrorFeedback(codec))[1] for d in deltas]
+    expected = exact_mean(sent, tokens)
+    support = expected != 0
+    assert int(support.sum()) > 2.5 * sum(int((d != 0).sum()) for d in sent) / 3
+    for result in results:
+        mean = result.mean.double()
+        assert torch.equal(mean != 0, support)
+        # Within half an 8-bit step of its chunk's largest entry (4096 values a chunk).
+        worst = (mean - expected).abs().max().item()
+        assert worst <= expected.abs().max().item() / 254 + 1e-9
+
+
 def test_external_decision_makes_each_contributor_all_or_nothing(make_peers) -> None:
     """A contributor that reached only one of three owners (it died mid-round) is left
     out of every shard once the decider intersects the owners' holders."""

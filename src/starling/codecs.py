@@ -473,6 +473,18 @@ def make_codec(spec: str) -> Codec:
     )
 
 
+def mean_codec(codec: Codec, contributors: int) -> Codec:
+    """The codec a shard's mean of `contributors` contributions is encoded with, by its
+    owner, and decoded with, by every receiver: the run's codec, except top-k. A mean of
+    that many top-k messages has up to contributors × k non-zeros per chunk; keeping
+    them all costs as many times the bytes but loses nothing of the support, where
+    re-selecting k would drop most of every contributor's update (and the error feedback
+    that could carry it lives with the contributors, not with the owner)."""
+    if isinstance(codec, TopKCodec):
+        return TopKCodec(chunk=codec.chunk, k=min(codec.chunk, codec.k * max(1, contributors)))
+    return codec
+
+
 CODEC_NAMES = ("fp32", "bf16", "int8", "int4", "topk", "hivemind-fp16", "hivemind-uint8")
 # Codecs whose bytes for the same values can differ between machines. hivemind's
 # Uniform8BitQuantization sums the tensor (its mean, its norm, each bucket's average) in

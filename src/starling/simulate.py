@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .codecs import Codec, ErrorFeedback, TopKCodec, make_codec
+from .codecs import ErrorFeedback, make_codec, mean_codec
 from .data import SequenceBatcher, TokenDataset, evaluation_batches
 from .diloco import (
     DEFAULT_CODEC,
@@ -100,15 +100,6 @@ class SimResult:
 
 
 ProgressFn = Callable[[int, int, float | None], None]  # steps done, steps in all, val loss
-
-
-def mean_codec(codec: Codec, contributors: int) -> Codec:
-    """The codec an owner re-encodes the mean with. A mean of K top-k messages has up
-    to K·k non-zeros per chunk; keeping them all costs K× the bytes but loses nothing
-    of the support, where re-selecting k would drop most of every worker's update."""
-    if isinstance(codec, TopKCodec):
-        return TopKCodec(chunk=codec.chunk, k=min(codec.chunk, codec.k * contributors))
-    return codec
 
 
 class Simulation:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from starling.codecs import CodecError, make_codec
+from starling.codecs import CodecError, make_codec, mean_codec
 from starling.exchange.owner import ExchangeAbort, check_fits, signed_by, weighted_mean_f64
 from starling.exchange.plan import RoundSpec
 from starling.identity import payload_hash
@@ -132,7 +132,7 @@ def recompute_mean(
     except CodecError as err:  # a committed contribution passed this very check
         raise ForgedEvidence(f"a committed contribution does not decode: {err}") from None
     mean = weighted_mean_f64(values, [found[n].header.tokens for n in ordered])
-    return payload_hash(codec.encode(mean))
+    return payload_hash(mean_codec(codec, len(ordered)).encode(mean))
 
 
 def disputed_contribution(

@@ -16,7 +16,7 @@ import grpc
 import torch
 from safetensors.torch import load as load_safetensors
 
-from starling.codecs import CodecError, make_codec
+from starling.codecs import CodecError, make_codec, mean_codec
 from starling.exchange.audit import Evidence
 from starling.exchange.framing import PeerCalls, data_message, unpack
 from starling.exchange.owner import ExchangeAbort, OwnerService
@@ -613,8 +613,10 @@ class ExchangeClient:
             )  # fmt: skip
             if not verify(public_key, signed, header.owner_signature):
                 raise ExchangeError(owner.node_id, "owner's signature on the mean is invalid")
+        if not header.contributors:
+            raise ExchangeError(owner.node_id, "mean header lists no contributors")
         try:
-            return codec.decode(payload, numel)
+            return mean_codec(codec, len(header.contributors)).decode(payload, numel)
         except CodecError as err:
             raise ExchangeError(owner.node_id, f"bad mean payload: {err}") from None
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import grpc
 import torch
 
-from starling.codecs import Codec, CodecError, make_codec
+from starling.codecs import Codec, CodecError, make_codec, mean_codec
 from starling.exchange.framing import stream_messages, unpack
 from starling.exchange.plan import RoundSpec
 from starling.exchange.transport import CHUNK_BYTES, RateLimiter, TrafficLedger
@@ -710,11 +710,12 @@ def check_fits(header: peer_pb2.ContributionHeader, codec: Codec, numel: int) ->
 def _weighted_mean_payload(
     reduction: _ShardReduction, ordered: list[tuple[str, _Held]]
 ) -> bytes | None:
-    """The run's codec applied to the token-weighted mean of the held contributions."""
+    """The token-weighted mean of the held contributions, encoded with the run's codec
+    for a mean of that many (codecs.mean_codec)."""
     if not ordered:
         return None
     mean = weighted_mean_f64([h.values for _, h in ordered], [h.tokens for _, h in ordered])
-    return reduction.codec.encode(mean)
+    return mean_codec(reduction.codec, len(ordered)).encode(mean)
 
 
 def weighted_mean_f64(
