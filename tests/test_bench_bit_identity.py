@@ -14,7 +14,8 @@ reproduced on the Intel Xeon host (torch 2.11.0, numpy 2.3.5); hivemind-uint8's 
 there, which is why runs that verify means refuse that codec (starling.runconfig).
 Top-k's was pinned again on the CI CPU on 2026-12-05, when the mean came to keep every
 contributor's entries (codecs.mean_codec: k × 4 per chunk); its selection code, which
-the Xeon host reproduced, did not change.
+the Xeon host reproduced, did not change. Top-k with 2-bit values (topk2) was pinned on
+the CI CPU only.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ PINNED_CODECS = {
     "int8": "433f29826b84da02894e1dca6ee9893ba75c05c77d965d485fb93404b5f6a70e",
     "int4": "412867bce68a3c510248b33228cf1ef53696eadbc8c80c2d3508f0312790c22c",
     "topk": "8dc51b47204c29a4e3d820b6d7bba391268a685954fc00eb845d78081b8e0173",
+    "topk2": "47056f7ca198ea1c98a10f779731dc184ed7d881acfa9e4ac656e65a8a66bce7",
     "hivemind-fp16": "038b49c987a189daae60686d2c2d10a467cf5a1f60048cdc3a27905c26e06e4b",
     "hivemind-uint8": "5f6808f7dabbaa002bf5ffbf28d3c0eda29cdc186ba4ac3be5c11121dd11db8d",
 }

@@ -15,7 +15,10 @@ from starling.codecs import (
 )
 
 SIZES = [1, 5, 4097, 10_001]
-SPECS = [*CODEC_NAMES, "int8:128", "int4:32", "topk:8/16", "topk:32/1024"]
+SPECS = [
+    *CODEC_NAMES,
+    *("int8:128", "int4:32", "topk:8/16", "topk:32/1024", "topk2:8/16", "topk2:32/1024"),
+]
 
 
 def sample(n: int, seed: int = 0) -> torch.Tensor:
@@ -46,16 +49,19 @@ def test_round_trip_within_bound_and_exact_size(spec: str, n: int) -> None:
         ("int8", 1.03125),
         ("int4", 0.53125),
         ("topk", 64 * 3 / 4096 + 2 / 4096),
+        # 12-bit indices, 2-bit values, two f32 magnitudes a chunk: 0.0293 B.
+        ("topk2", 64 * (12 + 2) / 8 / 4096 + 8 / 4096),
     ],
 )
 def test_stated_bytes_per_parameter(spec: str, bytes_per_param: float) -> None:
     n = 4096 * 64
     size = make_codec(spec).encoded_size(n)
-    assert size == pytest.approx(n * bytes_per_param + HEADER_BYTES + (4 if spec == "topk" else 0))
+    k_field = 4 if spec.startswith("topk") else 0
+    assert size == pytest.approx(n * bytes_per_param + HEADER_BYTES + k_field)
 
 
 @pytest.mark.parametrize(
-    "spec", ["bf16", "int8", "int4", "topk", "hivemind-fp16", "hivemind-uint8"]
+    "spec", ["bf16", "int8", "int4", "topk", "topk2", "hivemind-fp16", "hivemind-uint8"]
 )
 def test_error_feedback_loses_nothing_in_the_sum(spec: str) -> None:
     """Σ decoded messages + final residual = Σ inputs."""
@@ -107,6 +113,38 @@ def test_top_k_keeps_the_largest_magnitudes_and_breaks_ties_towards_the_lower_in
         np.testing.assert_array_equal(got, indices)
         decoded = codec.decode(payload, n)
         assert torch.count_nonzero(decoded) <= kept
+
+
+@pytest.mark.parametrize("spec", ["topk2", "topk2:8/16", "topk2:32/1024"])
+def test_two_bit_top_k_keeps_signs_and_sends_two_magnitudes_of_the_kept_ones(spec: str) -> None:
+    """Each kept value decodes to its sign times its chunk's low or high magnitude, both
+    magnitudes of kept values (order statistics: no arithmetic, so any machine encodes
+    the same bytes); the larger half of the kept take the high one. The kept are those
+    top-k keeps, ties towards the lower index."""
+    codec = make_codec(spec)
+    gen = torch.Generator().manual_seed(4)
+    for n in (1, 15, 16, 4097, 10_001):
+        x = sample(n, seed=n)
+        x[torch.rand(n, generator=gen) < 0.2] = 0.25  # ties
+        decoded = codec.decode(codec.encode(x), n)
+        kept = torch.zeros(n, dtype=torch.bool)
+        for start in range(0, n, codec.chunk):
+            chunk = x[start : start + codec.chunk].abs().numpy()
+            order = np.lexsort((np.arange(len(chunk)), -chunk))[: codec.k]
+            kept[start + torch.from_numpy(order)] = True
+        assert torch.equal(decoded != 0, kept)  # x has no zeros: every kept one decodes ≠ 0
+        for start in range(0, n, codec.chunk):
+            got = decoded[start : start + codec.chunk]
+            was = x[start : start + codec.chunk]
+            here = got != 0
+            if not here.any():
+                continue
+            assert torch.equal(got[here].sign(), was[here].sign())
+            magnitudes = got[here].abs().unique()
+            assert len(magnitudes) <= 2 and set(magnitudes.tolist()) <= set(was.abs().tolist())
+            if len(magnitudes) == 2:
+                high = got[here].abs() == magnitudes.max()
+                assert was[here].abs()[high].min() >= was[here].abs()[~high].max()
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -191,7 +229,33 @@ def test_top_k_repeated_or_out_of_range_indices_are_refused() -> None:
             codec.decode(bytes(bad), 32)
 
 
-@pytest.mark.parametrize("spec", ["int3", "topk:0/16", "topk:a/b", "int8:7", "zstd", "fp32:2"])
+def test_two_bit_top_k_bad_indices_magnitudes_and_padding_are_refused() -> None:
+    codec = make_codec("topk2:4/16")  # 4-bit indices: two a byte
+    x = sample(32, seed=2)
+    payload = bytearray(codec.encode(x))
+    levels = HEADER_BYTES + 4  # header, k
+    indices = levels + 2 * 8  # two chunks of (f32 low, f32 high)
+    repeated = bytearray(payload)
+    repeated[indices] = (repeated[indices] & 0x0F) | ((repeated[indices] & 0x0F) << 4)
+    swapped = bytearray(payload)
+    low, high = struct.unpack_from("<ff", swapped, levels)
+    struct.pack_into("<ff", swapped, levels, high + 1.0, high)
+    nan = bytearray(payload)
+    struct.pack_into("<f", nan, levels + 4, float("nan"))
+    padded = codec.encode(sample(18, seed=2))  # 4 + 2 kept: 12 bits of codes, 4 of padding
+    padding = bytearray(padded)
+    padding[-1] |= 0x80
+    cases = [(repeated, 32, "indices"), (swapped, 32, "low magnitude above")]
+    cases += [(nan, 32, "bad magnitude"), (padding, 18, "padding")]
+    for bad, n, match in cases:
+        with pytest.raises(CodecError, match=match):
+            codec.decode(bytes(bad), n)
+    assert codec.decode(padded, 18).shape == (18,)
+
+
+@pytest.mark.parametrize(
+    "spec", ["int3", "topk:0/16", "topk:a/b", "topk2:17/16", "int8:7", "zstd", "fp32:2"]
+)
 def test_bad_codec_specs_are_refused(spec: str) -> None:
     with pytest.raises(ValueError, match="codec"):
         make_codec(spec)

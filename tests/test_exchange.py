@@ -157,17 +157,18 @@ def test_codec_means_stay_within_the_codecs_bound(make_peers, codec_name: str) -
     assert torch.equal(results[0].mean, results[2].mean)
 
 
-def test_a_top_k_mean_keeps_every_contributors_entries(make_peers) -> None:
-    """The owner encodes the mean of three top-k contributions with three times k per
-    chunk (codecs.mean_codec), not k: every entry any contributor sent is in the mean
-    every peer applies, off only by the mean's own 8-bit rounding."""
+@pytest.mark.parametrize("codec_name", ["topk", "topk2"])
+def test_a_top_k_mean_keeps_every_contributors_entries(make_peers, codec_name: str) -> None:
+    """The owner encodes the mean of three top-k contributions (8- or 2-bit values) with
+    three times k per chunk at 8 bits (codecs.mean_codec), not k: every entry any
+    contributor sent is in the mean every peer applies, off only by its 8-bit rounding."""
     peers = make_peers(3, tls=False)
     numel = 50_000
     deltas = [payload_of(20 + i, numel) * 0.01 for i in range(3)]
     tokens = [100, 300, 600]
-    spec = spec_for(peers, 0, "topk", numel)
+    spec = spec_for(peers, 0, codec_name, numel)
     results = reduce_together(peers, spec, deltas, tokens)
-    codec = make_codec("topk")
+    codec = make_codec(codec_name)
     sent = [encode_shards(spec.plan, d, ErrorFeedback(codec))[1] for d in deltas]
     expected = exact_mean(sent, tokens)
     support = expected != 0

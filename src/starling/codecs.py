@@ -293,20 +293,8 @@ class TopKCodec:
         return HEADER_BYTES + 4 + 2 * n_chunks + 3 * (full * self.k + tail_k)
 
     def _select(self, chunks: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-        """chunks (C, L) → scales (C,) fp16, indices (C, k) sorted, codes (C, k) int8.
-
-        The k kept are the largest magnitudes, ties broken towards the lower index.
-        `topk` alone breaks ties as its kernel happens to (it differs between CPU
-        architectures and builds), and ties are common in a mean of sparse contributions
-        (zeros, repeated steps); two honest reducers must encode one mean to the same
-        bytes, or the coordinator takes their disagreement for a lie."""
-        magnitude = chunks.abs().nan_to_num_(nan=math.inf)  # NaN kept, as topk would
-        kth = magnitude.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (C, 1)
-        above = magnitude > kth
-        ties = magnitude == kth
-        room = k - above.sum(dim=1, keepdim=True)  # (C, 1): ties still to keep, ≥ 1
-        keep = above | (ties & (ties.cumsum(dim=1) <= room))
-        idx = keep.nonzero()[:, 1].view(-1, k)  # row-major: each row's indices ascending
+        """chunks (C, L) → scales (C,) fp16, indices (C, k) sorted, codes (C, k) int8."""
+        idx = _top_k_indices(chunks, k)
         kept = chunks.gather(1, idx)
         peak = kept.abs().amax(dim=1)
         scale = (peak / 127).to(torch.float16)
@@ -369,6 +357,159 @@ class TopKCodec:
 
     def error_bound(self, values: torch.Tensor) -> float:
         # Dropped values are at most the chunk's largest magnitude; no tighter general bound.
+        v = _flat_f32(values)
+        return float(v.abs().max()) if v.numel() else 0.0
+
+    @property
+    def density(self) -> float:
+        return self.k / self.chunk
+
+
+def _top_k_indices(chunks: torch.Tensor, k: int) -> torch.Tensor:
+    """chunks (C, L) → (C, k) int64: each row's k largest magnitudes, ascending.
+
+    Ties are broken towards the lower index. `topk` alone breaks them as its kernel
+    happens to (it differs between CPU architectures and builds), and ties are common in
+    a mean of sparse contributions (zeros, repeated steps); two honest reducers must
+    encode one mean to the same bytes, or the coordinator takes their disagreement for
+    a lie."""
+    magnitude = chunks.abs().nan_to_num_(nan=math.inf)  # NaN kept, as topk would
+    kth = magnitude.topk(k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # (C, 1)
+    above = magnitude > kth
+    ties = magnitude == kth
+    room = k - above.sum(dim=1, keepdim=True)  # (C, 1): ties still to keep, ≥ 1
+    keep = above | (ties & (ties.cumsum(dim=1) <= room))
+    return keep.nonzero()[:, 1].view(-1, k)  # row-major: each row's indices ascending
+
+
+def _pack_bits(values: np.ndarray, bits: int) -> bytes:
+    """Non-negative integers below 2**bits, `bits` bits each, least significant first,
+    the last byte padded with zero bits."""
+    shifts = np.arange(bits, dtype=np.int64)
+    matrix = (values.astype(np.int64)[:, None] >> shifts) & 1  # (n, bits)
+    return np.packbits(matrix.astype(np.uint8).reshape(-1), bitorder="little").tobytes()
+
+
+def _unpack_bits(buffer: np.ndarray, count: int, bits: int) -> np.ndarray:
+    """The inverse of _pack_bits: `count` integers of `bits` bits from uint8 `buffer`;
+    CodecError if a padding bit is set (every value has exactly one encoding)."""
+    flat = np.unpackbits(buffer, bitorder="little")
+    if flat[count * bits :].any():
+        raise CodecError("payload has non-zero padding bits")
+    matrix = flat[: count * bits].reshape(count, bits).astype(np.int64)
+    return (matrix << np.arange(bits, dtype=np.int64)).sum(axis=1)
+
+
+@dataclass(frozen=True)
+class TopK2BitCodec:
+    """Chunked top-k with 2-bit values (SparseLoCo's compression): in every chunk of
+    `chunk` values keep the k of largest magnitude (ties towards the lower index), each
+    sent as its sign and one bit that picks the chunk's low or high magnitude. The two
+    magnitudes are order statistics of the kept ones (the k/4-th and 3k/4-th smallest,
+    split at the median): values of the input, no arithmetic, so every machine encodes
+    the same bytes. Indices take ⌈log2 chunk⌉ bits each (12 for 4,096). Very lossy by
+    itself: it relies on error feedback to carry what it rounds and drops into the next
+    rounds. A last partial chunk keeps min(k, its length) entries.
+
+    Layout after the header: u32 k | f32 low and f32 high per chunk | the indices, each
+    chunk's strictly increasing, packed least significant bit first | one 2-bit code per
+    index (bit 0: negative, bit 1: high), packed the same way; each bit field is padded
+    with zero bits to a whole byte.
+    """
+
+    chunk: int = 4096
+    k: int = 64
+
+    name: ClassVar[str] = "topk2"
+    codec_id: ClassVar[int] = 8
+    lossy: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.chunk <= 65536:
+            raise ValueError(f"top-k chunk must be in [2, 65536], got {self.chunk}")
+        if not 1 <= self.k <= self.chunk:
+            raise ValueError(f"top-k k must be in [1, chunk], got {self.k}")
+
+    @property
+    def index_bits(self) -> int:
+        return max(1, (self.chunk - 1).bit_length())
+
+    def _layout(self, numel: int) -> tuple[int, int, int]:
+        """(full chunks, length of the partial last chunk, entries it keeps)."""
+        full, rest = divmod(numel, self.chunk)
+        return full, rest, min(self.k, rest)
+
+    def encoded_size(self, numel: int) -> int:
+        full, rest, tail_k = self._layout(numel)
+        n_chunks, kept = full + (1 if rest else 0), full * self.k + tail_k
+        return HEADER_BYTES + 4 + 8 * n_chunks + -(-kept * self.index_bits // 8) + -(-kept // 4)
+
+    def _select(self, chunks: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        """chunks (C, L) → levels (C, 2) f32 [low, high], indices (C, k), codes (C, k)."""
+        idx = _top_k_indices(chunks, k)
+        kept = chunks.gather(1, idx)
+        magnitude = kept.abs()
+        ordered = magnitude.sort(dim=1).values  # (C, k): NaN last
+        low, split, high = ordered[:, k // 4], ordered[:, k // 2], ordered[:, (3 * k) // 4]
+        is_high = magnitude >= split[:, None]
+        codes = (kept < 0).long() | (is_high.long() << 1)
+        return torch.stack([low, high], dim=1), idx, codes
+
+    def encode(self, values: torch.Tensor) -> bytes:
+        v = _flat_f32(values)
+        full, rest, tail_k = self._layout(v.numel())
+        groups = [self._select(v[: full * self.chunk].view(full, self.chunk), self.k)]
+        if rest:
+            groups.append(self._select(v[full * self.chunk :].view(1, rest), tail_k))
+        levels = torch.cat([g[0] for g in groups])
+        idx = torch.cat([g[1].flatten() for g in groups]).numpy()
+        codes = torch.cat([g[2].flatten() for g in groups]).numpy()
+        return b"".join(
+            (
+                _header(self.codec_id, v.numel(), self.chunk),
+                struct.pack("<I", self.k),
+                levels.numpy().astype("<f4").tobytes(),
+                _pack_bits(idx, self.index_bits),
+                _pack_bits(codes, 2),
+            )
+        )
+
+    def decode(self, payload: Payload, numel: int) -> torch.Tensor:
+        _check_header(payload, self.codec_id, numel, self.chunk, self.encoded_size(numel))
+        (k_declared,) = struct.unpack_from("<I", payload, HEADER_BYTES)
+        if k_declared != self.k:
+            raise CodecError(f"top-k payload keeps {k_declared} per chunk, expected {self.k}")
+        full, rest, tail_k = self._layout(numel)
+        n_chunks, kept = full + (1 if rest else 0), full * self.k + tail_k
+        offset = HEADER_BYTES + 4
+        levels = np.frombuffer(payload, dtype="<f4", offset=offset, count=2 * n_chunks)
+        levels = levels.astype(np.float32).reshape(n_chunks, 2)
+        offset += 8 * n_chunks
+        if not np.isfinite(levels).all() or (levels[:, 0] < 0).any():
+            raise CodecError("top-k payload has a bad magnitude")
+        if (levels[:, 0] > levels[:, 1]).any():
+            raise CodecError("top-k payload has a low magnitude above its high one")
+        index_bytes = -(-kept * self.index_bits // 8)
+        raw = np.frombuffer(payload, dtype=np.uint8, offset=offset)
+        idx = _unpack_bits(raw[:index_bytes], kept, self.index_bits)
+        codes = _unpack_bits(raw[index_bytes:], kept, 2)
+        # Every chunk's indices: strictly increasing and inside the chunk.
+        body = idx[: full * self.k].reshape(full, self.k)
+        tail = idx[full * self.k :]
+        bad = (body >= self.chunk).any() or (np.diff(body, axis=1) <= 0).any()
+        bad = bad or (tail >= rest).any() or (np.diff(tail) <= 0).any()
+        if bad:
+            raise CodecError("top-k payload has out-of-range or repeated indices")
+        chunk_of = np.concatenate([np.repeat(np.arange(full), self.k), np.full(tail_k, full)])
+        magnitude = levels[chunk_of, codes >> 1]
+        values = np.where(codes & 1, -magnitude, magnitude).astype(np.float32)
+        out = torch.zeros(numel, dtype=torch.float32)
+        out[torch.from_numpy(chunk_of * self.chunk + idx)] = torch.from_numpy(values)
+        return out
+
+    def error_bound(self, values: torch.Tensor) -> float:
+        # A kept value keeps its sign and takes a magnitude of its chunk's kept ones; a
+        # dropped one is at most the chunk's largest: the largest magnitude bounds both.
         v = _flat_f32(values)
         return float(v.abs().max()) if v.numel() else 0.0
 
@@ -449,7 +590,8 @@ class HivemindCodec:
 
 
 def make_codec(spec: str) -> Codec:
-    """fp32, bf16, int8[:BLOCK], int4[:BLOCK], topk[:K/CHUNK], hivemind-fp16, hivemind-uint8."""
+    """fp32, bf16, int8[:BLOCK], int4[:BLOCK], topk[:K/CHUNK], topk2[:K/CHUNK],
+    hivemind-fp16, hivemind-uint8."""
     name, _, arg = spec.strip().lower().partition(":")
     try:
         if name == "fp32" and not arg:
@@ -458,18 +600,19 @@ def make_codec(spec: str) -> Codec:
             return BFloat16Codec()
         if name in ("int8", "int4"):
             return BlockQuantCodec(bits=int(name[3:]), block=int(arg) if arg else 64)
-        if name == "topk":
+        if name in ("topk", "topk2"):
+            kind = TopKCodec if name == "topk" else TopK2BitCodec
             if arg:
                 k, _, chunk = arg.partition("/")
-                return TopKCodec(chunk=int(chunk or 4096), k=int(k))
-            return TopKCodec()
+                return kind(chunk=int(chunk or 4096), k=int(k))
+            return kind()
         if name in ("hivemind-fp16", "hivemind-uint8") and not arg:
             return HivemindCodec(name.split("-")[1])
     except ValueError as err:
         raise ValueError(f"bad codec {spec!r}: {err}") from None
     raise ValueError(
         f"unknown codec {spec!r}: use fp32, bf16, int8[:BLOCK], int4[:BLOCK], "
-        "topk[:K/CHUNK], hivemind-fp16 or hivemind-uint8"
+        "topk[:K/CHUNK], topk2[:K/CHUNK], hivemind-fp16 or hivemind-uint8"
     )
 
 
@@ -480,12 +623,22 @@ def mean_codec(codec: Codec, contributors: int) -> Codec:
     them all costs as many times the bytes but loses nothing of the support, where
     re-selecting k would drop most of every contributor's update (and the error feedback
     that could carry it lives with the contributors, not with the owner)."""
-    if isinstance(codec, TopKCodec):
+    if isinstance(codec, TopKCodec | TopK2BitCodec):
+        # 2-bit values too: their weighted sums take many values, kept at 8 bits.
         return TopKCodec(chunk=codec.chunk, k=min(codec.chunk, codec.k * max(1, contributors)))
     return codec
 
 
-CODEC_NAMES = ("fp32", "bf16", "int8", "int4", "topk", "hivemind-fp16", "hivemind-uint8")
+CODEC_NAMES = (
+    "fp32",
+    "bf16",
+    "int8",
+    "int4",
+    "topk",
+    "topk2",
+    "hivemind-fp16",
+    "hivemind-uint8",
+)
 # Codecs whose bytes for the same values can differ between machines. hivemind's
 # Uniform8BitQuantization sums the tensor (its mean, its norm, each bucket's average) in
 # an order that the CPU and the torch version pick (not the thread count: each machine
