@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--beta2", type=float, default=TrainConfig().beta2, help="inner AdamW β2")
     parser.add_argument("--outer-lr", type=float, default=OuterConfig().lr)
     parser.add_argument("--outer-momentum", type=float, default=OuterConfig().momentum)
+    parser.add_argument(
+        "--feedback-decay", type=float, default=1.0, help="error feedback's decay (codecs)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where replicas train (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -85,6 +88,7 @@ def main() -> None:
             inner_steps=args.inner_steps,
             codec=codec,
             outer=outer,
+            feedback_decay=args.feedback_decay,
             model=args.model,
             overlap=overlap,
         )

@@ -298,7 +298,9 @@ class NodeDaemon:
         self.val_batches = evaluation_batches(
             val, self.train_cfg.seq_len, self.train_cfg.micro_batch_size, 4
         )
-        self.feedback = ErrorFeedback(make_codec(self.config.outer.codec))
+        self.feedback = ErrorFeedback(
+            make_codec(self.config.outer.codec), self.config.outer.feedback_decay
+        )
         self.state, self.state_round = self._latest_state()
         self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
         # The run's tokens so far: where the inner learning-rate schedule is (then every

@@ -77,6 +77,22 @@ def test_error_feedback_loses_nothing_in_the_sum(spec: str) -> None:
     torch.testing.assert_close(total_out, total_in, rtol=0, atol=1e-5)
 
 
+def test_decayed_error_feedback_forgets_what_it_did_not_send() -> None:
+    """With decay β each round sends encode(x + β·r): what was sent plus what is left
+    equals the input plus β times what was left before."""
+    feedback = ErrorFeedback(make_codec("topk2:8/64"), decay=0.5)
+    residual = torch.zeros(3000)
+    for round_ in range(5):
+        x = sample(3000, seed=round_)
+        sent = feedback.encode(x)[1]
+        assert feedback.residual is not None
+        torch.testing.assert_close(sent + feedback.residual, x + 0.5 * residual)
+        residual = feedback.residual
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="decay"):
+            ErrorFeedback(make_codec("topk2"), decay=bad)
+
+
 def test_top_k_with_feedback_eventually_sends_every_coordinate() -> None:
     codec = make_codec("topk:4/64")
     feedback = ErrorFeedback(codec)

@@ -252,6 +252,7 @@ def test_simulate_cli_json_and_plot(pydoc_dir: Path, tmp_path: Path) -> None:
         (["--speeds", "1,1,1"], "needs 4 values"),
         (["--outer-momentum", "1.5"], "outer momentum"),
         (["--beta2", "1"], "beta2 must be in [0, 1)"),
+        (["--feedback-decay", "0"], "feedback decay must be in (0, 1]"),
         (["--device", "tpu"], "device must be one of"),
         (["--device", "mps"], "MPS backend is not available"),
     ],

@@ -395,6 +395,9 @@ def simulate_command(
     ] = None,
     outer_lr: Annotated[float | None, typer.Option(help="Outer learning rate.")] = None,
     outer_momentum: Annotated[float | None, typer.Option(help="Outer Nesterov momentum.")] = None,
+    feedback_decay: Annotated[
+        float, typer.Option(help="Error feedback's decay (1: plain; topk2 wants 0.95).")
+    ] = 1.0,
     speeds: Annotated[
         str | None, typer.Option(help="Relative worker speeds, e.g. 1,1,0.5,0.25.")
     ] = None,
@@ -441,6 +444,7 @@ def simulate_command(
             lr=defaults.lr if outer_lr is None else outer_lr,
             momentum=defaults.momentum if outer_momentum is None else outer_momentum,
         ),
+        feedback_decay=feedback_decay,
         speeds=speed_values,
         dropout=dropout,
         overlap=overlap,

@@ -652,10 +652,17 @@ HARDWARE_DEPENDENT = frozenset({"hivemind-uint8"})
 
 class ErrorFeedback:
     """Carries what a lossy codec dropped into the next message:
-    send encode(Δ + r); r ← (Δ + r) − decode(sent)."""
+    send encode(Δ + β·r); r ← (Δ + β·r) − decode(sent).
 
-    def __init__(self, codec: Codec) -> None:
+    β (`decay`) is 1 for plain error feedback. Below 1 the residual is an accumulator
+    that forgets what it has not sent: with aggressive sparsity (topk2) SparseLoCo
+    uses 0.95 and no outer momentum, the accumulator standing in for it."""
+
+    def __init__(self, codec: Codec, decay: float = 1.0) -> None:
+        if not 0 < decay <= 1:
+            raise ValueError(f"error feedback decay must be in (0, 1], got {decay}")
         self.codec = codec
+        self.decay = decay
         self.residual: torch.Tensor | None = None
 
     def encode(self, values: torch.Tensor) -> tuple[bytes, torch.Tensor]:
@@ -670,7 +677,12 @@ class ErrorFeedback:
         exchange), with one residual carried over the whole vector, and the decoded
         vector as the receivers will see it."""
         v = _flat_f32(values)
-        target = v if self.residual is None else v + self.residual
+        if self.residual is None:
+            target = v
+        elif self.decay == 1.0:
+            target = v + self.residual
+        else:
+            target = v + torch.mul(self.residual, self.decay)
         if not self.codec.lossy:
             return [self.codec.encode(target[a:b]) for a, b in ranges], target
         decoded = torch.empty_like(target)

@@ -8,7 +8,7 @@ the coordinator stores in the run directory and serves to every node.
     [train]       the inner loop every node runs (starling.train.TrainConfig fields)
     [round]       tokens (global budget per round; 0: fixed inner_steps), inner_steps,
                   deadline_s (training), exchange_deadline_s, shards_per_owner
-    [outer]       codec, lr, momentum, nesterov, overlap
+    [outer]       codec, lr, momentum, nesterov, overlap, feedback_decay
     [checkpoints] every (rounds), keep
     [membership]  heartbeat_s, lease_s, data_lease_s, min_nodes
 
@@ -75,6 +75,10 @@ class OuterSection:
     momentum: float = 0.5
     nesterov: bool = True
     overlap: bool = False
+    # Error feedback's decay β: each round sends encode(Δ + β·residual) (codecs.
+    # ErrorFeedback). 1 carries everything a lossy codec dropped; SparseLoCo's recipe
+    # (codec topk2, momentum 0, lr 1) takes 0.95, the residual standing in for momentum.
+    feedback_decay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -158,6 +162,7 @@ class RunConfig:
             ),
             (self.membership.data_lease_s > 0, "membership.data_lease_s must be positive"),
             (self.membership.min_nodes > 0, "membership.min_nodes must be positive"),
+            (0 < self.outer.feedback_decay <= 1, "outer.feedback_decay must be in (0, 1]"),
             (self.defences.ban_after_offences >= 0, "defences.ban_after_offences must be ≥ 0"),
             (self.defences.requests_per_s > 0, "defences.requests_per_s must be positive"),
             (self.defences.request_burst >= 1, "defences.request_burst must be at least 1"),

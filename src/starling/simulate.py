@@ -51,6 +51,7 @@ class SimConfig:
     inner_steps: int = DEFAULT_INNER_STEPS  # H: inner steps per round (fastest worker)
     codec: str = DEFAULT_CODEC
     outer: OuterConfig = field(default_factory=OuterConfig)
+    feedback_decay: float = 1.0  # error feedback's β (codecs.ErrorFeedback)
     # Rounds close on a global token budget instead of a fixed H, when set: the fastest
     # worker's H is the fewest steps at which all workers together reach the budget.
     round_tokens: int | None = None
@@ -76,6 +77,8 @@ class SimConfig:
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
         make_codec(self.codec)  # fail early on a bad codec
+        if not 0 < self.feedback_decay <= 1:
+            raise ValueError("feedback decay must be in (0, 1]")
 
 
 @dataclass
@@ -196,7 +199,7 @@ class Simulation:
         inner_cfg = replace(self.train_cfg, steps=cfg.steps)
         trainers = [InnerTrainer(m, inner_cfg, self.device) for m in replicas]
         batchers = [self._batcher(i, inner_cfg.micro_batch_size) for i in range(cfg.workers)]
-        feedback = [ErrorFeedback(codec) for _ in replicas]
+        feedback = [ErrorFeedback(codec, cfg.feedback_decay) for _ in replicas]
         anchors = [state.params.clone() for _ in replicas]  # θ each replica started from
         rng = random.Random(self.train_cfg.seed)
 
