@@ -258,113 +258,6 @@ class BlockQuantCodec:
         return float((step * (0.5 + self.levels * 2.0**-10)).max()) + 1e-7
 
 
-@dataclass(frozen=True)
-class TopKCodec:
-    """Chunked top-k (SparseLoCo-style): in every chunk of `chunk` values keep the k of
-    largest magnitude, values quantised to int8 with one fp16 scale per chunk, indices as
-    u16 offsets within their chunk (hence chunk ≤ 65536). A last partial chunk keeps
-    min(k, its length) entries.
-
-    Layout after the header: u32 k | fp16 scale per chunk | u16 indices (each chunk's
-    strictly increasing) | int8 values.
-    """
-
-    chunk: int = 4096
-    k: int = 64
-
-    name: ClassVar[str] = "topk"
-    codec_id: ClassVar[int] = 5
-    lossy: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.chunk <= 65536:
-            raise ValueError(f"top-k chunk must be in [2, 65536], got {self.chunk}")
-        if not 1 <= self.k <= self.chunk:
-            raise ValueError(f"top-k k must be in [1, chunk], got {self.k}")
-
-    def _layout(self, numel: int) -> tuple[int, int, int]:
-        """(full chunks, length of the partial last chunk, entries it keeps)."""
-        full, rest = divmod(numel, self.chunk)
-        return full, rest, min(self.k, rest)
-
-    def encoded_size(self, numel: int) -> int:
-        full, rest, tail_k = self._layout(numel)
-        n_chunks = full + (1 if rest else 0)
-        return HEADER_BYTES + 4 + 2 * n_chunks + 3 * (full * self.k + tail_k)
-
-    def _select(self, chunks: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
-        """chunks (C, L) → scales (C,) fp16, indices (C, k) sorted, codes (C, k) int8."""
-        idx = _top_k_indices(chunks, k)
-        kept = chunks.gather(1, idx)
-        peak = kept.abs().amax(dim=1)
-        scale = (peak / 127).to(torch.float16)
-        # Round the fp16 scale up where rounding made it too small for the peak.
-        short = scale.float() * 127 < peak
-        scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, 65504)), scale)
-        safe = torch.where(scale > 0, scale.float(), torch.ones_like(peak))
-        codes = torch.round(kept / safe[:, None]).clamp_(-127, 127).to(torch.int8)
-        return scale, idx, codes
-
-    def encode(self, values: torch.Tensor) -> bytes:
-        v = _flat_f32(values)
-        full, rest, tail_k = self._layout(v.numel())
-        groups = [self._select(v[: full * self.chunk].view(full, self.chunk), self.k)]
-        if rest:
-            groups.append(self._select(v[full * self.chunk :].view(1, rest), tail_k))
-        scales = torch.cat([g[0] for g in groups])
-        idx = torch.cat([g[1].flatten() for g in groups])
-        codes = torch.cat([g[2].flatten() for g in groups])
-        return b"".join(
-            (
-                _header(self.codec_id, v.numel(), self.chunk),
-                struct.pack("<I", self.k),
-                scales.numpy().astype("<f2").tobytes(),
-                idx.numpy().astype("<u2").tobytes(),
-                codes.numpy().tobytes(),
-            )
-        )
-
-    def decode(self, payload: Payload, numel: int) -> torch.Tensor:
-        _check_header(payload, self.codec_id, numel, self.chunk, self.encoded_size(numel))
-        (k_declared,) = struct.unpack_from("<I", payload, HEADER_BYTES)
-        if k_declared != self.k:
-            raise CodecError(f"top-k payload keeps {k_declared} per chunk, expected {self.k}")
-        full, rest, tail_k = self._layout(numel)
-        n_chunks, kept = full + (1 if rest else 0), full * self.k + tail_k
-        offset = HEADER_BYTES + 4
-        scales = np.frombuffer(payload, dtype="<f2", offset=offset, count=n_chunks)
-        offset += 2 * n_chunks
-        idx = np.frombuffer(payload, dtype="<u2", offset=offset, count=kept).astype(np.int64)
-        offset += 2 * kept
-        codes = np.frombuffer(payload, dtype=np.int8, offset=offset, count=kept)
-        scales32 = scales.astype(np.float32)
-        if not np.isfinite(scales32).all() or (scales32 < 0).any():
-            raise CodecError("top-k payload has a bad scale")
-        if (codes == -128).any():
-            raise CodecError("top-k payload has code -128, outside the symmetric range")
-        # Every chunk's indices: strictly increasing and inside the chunk.
-        body = idx[: full * self.k].reshape(full, self.k)
-        tail = idx[full * self.k :]
-        bad = (body >= self.chunk).any() or (np.diff(body, axis=1) <= 0).any()
-        bad = bad or (tail >= rest).any() or (np.diff(tail) <= 0).any()
-        if bad:
-            raise CodecError("top-k payload has out-of-range or repeated indices")
-        chunk_of = np.concatenate([np.repeat(np.arange(full), self.k), np.full(tail_k, full)])
-        positions = torch.from_numpy(chunk_of * self.chunk + idx)
-        out = torch.zeros(numel, dtype=torch.float32)
-        out[positions] = torch.from_numpy(codes.astype(np.float32) * scales32[chunk_of])
-        return out
-
-    def error_bound(self, values: torch.Tensor) -> float:
-        # Dropped values are at most the chunk's largest magnitude; no tighter general bound.
-        v = _flat_f32(values)
-        return float(v.abs().max()) if v.numel() else 0.0
-
-    @property
-    def density(self) -> float:
-        return self.k / self.chunk
-
-
 def _top_k_indices(chunks: torch.Tensor, k: int) -> torch.Tensor:
     """chunks (C, L) → (C, k) int64: each row's k largest magnitudes, ascending.
 
@@ -401,27 +294,16 @@ def _unpack_bits(buffer: np.ndarray, count: int, bits: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class TopK2BitCodec:
-    """Chunked top-k with 2-bit values (SparseLoCo's compression): in every chunk of
-    `chunk` values keep the k of largest magnitude (ties towards the lower index), each
-    sent as its sign and one bit that picks the chunk's low or high magnitude. The two
-    magnitudes are order statistics of the kept ones (the k/4-th and 3k/4-th smallest,
-    split at the median): values of the input, no arithmetic, so every machine encodes
-    the same bytes. Indices take ⌈log2 chunk⌉ bits each (12 for 4,096). Very lossy by
-    itself: it relies on error feedback to carry what it rounds and drops into the next
-    rounds. A last partial chunk keeps min(k, its length) entries.
-
-    Layout after the header: u32 k | f32 low and f32 high per chunk | the indices, each
-    chunk's strictly increasing, packed least significant bit first | one 2-bit code per
-    index (bit 0: negative, bit 1: high), packed the same way; each bit field is padded
-    with zero bits to a whole byte.
-    """
+class _ChunkedTopK:
+    """What the top-k codecs share: in every chunk of `chunk` values the k of largest
+    magnitude are kept (_top_k_indices), a last partial chunk keeping min(k, its length);
+    the payload declares k after the header, and each chunk's indices must be strictly
+    increasing and inside it."""
 
     chunk: int = 4096
     k: int = 64
 
-    name: ClassVar[str] = "topk2"
-    codec_id: ClassVar[int] = 8
+    codec_id: ClassVar[int]
     lossy: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -430,18 +312,150 @@ class TopK2BitCodec:
         if not 1 <= self.k <= self.chunk:
             raise ValueError(f"top-k k must be in [1, chunk], got {self.k}")
 
-    @property
-    def index_bits(self) -> int:
-        return max(1, (self.chunk - 1).bit_length())
-
     def _layout(self, numel: int) -> tuple[int, int, int]:
         """(full chunks, length of the partial last chunk, entries it keeps)."""
         full, rest = divmod(numel, self.chunk)
         return full, rest, min(self.k, rest)
 
-    def encoded_size(self, numel: int) -> int:
+    def _counts(self, numel: int) -> tuple[int, int]:
+        """(chunks, entries kept in all)."""
         full, rest, tail_k = self._layout(numel)
-        n_chunks, kept = full + (1 if rest else 0), full * self.k + tail_k
+        return full + (1 if rest else 0), full * self.k + tail_k
+
+    def _select(self, chunks: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        """chunks (C, L) → (per-chunk values, indices (C, k), per-entry codes (C, k))."""
+        raise NotImplementedError
+
+    def _selected(self, v: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """_select over the full chunks of v, then over its partial last one."""
+        full, rest, tail_k = self._layout(v.numel())
+        groups = [self._select(v[: full * self.chunk].view(full, self.chunk), self.k)]
+        if rest:
+            groups.append(self._select(v[full * self.chunk :].view(1, rest), tail_k))
+        return groups
+
+    def _check_k(self, payload: Payload, numel: int, size: int) -> None:
+        """The header and the declared k: CodecError unless both are this codec's."""
+        _check_header(payload, self.codec_id, numel, self.chunk, size)
+        (k_declared,) = struct.unpack_from("<I", payload, HEADER_BYTES)
+        if k_declared != self.k:
+            raise CodecError(f"top-k payload keeps {k_declared} per chunk, expected {self.k}")
+
+    def _positions(self, idx: np.ndarray, numel: int) -> tuple[np.ndarray, np.ndarray]:
+        """idx (kept,) offsets within their chunks → (flat positions, chunk of each);
+        CodecError unless every chunk's are strictly increasing and inside it."""
+        full, rest, tail_k = self._layout(numel)
+        body = idx[: full * self.k].reshape(full, self.k)
+        tail = idx[full * self.k :]
+        bad = (body >= self.chunk).any() or (np.diff(body, axis=1) <= 0).any()
+        bad = bad or (tail >= rest).any() or (np.diff(tail) <= 0).any()
+        if bad:
+            raise CodecError("top-k payload has out-of-range or repeated indices")
+        chunk_of = np.concatenate([np.repeat(np.arange(full), self.k), np.full(tail_k, full)])
+        return chunk_of * self.chunk + idx, chunk_of
+
+    def error_bound(self, values: torch.Tensor) -> float:
+        # A dropped value is at most its chunk's largest magnitude, and a kept one keeps
+        # its sign and at most that magnitude: no tighter general bound.
+        v = _flat_f32(values)
+        return float(v.abs().max()) if v.numel() else 0.0
+
+    @property
+    def density(self) -> float:
+        return self.k / self.chunk
+
+
+@dataclass(frozen=True)
+class TopKCodec(_ChunkedTopK):
+    """Chunked top-k (SparseLoCo-style), values quantised to int8 with one fp16 scale per
+    chunk, indices as u16 offsets within their chunk (hence chunk ≤ 65536).
+
+    Layout after the header: u32 k | fp16 scale per chunk | u16 indices (each chunk's
+    strictly increasing) | int8 values.
+    """
+
+    name: ClassVar[str] = "topk"
+    codec_id: ClassVar[int] = 5
+
+    def encoded_size(self, numel: int) -> int:
+        n_chunks, kept = self._counts(numel)
+        return HEADER_BYTES + 4 + 2 * n_chunks + 3 * kept
+
+    def _select(self, chunks: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        """chunks (C, L) → scales (C,) fp16, indices (C, k) sorted, codes (C, k) int8."""
+        idx = _top_k_indices(chunks, k)
+        kept = chunks.gather(1, idx)
+        peak = kept.abs().amax(dim=1)
+        scale = (peak / 127).to(torch.float16)
+        # Round the fp16 scale up where rounding made it too small for the peak.
+        short = scale.float() * 127 < peak
+        scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, 65504)), scale)
+        safe = torch.where(scale > 0, scale.float(), torch.ones_like(peak))
+        codes = torch.round(kept / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+        return scale, idx, codes
+
+    def encode(self, values: torch.Tensor) -> bytes:
+        v = _flat_f32(values)
+        groups = self._selected(v)
+        scales = torch.cat([g[0] for g in groups])
+        idx = torch.cat([g[1].flatten() for g in groups])
+        codes = torch.cat([g[2].flatten() for g in groups])
+        return b"".join(
+            (
+                _header(self.codec_id, v.numel(), self.chunk),
+                struct.pack("<I", self.k),
+                scales.numpy().astype("<f2").tobytes(),
+                idx.numpy().astype("<u2").tobytes(),
+                codes.numpy().tobytes(),
+            )
+        )
+
+    def decode(self, payload: Payload, numel: int) -> torch.Tensor:
+        self._check_k(payload, numel, self.encoded_size(numel))
+        n_chunks, kept = self._counts(numel)
+        offset = HEADER_BYTES + 4
+        scales = np.frombuffer(payload, dtype="<f2", offset=offset, count=n_chunks)
+        offset += 2 * n_chunks
+        idx = np.frombuffer(payload, dtype="<u2", offset=offset, count=kept).astype(np.int64)
+        offset += 2 * kept
+        codes = np.frombuffer(payload, dtype=np.int8, offset=offset, count=kept)
+        scales32 = scales.astype(np.float32)
+        if not np.isfinite(scales32).all() or (scales32 < 0).any():
+            raise CodecError("top-k payload has a bad scale")
+        if (codes == -128).any():
+            raise CodecError("top-k payload has code -128, outside the symmetric range")
+        positions, chunk_of = self._positions(idx, numel)
+        values = codes.astype(np.float32) * scales32[chunk_of]
+        out = torch.zeros(numel, dtype=torch.float32)
+        out[torch.from_numpy(positions)] = torch.from_numpy(values)
+        return out
+
+
+@dataclass(frozen=True)
+class TopK2BitCodec(_ChunkedTopK):
+    """Chunked top-k with 2-bit values (SparseLoCo's compression): each kept value is
+    sent as its sign and one bit that picks its chunk's low or high magnitude. The two
+    magnitudes are order statistics of the kept ones (the k/4-th and 3k/4-th smallest,
+    split at the median): values of the input, no arithmetic, so every machine encodes
+    the same bytes. Indices take ⌈log2 chunk⌉ bits each (12 for 4,096). Very lossy by
+    itself: it relies on error feedback to carry what it rounds and drops into the next
+    rounds.
+
+    Layout after the header: u32 k | f32 low and f32 high per chunk | the indices, each
+    chunk's strictly increasing, packed least significant bit first | one 2-bit code per
+    index (bit 0: negative, bit 1: high), packed the same way; each bit field is padded
+    with zero bits to a whole byte.
+    """
+
+    name: ClassVar[str] = "topk2"
+    codec_id: ClassVar[int] = 8
+
+    @property
+    def index_bits(self) -> int:
+        return max(1, (self.chunk - 1).bit_length())
+
+    def encoded_size(self, numel: int) -> int:
+        n_chunks, kept = self._counts(numel)
         return HEADER_BYTES + 4 + 8 * n_chunks + -(-kept * self.index_bits // 8) + -(-kept // 4)
 
     def _select(self, chunks: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
@@ -457,10 +471,7 @@ class TopK2BitCodec:
 
     def encode(self, values: torch.Tensor) -> bytes:
         v = _flat_f32(values)
-        full, rest, tail_k = self._layout(v.numel())
-        groups = [self._select(v[: full * self.chunk].view(full, self.chunk), self.k)]
-        if rest:
-            groups.append(self._select(v[full * self.chunk :].view(1, rest), tail_k))
+        groups = self._selected(v)
         levels = torch.cat([g[0] for g in groups])
         idx = torch.cat([g[1].flatten() for g in groups]).numpy()
         codes = torch.cat([g[2].flatten() for g in groups]).numpy()
@@ -475,12 +486,8 @@ class TopK2BitCodec:
         )
 
     def decode(self, payload: Payload, numel: int) -> torch.Tensor:
-        _check_header(payload, self.codec_id, numel, self.chunk, self.encoded_size(numel))
-        (k_declared,) = struct.unpack_from("<I", payload, HEADER_BYTES)
-        if k_declared != self.k:
-            raise CodecError(f"top-k payload keeps {k_declared} per chunk, expected {self.k}")
-        full, rest, tail_k = self._layout(numel)
-        n_chunks, kept = full + (1 if rest else 0), full * self.k + tail_k
+        self._check_k(payload, numel, self.encoded_size(numel))
+        n_chunks, kept = self._counts(numel)
         offset = HEADER_BYTES + 4
         levels = np.frombuffer(payload, dtype="<f4", offset=offset, count=2 * n_chunks)
         levels = levels.astype(np.float32).reshape(n_chunks, 2)
@@ -493,29 +500,12 @@ class TopK2BitCodec:
         raw = np.frombuffer(payload, dtype=np.uint8, offset=offset)
         idx = _unpack_bits(raw[:index_bytes], kept, self.index_bits)
         codes = _unpack_bits(raw[index_bytes:], kept, 2)
-        # Every chunk's indices: strictly increasing and inside the chunk.
-        body = idx[: full * self.k].reshape(full, self.k)
-        tail = idx[full * self.k :]
-        bad = (body >= self.chunk).any() or (np.diff(body, axis=1) <= 0).any()
-        bad = bad or (tail >= rest).any() or (np.diff(tail) <= 0).any()
-        if bad:
-            raise CodecError("top-k payload has out-of-range or repeated indices")
-        chunk_of = np.concatenate([np.repeat(np.arange(full), self.k), np.full(tail_k, full)])
+        positions, chunk_of = self._positions(idx, numel)
         magnitude = levels[chunk_of, codes >> 1]
         values = np.where(codes & 1, -magnitude, magnitude).astype(np.float32)
         out = torch.zeros(numel, dtype=torch.float32)
-        out[torch.from_numpy(chunk_of * self.chunk + idx)] = torch.from_numpy(values)
+        out[torch.from_numpy(positions)] = torch.from_numpy(values)
         return out
-
-    def error_bound(self, values: torch.Tensor) -> float:
-        # A kept value keeps its sign and takes a magnitude of its chunk's kept ones; a
-        # dropped one is at most the chunk's largest: the largest magnitude bounds both.
-        v = _flat_f32(values)
-        return float(v.abs().max()) if v.numel() else 0.0
-
-    @property
-    def density(self) -> float:
-        return self.k / self.chunk
 
 
 class HivemindCodec:
@@ -623,7 +613,7 @@ def mean_codec(codec: Codec, contributors: int) -> Codec:
     them all costs as many times the bytes but loses nothing of the support, where
     re-selecting k would drop most of every contributor's update (and the error feedback
     that could carry it lives with the contributors, not with the owner)."""
-    if isinstance(codec, TopKCodec | TopK2BitCodec):
+    if isinstance(codec, _ChunkedTopK):
         # 2-bit values too: their weighted sums take many values, kept at 8 bits.
         return TopKCodec(chunk=codec.chunk, k=min(codec.chunk, codec.k * max(1, contributors)))
     return codec

@@ -247,10 +247,8 @@ def persistent_direction_outliers(
     excluded = {}
     for node_id, cosine in cosines.items():
         seen = _recent_cosines(node_id, history) + [cosine]
-        if cosine >= 0.0 or len(seen) < DIRECTION_WINDOW_MIN:
-            continue
-        mean = sum(seen) / len(seen)
-        if mean < -WHOLE_COSINE_FLOOR:
+        mean = _mean_against(seen)
+        if cosine < 0.0 and mean is not None:
             excluded[node_id] = (
                 f"direction disagrees with the others' round after round (cosine "
                 f"{cosine:.3f}; mean {mean:.3f} over its last {len(seen)} rounds, limit "
@@ -274,16 +272,23 @@ def history_direction_outliers(
     excluded = {}
     for node_id in ids:
         seen = _recent_cosines(node_id, history)
-        if len(seen) < DIRECTION_WINDOW_MIN:
-            continue
-        mean = sum(seen) / len(seen)
-        if mean < -WHOLE_COSINE_FLOOR:
+        mean = _mean_against(seen)
+        if mean is not None:
             excluded[node_id] = (
                 f"direction disagreed with the others' round after round (mean {mean:.3f} "
                 f"over its last {len(seen)} judged rounds, limit {-WHOLE_COSINE_FLOOR:.3f}); "
                 f"this round has too few contributions to judge"
             )
     return excluded
+
+
+def _mean_against(seen: Sequence[float]) -> float | None:
+    """The mean of a node's cosines over the window when they are enough to judge by
+    (DIRECTION_WINDOW_MIN) and point against the others' (below −WHOLE_COSINE_FLOOR)."""
+    if len(seen) < DIRECTION_WINDOW_MIN:
+        return None
+    mean = sum(seen) / len(seen)
+    return mean if mean < -WHOLE_COSINE_FLOOR else None
 
 
 def _recent_cosines(node_id: str, history: Sequence[Mapping[str, float]]) -> list[float]:
