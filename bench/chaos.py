@@ -32,7 +32,10 @@ node_bytes_received_per_round, final_val_loss (the honest nodes' loss after the 
 planned round, or the last before it), baseline_val_loss, loss_ratio, and the
 two runs' mean losses over the same rounds before the nodes finish (compared_rounds,
 val_loss_same_rounds, baseline_val_loss_same_rounds, loss_ratio_same_rounds),
-mean_exact, mean_max_abs_err (over the means the honest nodes applied), wall_s.
+mean_exact, mean_max_abs_err (over the means the honest nodes applied), wall_s. With
+--kill-coordinator: coordinator_restarts (each: state_identical, restart_s from the kill
+until the new coordinator serves, reconnect_s from the kill until every running node was
+heard from, reconnect_after_serving_s), max_reconnect_s, max_reconnect_after_serving_s.
 `--model tiny` runs the `tiny` preset's width and depth instead of the micro model's.
 `--defences off` turns the screen, the second owner per shard ([defences] verify_means)
 and the demotion of reducers that lose contributions (demote_reducers) off: the control
@@ -220,12 +223,22 @@ class Scenario:
             assert self.coordinator.stdout is not None
             if not self.coordinator.stdout.readline().startswith("starling://"):
                 raise SystemExit("the coordinator did not restart")
+            # Serving again: most of a restart on this shared CPU is the new process
+            # importing torch while the nodes train (~1.5 s on an idle machine).
+            serving_s = time.time() - killed_at
             after = self.snapshot()
+            reconnect_s = self._reconnect_s(killed_at, before["active"])
             restarts.append(
                 {
                     "after_commits": len(before["commits"]),
                     "state_identical": _same_committed(before, after),
-                    "reconnect_s": self._reconnect_s(killed_at, before["active"]),
+                    "restart_s": round(serving_s, 2),
+                    "reconnect_s": reconnect_s,
+                    # The server answers just before it prints its URL: a node heard
+                    # from by then reconnected at once (0).
+                    "reconnect_after_serving_s": (
+                        None if reconnect_s is None else max(0.0, round(reconnect_s - serving_s, 2))
+                    ),
                 }
             )
         return restarts
@@ -628,6 +641,10 @@ def run_scenario(root: Path, args: argparse.Namespace, faults: bool) -> dict[str
             result["coordinator_state_identical"] = all(r["state_identical"] for r in restarts)
             seconds = [r["reconnect_s"] for r in restarts]
             result["max_reconnect_s"] = None if None in seconds else max(seconds)
+            after_serving = [r["reconnect_after_serving_s"] for r in restarts]
+            result["max_reconnect_after_serving_s"] = (
+                None if None in after_serving else max(after_serving)
+            )
         return {**result, **churn}
     finally:
         scenario.close()

@@ -35,7 +35,7 @@ import torch
 from starling import __version__
 from starling.checkpoint import state_blob, state_from_blob
 from starling.codecs import ErrorFeedback, make_codec
-from starling.coordination import CoordinatorClient, JoinUrl
+from starling.coordination import RETRY_MAX_DELAY_S, CoordinatorClient, JoinUrl
 from starling.data.shards import Manifest, evaluation_batches
 from starling.diloco import GlobalState, load_flat_parameters
 from starling.exchange import (
@@ -890,7 +890,7 @@ class NodeDaemon:
                     raise
             if self.stop_event.wait(delay):
                 raise InterruptedError("stopping")
-            delay = min(2 * delay, 2.0)
+            delay = min(2 * delay, RETRY_MAX_DELAY_S)
 
     def _set_phase(self, phase: str, **changes: Any) -> None:
         """A phase change, shown only when the round loop itself is in it: in overlap

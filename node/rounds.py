@@ -21,7 +21,7 @@ from typing import TypeVar
 import grpc
 import torch
 
-from starling.coordination import CoordinatorClient
+from starling.coordination import RETRY_MAX_DELAY_S, CoordinatorClient
 from starling.exchange import (
     ExchangeError,
     ExchangePeer,
@@ -281,7 +281,7 @@ def _retrying(call: Callable[[], T], until: float) -> T:
             if err.code() not in RETRYABLE or time.time() + delay > until:
                 raise
         threading.Event().wait(delay)  # a plain pause between attempts
-        delay = min(delay * 2, 2.0)
+        delay = min(delay * 2, RETRY_MAX_DELAY_S)
 
 
 def _poll(client: CoordinatorClient, spec: RoundSpec, version: int) -> pb.RoundState:

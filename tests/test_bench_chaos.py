@@ -64,6 +64,9 @@ def test_a_coordinator_killed_and_restarted_loses_nothing(tmp_path: Path) -> Non
     assert len(report["coordinator_restarts"]) == 2
     assert report["coordinator_state_identical"] is True
     assert report["max_reconnect_s"] is not None  # every running node came back
+    for restart in report["coordinator_restarts"]:
+        assert 0 < restart["restart_s"] < 60  # the new process served
+        assert restart["reconnect_after_serving_s"] is not None
     assert report["rounds_committed"] >= report["rounds_planned"]
     assert report["mean_exact"] is True
 

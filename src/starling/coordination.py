@@ -34,11 +34,16 @@ from .v1 import peer_pb2
 
 AUTH_FIELD = 15
 # A restarted coordinator is back in seconds: gRPC's own reconnect backoff (1 s growing
-# 1.6× to 120 s) left a node's channel waiting ~10 s for its next attempt. Capped at 2 s
-# (gRPC adds ±20% jitter, so a crowd of nodes does not reconnect in step).
+# 1.6× to 120 s) left a node's channel waiting ~10 s for its next attempt. Nodes retry an
+# unreachable coordinator at most RETRY_MAX_DELAY_S apart and their channels redial as
+# often (gRPC adds ±20% jitter, so a crowd of nodes does not reconnect in step; a refused
+# dial costs the restarting host one RST). With a 2 s cap a node came back up to ~4 s
+# after the coordinator was serving again: the next retry waited for the channel's next
+# dial.
+RETRY_MAX_DELAY_S = 1.0
 COORDINATOR_CHANNEL_OPTIONS = GRPC_OPTIONS + [
-    ("grpc.initial_reconnect_backoff_ms", 500),
-    ("grpc.max_reconnect_backoff_ms", 2_000),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", int(RETRY_MAX_DELAY_S * 1000)),
 ]
 SERVICE = "starling.v1.Coordinator"
 FILE_CHUNK_BYTES = 1 << 20
