@@ -667,12 +667,8 @@ class ErrorFeedback:
         exchange), with one residual carried over the whole vector, and the decoded
         vector as the receivers will see it."""
         v = _flat_f32(values)
-        if self.residual is None:
-            target = v
-        elif self.decay == 1.0:
-            target = v + self.residual
-        else:
-            target = v + torch.mul(self.residual, self.decay)
+        # β = 1 changes no bit: a product with 1.0 is exact.
+        target = v if self.residual is None else v + self.residual * self.decay
         if not self.codec.lossy:
             return [self.codec.encode(target[a:b]) for a, b in ranges], target
         decoded = torch.empty_like(target)
