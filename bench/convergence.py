@@ -27,7 +27,7 @@ from starling.diloco import DEFAULT_INNER_STEPS, OuterConfig
 from starling.simulate import SimConfig, Simulation, plot
 from starling.train import TrainConfig
 
-ALL_CODECS = "fp32,bf16,int8,int4,topk,hivemind-fp16,hivemind-uint8"
+ALL_CODECS = "fp32,bf16,int8,int4,int2,topk,hivemind-fp16,hivemind-uint8"
 # Each strategy's best inner lr at these defaults (val loss, README "Convergence per
 # byte"): DDP 3e-3 → 3.9325, 4.5e-3 → 3.9278, 6e-3 → 3.9306; DiLoCo int4 (H = 30)
 # 3e-3 → 4.3041, 4.5e-3 → 4.2638, 6e-3 → 4.2517, 9e-3 → 4.3756. Averaging the steps of

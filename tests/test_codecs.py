@@ -17,7 +17,7 @@ from starling.codecs import (
 SIZES = [1, 5, 4097, 10_001]
 SPECS = [
     *CODEC_NAMES,
-    *("int8:128", "int4:32", "topk:8/16", "topk:32/1024", "topk2:8/16", "topk2:32/1024"),
+    *("int8:128", "int4:32", "int2:16", "topk:8/16", "topk:32/1024", "topk2:8/16", "topk2:32/1024"),
 ]
 
 
@@ -48,6 +48,7 @@ def test_round_trip_within_bound_and_exact_size(spec: str, n: int) -> None:
         ("bf16", 2.0),
         ("int8", 1.03125),
         ("int4", 0.53125),
+        ("int2", 0.28125),
         ("topk", 64 * 3 / 4096 + 2 / 4096),
         # 12-bit indices, 2-bit values, two f32 magnitudes a chunk: 0.0293 B.
         ("topk2", 64 * (12 + 2) / 8 / 4096 + 8 / 4096),
@@ -61,7 +62,7 @@ def test_stated_bytes_per_parameter(spec: str, bytes_per_param: float) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["bf16", "int8", "int4", "topk", "topk2", "hivemind-fp16", "hivemind-uint8"]
+    "spec", ["bf16", "int8", "int4", "int2", "topk", "topk2", "hivemind-fp16", "hivemind-uint8"]
 )
 def test_error_feedback_loses_nothing_in_the_sum(spec: str) -> None:
     """Σ decoded messages + final residual = Σ inputs."""
@@ -275,3 +276,22 @@ def test_two_bit_top_k_bad_indices_magnitudes_and_padding_are_refused() -> None:
 def test_bad_codec_specs_are_refused(spec: str) -> None:
     with pytest.raises(ValueError, match="codec"):
         make_codec(spec)
+
+
+def test_int2_sends_the_nearest_of_four_levels_and_no_zero() -> None:
+    """int2's grid is ±0.5 and ±1.5 scales, the scale a block's absmax / 1.5: a block
+    whose absmax is 3 has levels ±1 and ±3, and every value goes to the nearest."""
+    codec = make_codec("int2:8")
+    x = torch.tensor([3.0, -3.0, 0.9, -1.1, 2.1, -1.9, 0.0, 0.2])
+    y = codec.decode(codec.encode(x), 8)
+    assert y.tolist() == [3.0, -3.0, 1.0, -1.0, 3.0, -1.0, 1.0, 1.0]  # 0 is a tie: to even
+    assert len(codec.encode(torch.zeros(8))) == HEADER_BYTES + 2 + 2
+    assert torch.equal(codec.decode(codec.encode(torch.zeros(8)), 8), torch.zeros(8))
+
+
+def test_int2_padding_bits_must_be_zero() -> None:
+    codec = make_codec("int2:8")
+    payload = bytearray(codec.encode(torch.linspace(-1, 1, 5)))  # 10 code bits, 6 padding
+    payload[-1] |= 0x80
+    with pytest.raises(CodecError, match="padding"):
+        codec.decode(bytes(payload), 5)

