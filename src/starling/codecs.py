@@ -217,20 +217,16 @@ class BlockQuantCodec:
             # x / scale ∈ [−1.5, 1.5] → the nearest of −1.5, −0.5, 0.5, 1.5 → code 0..3.
             grid = torch.round(blocks / safe[:, None] + 1.5).clamp_(0, 3)
             packed = _pack_bits(grid.to(torch.int64).flatten()[: v.numel()].numpy(), 2)
-            return (
-                _header(self.codec_id, v.numel(), self.block)
-                + scale.numpy().astype("<f2").tobytes()
-                + packed
-            )
-        rounded = torch.round(blocks / safe[:, None]).clamp_(-self.levels, self.levels)
-        codes = rounded.to(torch.int8).flatten()[: v.numel()].numpy()
-        if self.bits == 4:
-            nibbles = (codes.astype(np.int16) + 8).astype(np.uint8)
-            if len(nibbles) % 2:
-                nibbles = np.append(nibbles, np.uint8(8))
-            packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
         else:
-            packed = codes.tobytes()
+            rounded = torch.round(blocks / safe[:, None]).clamp_(-self.levels, self.levels)
+            codes = rounded.to(torch.int8).flatten()[: v.numel()].numpy()
+            if self.bits == 4:
+                nibbles = (codes.astype(np.int16) + 8).astype(np.uint8)
+                if len(nibbles) % 2:
+                    nibbles = np.append(nibbles, np.uint8(8))
+                packed = (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8).tobytes()
+            else:
+                packed = codes.tobytes()
         return (
             _header(self.codec_id, v.numel(), self.block)
             + scale.numpy().astype("<f2").tobytes()
