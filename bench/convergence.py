@@ -24,16 +24,15 @@ import torch
 from starling.codecs import make_codec
 from starling.data import PrepareConfig, TokenDataset, prepare
 from starling.diloco import DEFAULT_INNER_STEPS, OuterConfig
-from starling.simulate import SimConfig, Simulation, plot
+from starling.simulate import SimConfig, SimResult, Simulation, plot, simulation_lr
 from starling.train import TrainConfig
 
 ALL_CODECS = "fp32,bf16,int8,int4,int2,topk,hivemind-fp16,hivemind-uint8"
-# Each strategy's best inner lr at these defaults (val loss, README "Convergence per
-# byte"): DDP 3e-3 → 3.9325, 4.5e-3 → 3.9278, 6e-3 → 3.9306; DiLoCo int4 (H = 30)
-# 3e-3 → 4.3041, 4.5e-3 → 4.2638, 6e-3 → 4.2517, 9e-3 → 4.3756. Averaging the steps of
-# K workers' AdamW on K× smaller batches takes a larger lr than one AdamW on their mean.
-DDP_LR = 4.5e-3
-DILOCO_LR = 6e-3
+
+
+def kind_of(run: SimConfig | SimResult) -> str:
+    """Which of the bench's three lrs a run trains at: ddp, diloco or overlap."""
+    return "overlap" if run.overlap and run.strategy == "diloco" else run.strategy
 
 
 def dataset_for(source: str, cache: Path) -> TokenDataset:
@@ -58,8 +57,16 @@ def main() -> None:
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per worker step")
-    parser.add_argument("--lr", type=float, default=DILOCO_LR, help="DiLoCo's inner AdamW peak lr")
-    parser.add_argument("--ddp-lr", type=float, default=DDP_LR, help="DDP's AdamW peak lr")
+    # Each strategy trains at its own best lr (starling.simulate.SIMULATION_LR has the sweeps).
+    parser.add_argument(
+        "--lr", type=float, help="DiLoCo's inner AdamW peak lr (default: the model's tuned one)"
+    )
+    parser.add_argument(
+        "--ddp-lr", type=float, help="DDP's AdamW peak lr (default: the model's tuned one)"
+    )
+    parser.add_argument(
+        "--overlap-lr", type=float, help="the overlapped rows' inner lr (default: tuned)"
+    )
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--beta2", type=float, default=TrainConfig().beta2, help="inner AdamW β2")
     parser.add_argument("--outer-lr", type=float, default=OuterConfig().lr)
@@ -74,6 +81,12 @@ def main() -> None:
     parser.add_argument("--plot", default=None, help="PNG of loss vs tokens and vs bytes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.lr is None:
+        args.lr = simulation_lr(args.model, "diloco")
+    if args.ddp_lr is None:
+        args.ddp_lr = simulation_lr(args.model, "ddp")
+    if args.overlap_lr is None:
+        args.overlap_lr = simulation_lr(args.model, "diloco", overlap=True)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -89,7 +102,8 @@ def main() -> None:
             seed=args.seed,
             device=args.device,
         )
-        ddp_train_cfg = replace(train_cfg, lr=args.ddp_lr)
+        lr_of = {"ddp": args.ddp_lr, "diloco": args.lr, "overlap": args.overlap_lr}
+        train_cfgs = {kind: replace(train_cfg, lr=lr) for kind, lr in lr_of.items()}
         outer = OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum)
         runs = [SimConfig(strategy="ddp", workers=args.workers, steps=args.steps, model=args.model)]
         variants = [(codec, False) for codec in args.codecs.split(",")]
@@ -115,8 +129,7 @@ def main() -> None:
     dataset = dataset_for(args.data, Path(args.cache_dir))
     results = []
     for sim_cfg in runs:
-        run_train_cfg = ddp_train_cfg if sim_cfg.strategy == "ddp" else train_cfg
-        result = Simulation(sim_cfg, run_train_cfg, dataset).run()
+        result = Simulation(sim_cfg, train_cfgs[kind_of(sim_cfg)], dataset).run()
         results.append(result)
         row = {k: v for k, v in result.to_dict().items() if k != "history"}
         print(json.dumps(row), flush=True)
@@ -134,7 +147,7 @@ def main() -> None:
             "codec": r.codec,
             "overlap": r.overlap,
             "inner_steps": r.inner_steps,
-            "lr": args.ddp_lr if r.strategy == "ddp" else args.lr,
+            "lr": lr_of[kind_of(r)],
             "rounds": r.rounds,
             "tokens": r.tokens,
             "final_val_loss": round(r.final_val_loss, 4),

@@ -80,6 +80,7 @@ def test_chaos_benchmark_rejects_bad_options() -> None:
         ["--kill-coordinator", "-1"],
         ["--round-tokens", "-1"],
         ["--beta2", "1"],
+        ["--lr", "0"],
     ):
         run = subprocess.run(
             [sys.executable, str(BENCH), *options], capture_output=True, text=True, timeout=60

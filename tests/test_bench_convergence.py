@@ -21,7 +21,7 @@ def test_convergence_benchmark_reports_each_strategy_at_its_own_lr(pydoc_dir: Pa
     run = bench(
         "--data", str(pydoc_dir), "--steps", "8", "--inner-steps", "4", "--workers", "2",
         "--seq-len", "32", "--batch-size", "4", "--codecs", "fp32,int4",
-        "--overlap-codecs", "int4", "--lr", "5e-3", "--ddp-lr", "2e-3",
+        "--overlap-codecs", "int4", "--lr", "5e-3", "--ddp-lr", "2e-3", "--overlap-lr", "4e-3",
         "--threads", "1", "--json",
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
@@ -33,7 +33,7 @@ def test_convergence_benchmark_reports_each_strategy_at_its_own_lr(pydoc_dir: Pa
         ("diloco", "int4", False),
         ("diloco", "int4", True),
     ]
-    assert [r["lr"] for r in rows] == [2e-3, 5e-3, 5e-3, 5e-3]
+    assert [r["lr"] for r in rows] == [2e-3, 5e-3, 5e-3, 4e-3]
     assert len({r["tokens"] for r in rows}) == 1  # the same token budget for every row
     ddp, fp32, int4, _ = rows
     assert ddp["loss_ratio_to_ddp"] == 1.0 and ddp["ddp_bytes_ratio"] == 1.0
@@ -51,6 +51,7 @@ def test_convergence_benchmark_rejects_bad_options(pydoc_dir: Path) -> None:
         (("--codecs", "int3"), "int3"),
         (("--steps", "0"), "steps"),
         (("--lr", "-1"), "learning rate"),
+        (("--overlap-lr", "0"), "learning rate"),
     ]:
         run = bench("--data", str(pydoc_dir), *args, "--json")
         assert run.returncode == 2, (args, run.stderr[-2000:])

@@ -16,7 +16,7 @@ from starling.diloco import (
     weighted_mean,
 )
 from starling.model import build_model, model_config
-from starling.simulate import SimConfig, Simulation
+from starling.simulate import SIMULATION_LR, SimConfig, Simulation, simulation_lr
 from starling.train import InnerTrainer, TrainConfig
 
 from .conftest import run_cli
@@ -240,7 +240,24 @@ def test_simulate_cli_json_and_plot(pydoc_dir: Path, tmp_path: Path) -> None:
     ):
         assert key in summary
     assert summary["codec"] == "topk" and summary["rounds"] == 2
+    assert summary["lr"] == SIMULATION_LR["tiny"]["diloco-overlap"]  # --overlap's tuned lr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path) -> None:
+    def summary(*args: str) -> dict:
+        result = run_cli(
+            "simulate", "--data", str(pydoc_dir), "--steps", "2", "--workers", "2", "--json", *args
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout.strip().splitlines()[-1])
+
+    assert summary()["lr"] == SIMULATION_LR["tiny"]["diloco"] == 6e-3  # the bench's best
+    assert summary("--strategy", "ddp")["lr"] == 4.5e-3
+    assert summary("--overlap")["lr"] == 4.5e-3  # a stale mean wants smaller inner steps
+    assert summary("--lr", "1e-3")["lr"] == 1e-3
+    # A preset without a sweep keeps TrainConfig's lr.
+    assert simulation_lr("small", "diloco") == simulation_lr("tiny", "none") == TrainConfig.lr
 
 
 @pytest.mark.parametrize(

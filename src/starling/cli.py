@@ -388,7 +388,10 @@ def simulate_command(
     tokenizer: Annotated[str, typer.Option(help="Tokenizer when --data is text.")] = "bpe:8192",
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 64,
     batch_size: Annotated[int, typer.Option(help="Sequences per worker step.")] = 8,
-    lr: Annotated[float, typer.Option(help="Inner AdamW peak learning rate.")] = 3e-3,
+    lr: Annotated[
+        float | None,
+        typer.Option(help="Inner AdamW peak lr (default: tuned for the preset and strategy)."),
+    ] = None,
     warmup_steps: Annotated[int, typer.Option(help="Inner warmup steps.")] = 30,
     beta2: Annotated[
         float | None, typer.Option(help="Inner AdamW β2 (default: the runs' default).")
@@ -425,7 +428,7 @@ def simulate_command(
 ) -> None:
     """Compare strategies (DDP, DiLoCo, codecs, H, speeds, dropouts) on this machine."""
     from .diloco import DEFAULT_CODEC, DEFAULT_INNER_STEPS, OuterConfig
-    from .simulate import SimConfig, Simulation, plot
+    from .simulate import SimConfig, Simulation, plot, simulation_lr
     from .train import TrainConfig
 
     try:
@@ -456,7 +459,7 @@ def simulate_command(
         batch_tokens=batch_size * seq_len,
         micro_batch_size=batch_size,
         seq_len=seq_len,
-        lr=lr,
+        lr=simulation_lr(model, strategy, overlap) if lr is None else lr,
         warmup_steps=warmup_steps,
         beta2=TrainConfig.beta2 if beta2 is None else beta2,
         eval_batches=eval_batches,
@@ -469,7 +472,7 @@ def simulate_command(
         f"simulating {strategy} with {workers} workers"
         + (f", H={sim_cfg.inner_steps}, codec {sim_cfg.codec}" if strategy == "diloco" else "")
         + f": {steps} steps × {train_cfg.batch_tokens:,} tokens per worker, "
-        f"model {model} ({simulation.n_params:,} parameters)"
+        f"model {model} ({simulation.n_params:,} parameters), inner lr {train_cfg.lr:g}"
     )
     with SimProgress(err_console, steps) as progress:
         result = simulation.run(progress.update)
@@ -481,7 +484,8 @@ def simulate_command(
         f"in {result.wall_s:.0f} s"
     )
     if json_output:
-        print(json.dumps({k: v for k, v in result.to_dict().items() if k != "history"}))
+        summary = {k: v for k, v in result.to_dict().items() if k != "history"}
+        print(json.dumps({**summary, "lr": train_cfg.lr}))
 
 
 # ------------------------------------------------------------------------- status

@@ -42,6 +42,27 @@ from .train import InnerTrainer, TrainConfig, select_device
 
 STRATEGIES = ("ddp", "diloco")
 
+# The inner AdamW's peak lr per model preset and strategy, swept at the simulator's
+# default geometry (bench/convergence.py: tiny, 4 workers, 600 steps of 8 × 64 tokens per
+# worker; README "Convergence per byte"). DDP is flat over 3e-3–6e-3 (3.9325, 3.9278,
+# 3.9306) with its best at 4.5e-3. DiLoCo wants more: int4 at H = 30 reaches 4.3041 at
+# 3e-3, 4.2517 at 6e-3 and 4.3756 at 9e-3, because the mean of K workers' AdamW steps,
+# each normalised by its own small batch's noise, is shorter than one AdamW step on
+# their mean. With overlap (the mean applied a round late) less: 4.4309 at 2e-3, 4.4148
+# at 3e-3, 4.3899 at 4.5e-3, 4.5100 at 6e-3; a stale mean hurts more when inner steps
+# are larger. None of it carries over to other geometries: the demo (3 nodes,
+# 2,048-token steps, 160 steps) ends at 4.92 with 6e-3 against 4.80 with 3e-3, so runs
+# keep TrainConfig.lr. Presets not listed keep it too (not measured).
+SIMULATION_LR: dict[str, dict[str, float]] = {
+    "tiny": {"ddp": 4.5e-3, "diloco": 6e-3, "diloco-overlap": 4.5e-3}
+}
+
+
+def simulation_lr(preset: str, strategy: str, overlap: bool = False) -> float:
+    """The inner peak lr `starling simulate` and the bench use when none is given."""
+    key = f"{strategy}-overlap" if overlap and strategy == "diloco" else strategy
+    return SIMULATION_LR.get(preset, {}).get(key, TrainConfig.lr)
+
 
 @dataclass(frozen=True)
 class SimConfig:
