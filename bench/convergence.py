@@ -74,6 +74,12 @@ def main() -> None:
     parser.add_argument(
         "--feedback-decay", type=float, default=1.0, help="error feedback's decay (codecs)"
     )
+    parser.add_argument(
+        "--sync-power",
+        type=float,
+        default=0.0,
+        help="DiLoCo round lengths follow the inner lr^P (0: fixed H; see SimConfig)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where replicas train (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -121,6 +127,7 @@ def main() -> None:
                 feedback_decay=args.feedback_decay,
                 model=args.model,
                 overlap=overlap,
+                sync_power=args.sync_power,
             )
             for codec, overlap in variants
         ]
@@ -148,6 +155,7 @@ def main() -> None:
             "overlap": r.overlap,
             "inner_steps": r.inner_steps,
             "lr": lr_of[kind_of(r)],
+            "sync_power": args.sync_power if r.strategy == "diloco" else 0.0,
             "rounds": r.rounds,
             "tokens": r.tokens,
             "final_val_loss": round(r.final_val_loss, 4),

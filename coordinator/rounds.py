@@ -15,6 +15,7 @@ import numpy as np
 
 from starling.exchange.owner import REJECTED
 from starling.exchange.plan import ShardPlan
+from starling.train import TrainConfig, lr_multiplier
 
 from .store import Node
 
@@ -54,6 +55,31 @@ def should_close(
         return counted_tokens(tokens, on_probation) >= budget
     done = {n for n, (t, d) in tokens.items() if d and t > 0}
     return bool(done) and active_since_open <= done
+
+
+def schedule_mean_weight(schedule: TrainConfig, power: float) -> float:
+    """The mean of lr_multiplier(step)^power over the inner schedule's steps."""
+    return sum(lr_multiplier(s, schedule) ** power for s in range(schedule.steps)) / schedule.steps
+
+
+def lr_following_budget(
+    base: int, run_tokens: int, schedule: TrainConfig, power: float, mean_weight: float
+) -> int:
+    """A round's token budget when rounds follow the inner lr (`[round] sync_power`): from
+    the run's progress, the fewest whole steps of `schedule.batch_tokens` whose Σ
+    lr_multiplier^power reaches that of an average round of `base` tokens. Rounds are
+    short while the lr is high (nodes drift apart fastest) and long as it decays; a run
+    has about as many rounds, and so sends as many bytes, as with `base` (the same rule
+    as starling.simulate.round_lengths). Past the schedule's end: `base`."""
+    step = run_tokens // schedule.batch_tokens
+    share = mean_weight * base / schedule.batch_tokens
+    mass, steps = 0.0, 0
+    while mass < share and step + steps < schedule.steps:
+        mass += lr_multiplier(step + steps, schedule) ** power
+        steps += 1
+    if mass < share:
+        return base
+    return steps * schedule.batch_tokens
 
 
 def counted_tokens(tokens: dict[str, tuple[int, bool]], on_probation: Collection[str]) -> int:

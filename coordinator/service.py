@@ -169,6 +169,13 @@ class Coordinator:
         defences = self.config.defences
         self.request_limits = RequestLimits(defences.requests_per_s, defences.request_burst)
         self.throttle = RequestThrottle(self.request_limits)
+        # The nodes' inner schedule: budgets that follow the inner lr ([round] sync_power)
+        # are sized on it (its mean weight: one pass over its steps, at start only).
+        self._schedule = self.config.inner_schedule()
+        power = self.config.round.sync_power
+        self._schedule_mean_weight = (
+            rounds.schedule_mean_weight(self._schedule, power) if power else 1.0
+        )
         # Served with every Join and GetRun; the file never changes while serving.
         self._manifest_json = (run.path / "data" / "manifest.json").read_text(encoding="utf-8")
         self.peer: ExchangePeer | None = None
@@ -1068,6 +1075,14 @@ class Coordinator:
 
     def _open(self, number: int, now: float) -> None:
         budget = self.config.round.tokens
+        if budget and self.config.round.sync_power:
+            budget = rounds.lr_following_budget(
+                budget,
+                self.store.tokens_trained(),
+                self._schedule,
+                self.config.round.sync_power,
+                self._schedule_mean_weight,
+            )
         with self.store.transaction():
             self.store.put_round(
                 Round(

@@ -312,11 +312,8 @@ class NodeDaemon:
         self._eval_trainer: InnerTrainer | None = None
 
     def _train_config(self) -> TrainConfig:
-        base = self.config.train_config()
-        # The inner schedule spans the run's target tokens; its position is the run's
-        # progress (set_schedule_step), the same on every node whatever its speed.
-        steps = max(1, self.config.run.target_tokens // base.batch_tokens)
-        values = {**base.to_dict(), "steps": steps, "device": self.options.device}
+        # Its position is the run's progress (set_schedule_step).
+        values = {**self.config.inner_schedule().to_dict(), "device": self.options.device}
         return TrainConfig(
             **{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
         )

@@ -14,10 +14,12 @@ import torch
 
 from starling.checkpoint import state_blob
 from starling.codecs import ErrorFeedback, make_codec
+from starling.coordinator import rounds
 from starling.diloco import GlobalState, OuterConfig
 from starling.exchange import encode_shards
 from starling.exchange.harness import payload_of
 from starling.node.rounds import exchange_round, spec_from_state
+from starling.runconfig import RunConfig
 
 from .coordinator_support import CoordinatorThread, Node, copy_run, make_template, wait_for
 
@@ -494,6 +496,31 @@ def test_token_join_policy(serve) -> None:
 
 async def _async(function):
     return function()
+
+
+def test_round_budgets_follow_the_inner_lr_with_sync_power(serve) -> None:
+    # 100 schedule steps of 512 tokens (10 of warmup); rounds of 2,048 tokens on average.
+    coordinator, run_dir = serve(
+        run={"target_tokens": 51_200},
+        train={"batch_tokens": 512, "warmup_steps": 10},
+        round={"tokens": 2048, "sync_power": 1.0},
+    )
+    node = serve.node(coordinator)
+    node.join()
+    schedule = RunConfig.load(run_dir / "run.toml").inner_schedule()
+    assert schedule.steps == 100
+    mean = rounds.schedule_mean_weight(schedule, 1.0)
+    # The warmup's small lr: round 0 spans more steps than an average round.
+    first = rounds.lr_following_budget(2048, 0, schedule, 1.0, mean)
+    assert first > 2048 and first % 512 == 0
+    assert node.client.get_round(0).budget == first
+    # Near the end the lr is 10× smaller: rounds are longer still; past it, the base.
+    late = rounds.lr_following_budget(2048, 512 * 80, schedule, 1.0, mean)
+    peak = rounds.lr_following_budget(2048, 512 * 10, schedule, 1.0, mean)
+    assert peak < 2048 < late
+    assert rounds.lr_following_budget(2048, 51_200, schedule, 1.0, mean) == 2048
+    # Power 0: every round the base budget.
+    assert rounds.lr_following_budget(2048, 512 * 40, schedule, 0.0, 1.0) == 2048
 
 
 def test_the_coordinator_reduces_when_no_node_is_reachable(serve) -> None:

@@ -144,6 +144,8 @@ def test_bad_run_configs_name_the_key(tmp_path: Path) -> None:
         "[round]\ntokens = -1\n": "round.tokens",
         "[outer]\ncodec = 'zip'\n": "codec",
         "[outer]\nfeedback_decay = 1.5\n": "outer.feedback_decay must be in",
+        "[round]\nsync_power = 1.0\n": "round.sync_power needs budget rounds",
+        "[round]\ntokens = 4096\nsync_power = -1.0\n": "round.sync_power must be in",
         "[membership]\nlease_s = 1.0\nheartbeat_s = 5.0\n": "lease_s",
         "[nonsense]\n": "unknown sections",
         "[round]\nbudget = 3\n": "unknown keys in [round]",

@@ -16,8 +16,14 @@ from starling.diloco import (
     weighted_mean,
 )
 from starling.model import build_model, model_config
-from starling.simulate import SIMULATION_LR, SimConfig, Simulation, simulation_lr
-from starling.train import InnerTrainer, TrainConfig
+from starling.simulate import (
+    SIMULATION_LR,
+    SimConfig,
+    Simulation,
+    round_lengths,
+    simulation_lr,
+)
+from starling.train import InnerTrainer, TrainConfig, lr_multiplier
 
 from .conftest import run_cli
 
@@ -188,6 +194,30 @@ def test_rounds_can_close_on_a_token_budget(pydoc_dir: Path) -> None:
     assert result["tokens"] == 8 * (3 + 2) * 256  # the slow worker rounds 1.5 steps to 2
 
 
+def test_round_lengths_split_the_steps_by_their_weights() -> None:
+    assert round_lengths(600, 20, [1.0] * 600) == [30] * 20
+    cosine = TrainConfig(steps=600, warmup_steps=0, batch_tokens=512, seq_len=64)
+    lengths = round_lengths(600, 20, [lr_multiplier(s, cosine) for s in range(600)])
+    assert sum(lengths) == 600 and len(lengths) == 20
+    assert max(lengths[:5]) < min(lengths[-5:]) and lengths[-1] > 4 * lengths[0]  # lr decays
+    # One step outweighing several rounds' shares: every round still gets a step.
+    assert round_lengths(20, 5, [1.0] * 10 + [1000.0] + [1.0] * 9) == [11, 1, 1, 1, 6]
+    for steps, rounds in ((10, 0), (10, 11)):
+        with pytest.raises(ValueError, match="cannot split"):
+            round_lengths(steps, rounds, [1.0] * steps)
+
+
+def test_rounds_can_follow_the_inner_lr_at_the_same_bytes(pydoc_dir: Path) -> None:
+    fixed = simulate(pydoc_dir)
+    following = simulate(pydoc_dir, sync_power=1.0)
+    for key in ("rounds", "tokens", "bytes_per_worker"):
+        assert following[key] == fixed[key], key
+    assert following["fingerprint"] != fixed["fingerprint"]  # other rounds, other weights
+    assert following["final_val_loss"] < following["initial_val_loss"] - 0.5
+    with pytest.raises(ValueError, match="sync power"):
+        SimConfig(sync_power=-1)
+
+
 def test_bytes_per_worker_are_the_encoded_payloads(pydoc_dir: Path) -> None:
     from starling.codecs import make_codec
 
@@ -270,6 +300,7 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
         (["--outer-momentum", "1.5"], "outer momentum"),
         (["--beta2", "1"], "beta2 must be in [0, 1)"),
         (["--feedback-decay", "0"], "feedback decay must be in (0, 1]"),
+        (["--sync-power", "-1"], "sync power must be in [0, 4]"),
         (["--device", "tpu"], "device must be one of"),
         (["--device", "mps"], "MPS backend is not available"),
     ],

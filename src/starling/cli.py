@@ -408,6 +408,13 @@ def simulate_command(
     overlap: Annotated[
         bool, typer.Option("--overlap/--no-overlap", help="One-round-delayed outer update.")
     ] = False,
+    sync_power: Annotated[
+        float,
+        typer.Option(
+            help="Round lengths follow the inner lr: each round spans an equal share of "
+            "Σ lr^P (0: every round H steps; 1: rounds lengthen as the lr decays)."
+        ),
+    ] = 0.0,
     eval_every: Annotated[int, typer.Option(help="Rounds (ddp: steps) between evals.")] = 0,
     eval_batches: Annotated[int, typer.Option(help="Validation batches.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of weights, data and dropouts.")] = 0,
@@ -451,6 +458,7 @@ def simulate_command(
         speeds=speed_values,
         dropout=dropout,
         overlap=overlap,
+        sync_power=sync_power,
         eval_every=eval_every,
         model=model,
     )
@@ -485,7 +493,7 @@ def simulate_command(
     )
     if json_output:
         summary = {k: v for k, v in result.to_dict().items() if k != "history"}
-        print(json.dumps({**summary, "lr": train_cfg.lr}))
+        print(json.dumps({**summary, "lr": train_cfg.lr, "sync_power": sync_power}))
 
 
 # ------------------------------------------------------------------------- status

@@ -7,7 +7,8 @@ the coordinator stores in the run directory and serves to every node.
                   shard_tokens
     [train]       the inner loop every node runs (starling.train.TrainConfig fields)
     [round]       tokens (global budget per round; 0: fixed inner_steps), inner_steps,
-                  deadline_s (training), exchange_deadline_s, shards_per_owner
+                  deadline_s (training), exchange_deadline_s, shards_per_owner,
+                  sync_power (budgets that follow the inner lr)
     [outer]       codec, lr, momentum, nesterov, overlap, feedback_decay
     [checkpoints] every (rounds), keep
     [membership]  heartbeat_s, lease_s, data_lease_s, min_nodes
@@ -18,7 +19,7 @@ Unknown sections or keys are errors (a typo must not silently fall back to a def
 from __future__ import annotations
 
 import tomllib
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +67,11 @@ class RoundSection:
     deadline_s: float = 600.0  # the training phase ends here at the latest
     exchange_deadline_s: float = 120.0
     shards_per_owner: int = 1
+    # With a budget: 0 keeps it for every round; p > 0 sizes each round's budget so that
+    # it spans an equal share of Σ lr^p of the inner schedule (coordinator.rounds.
+    # lr_following_budget): short rounds while the lr is high, long ones as it decays,
+    # about as many rounds as with a fixed budget. README "Convergence per byte".
+    sync_power: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,11 @@ class RunConfig:
             (self.round.deadline_s > 0, "round.deadline_s must be positive"),
             (self.round.exchange_deadline_s > 0, "round.exchange_deadline_s must be positive"),
             (self.round.shards_per_owner > 0, "round.shards_per_owner must be positive"),
+            (0 <= self.round.sync_power <= 4, "round.sync_power must be in [0, 4]"),
+            (
+                self.round.sync_power == 0 or self.round.tokens > 0,
+                "round.sync_power needs budget rounds (round.tokens > 0)",
+            ),
             (self.checkpoints.every > 0, "checkpoints.every must be positive"),
             (self.checkpoints.keep > 0, "checkpoints.keep must be positive"),
             (self.membership.heartbeat_s > 0, "membership.heartbeat_s must be positive"),
@@ -194,6 +205,13 @@ class RunConfig:
     def train_config(self) -> TrainConfig:
         seq = model_config(self.model.preset, **self.model.overrides).max_seq_len
         return TrainConfig(**{"seq_len": seq, "seed": self.run.seed, **self.train})
+
+    def inner_schedule(self) -> TrainConfig:
+        """The train config whose steps span the run's target tokens: the inner lr
+        schedule's position is the run's progress (tokens // batch tokens), the same on
+        every node whatever its speed."""
+        base = self.train_config()
+        return replace(base, steps=max(1, self.run.target_tokens // base.batch_tokens))
 
     # --- TOML ---------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ Strategies (chosen once, up front):
           every worker applies the same outer Nesterov step. Optional: heterogeneous
           speeds (slow workers take fewer inner steps and weigh by their tokens), dropouts
           (a worker misses a round), overlap (the mean of round r is applied one round
-          late, while round r+1 trains).
+          late, while round r+1 trains), round lengths that follow the inner lr
+          (sync_power: short rounds while the lr is high, long ones as it decays).
 
 Bytes per worker count the exact encoded payloads one worker sends plus the means it
 receives back, for both strategies alike.
@@ -17,6 +18,8 @@ receives back, for both strategies alike.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import random
 import time
@@ -38,7 +41,7 @@ from .diloco import (
     weighted_mean,
 )
 from .model import build_model, model_config
-from .train import InnerTrainer, TrainConfig, select_device
+from .train import InnerTrainer, TrainConfig, lr_multiplier, select_device
 
 STRATEGIES = ("ddp", "diloco")
 
@@ -56,6 +59,21 @@ STRATEGIES = ("ddp", "diloco")
 SIMULATION_LR: dict[str, dict[str, float]] = {
     "tiny": {"ddp": 4.5e-3, "diloco": 6e-3, "diloco-overlap": 4.5e-3}
 }
+
+
+def round_lengths(steps: int, rounds: int, weights: list[float]) -> list[int]:
+    """Inner steps of each of `rounds` rounds over `steps` steps, where round r ends at
+    the first step by which the running sum of `weights` (one per step) reaches r/rounds
+    of their total; every round gets at least one step."""
+    if not 1 <= rounds <= steps or len(weights) != steps:
+        raise ValueError(f"cannot split {steps} steps into {rounds} rounds")
+    cumulative = list(itertools.accumulate(weights))
+    ends: list[int] = []
+    for r in range(1, rounds):
+        end = bisect.bisect_left(cumulative, cumulative[-1] * r / rounds * (1 - 1e-12)) + 1
+        ends.append(min(max(end, (ends[-1] if ends else 0) + 1), steps - (rounds - r)))
+    ends.append(steps)
+    return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def simulation_lr(preset: str, strategy: str, overlap: bool = False) -> float:
@@ -79,6 +97,12 @@ class SimConfig:
     speeds: tuple[float, ...] = ()  # relative speeds in (0, 1]; empty: all equal
     dropout: float = 0.0  # probability that a worker misses a round
     overlap: bool = False
+    # Round lengths: 0, every round H steps; p > 0, round r spans an equal share of
+    # Σ lr_multiplier(step)^p over the run (round_lengths), so rounds are short while the
+    # inner lr is high (workers drift apart fastest) and long as it decays. The number of
+    # rounds, and so the bytes, stay those of a fixed H. p = 2 is the Quadratic
+    # Synchronization Rule's H ∝ 1/lr² (Gu et al., 2023).
+    sync_power: float = 0.0
     eval_every: int = 0  # rounds (diloco) or steps (ddp) between evaluations; 0: ~10 evals
     model: str = "tiny"
 
@@ -100,6 +124,8 @@ class SimConfig:
         make_codec(self.codec)  # fail early on a bad codec
         if not 0 < self.feedback_decay <= 1:
             raise ValueError("feedback decay must be in (0, 1]")
+        if not 0 <= self.sync_power <= 4:
+            raise ValueError("sync power must be in [0, 4]")
 
 
 @dataclass
@@ -229,33 +255,37 @@ class Simulation:
             per_step = self.train_cfg.batch_tokens * sum(speeds)  # tokens/step, all workers
             inner_steps = max(1, math.ceil(cfg.round_tokens / per_step))
         rounds = math.ceil(cfg.steps / inner_steps)
+        lengths = [inner_steps] * rounds
+        if cfg.sync_power:
+            weights = [lr_multiplier(s, inner_cfg) ** cfg.sync_power for s in range(cfg.steps)]
+            lengths = round_lengths(cfg.steps, rounds, weights)
         eval_every = cfg.eval_every or max(1, rounds // 10)
         initial = self._eval(state.params)
         history = [{"tokens": 0, "bytes": 0, "val_loss": initial}]
         tokens = sent = steps_done = 0
         pending: torch.Tensor | None = None  # overlap: the mean still on the wire
 
-        for r in range(1, rounds + 1):
-            deltas, weights = [], []
+        for r, length in enumerate(lengths, start=1):
+            deltas, token_weights = [], []
             for i, replica in enumerate(replicas):
                 if rng.random() < cfg.dropout:
                     continue  # missed the round: its work is discarded below
-                h = max(1, round(inner_steps * speeds[i]))
+                h = max(1, round(length * speeds[i]))
                 # Every worker's inner schedule follows the run's progress (the fastest
                 # worker's step count), not its own: a slow worker decays on time too.
-                trainers[i].steps_done = (r - 1) * inner_steps
+                trainers[i].steps_done = steps_done
                 worker_tokens = sum(trainers[i].step(batchers[i]).tokens for _ in range(h))
                 payload, decoded = feedback[i].encode(anchors[i] - flatten_parameters(replica))
                 sent += len(payload) if i == 0 else 0  # bytes of worker 0, the reference
                 deltas.append(decoded)
-                weights.append(worker_tokens)
+                token_weights.append(worker_tokens)
                 tokens += worker_tokens
-            steps_done += inner_steps
+            steps_done += length
 
             mean = None
             if deltas:
                 owner_codec = mean_codec(codec, len(deltas))
-                payload = owner_codec.encode(weighted_mean(deltas, weights))
+                payload = owner_codec.encode(weighted_mean(deltas, token_weights))
                 sent += len(payload)  # every worker downloads the re-encoded mean
                 mean = owner_codec.decode(payload, self.n_params)
 
