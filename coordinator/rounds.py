@@ -70,16 +70,15 @@ def lr_following_budget(
     lr_multiplier^power reaches that of an average round of `base` tokens. Rounds are
     short while the lr is high (nodes drift apart fastest) and long as it decays; a run
     has about as many rounds, and so sends as many bytes, as with `base` (the same rule
-    as starling.simulate.round_lengths). Past the schedule's end: `base`."""
+    as starling.simulate.round_lengths). Near the schedule's end the round takes what
+    is left of it; past the end, `base`."""
     step = run_tokens // schedule.batch_tokens
     share = mean_weight * base / schedule.batch_tokens
     mass, steps = 0.0, 0
     while mass < share and step + steps < schedule.steps:
         mass += lr_multiplier(step + steps, schedule) ** power
         steps += 1
-    if mass < share:
-        return base
-    return steps * schedule.batch_tokens
+    return steps * schedule.batch_tokens if steps else base
 
 
 def counted_tokens(tokens: dict[str, tuple[int, bool]], on_probation: Collection[str]) -> int:

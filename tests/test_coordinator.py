@@ -514,10 +514,11 @@ def test_round_budgets_follow_the_inner_lr_with_sync_power(serve) -> None:
     first = rounds.lr_following_budget(2048, 0, schedule, 1.0, mean)
     assert first > 2048 and first % 512 == 0
     assert node.client.get_round(0).budget == first
-    # Near the end the lr is 10× smaller: rounds are longer still; past it, the base.
+    # Near the end the lr is 10× smaller: rounds are longer; the last takes what is left.
     late = rounds.lr_following_budget(2048, 512 * 80, schedule, 1.0, mean)
     peak = rounds.lr_following_budget(2048, 512 * 10, schedule, 1.0, mean)
     assert peak < 2048 < late
+    assert rounds.lr_following_budget(2048, 512 * 98, schedule, 1.0, mean) == 1024  # the rest
     assert rounds.lr_following_budget(2048, 51_200, schedule, 1.0, mean) == 2048
     # Power 0: every round the base budget.
     assert rounds.lr_following_budget(2048, 512 * 40, schedule, 0.0, 1.0) == 2048
