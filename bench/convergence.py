@@ -7,8 +7,9 @@ a last line: {"config": {...}, "results": [{"strategy", "codec", "final_val_loss
     python bench/convergence.py --workers 4 --steps 600 --inner-steps 30 --json
 
 Each strategy trains at its own best inner learning rate (`--lr` for DiLoCo, `--ddp-lr`
-for DDP), measured on these defaults: comparing both at one lr would flatter whichever
-that lr suits.
+for DDP, `--overlap-lr` for the overlapped rows; defaults from starling.simulate.
+SIMULATION_LR), measured on these defaults: comparing all at one lr would flatter
+whichever that lr suits. `--sync-power P` makes DiLoCo's rounds follow the inner lr.
 """
 
 from __future__ import annotations
