@@ -10,6 +10,9 @@ Each strategy trains at its own best inner learning rate (`--lr` for DiLoCo, `--
 for DDP, `--overlap-lr` for the overlapped rows; defaults from starling.simulate.
 SIMULATION_LR), measured on these defaults: comparing all at one lr would flatter
 whichever that lr suits. `--sync-power P` makes DiLoCo's rounds follow the inner lr.
+DiLoCo workers' AdamW assumes a batch `--moment-batches` times theirs (default: --workers,
+DDP's batch; starling.train.BatchScaledAdamW); `--ddp-moment-batches` does the same for
+DDP (default 1, plain AdamW).
 """
 
 from __future__ import annotations
@@ -25,7 +28,14 @@ import torch
 from starling.codecs import make_codec
 from starling.data import PrepareConfig, TokenDataset, prepare
 from starling.diloco import DEFAULT_INNER_STEPS, OuterConfig
-from starling.simulate import SimConfig, SimResult, Simulation, plot, simulation_lr
+from starling.simulate import (
+    SimConfig,
+    SimResult,
+    Simulation,
+    plot,
+    simulation_lr,
+    simulation_moment_batches,
+)
 from starling.train import TrainConfig
 
 ALL_CODECS = "fp32,bf16,int8,int4,int2,topk,hivemind-fp16,hivemind-uint8"
@@ -70,6 +80,15 @@ def main() -> None:
     )
     parser.add_argument("--warmup-steps", type=int, default=30)
     parser.add_argument("--beta2", type=float, default=TrainConfig().beta2, help="inner AdamW β2")
+    parser.add_argument(
+        "--moment-batches",
+        type=float,
+        help="DiLoCo workers' AdamW assumes a batch this many times their step's "
+        "(default: --workers, DDP's batch; 1: plain AdamW)",
+    )
+    parser.add_argument(
+        "--ddp-moment-batches", type=float, default=1.0, help="the same for DDP (1: AdamW)"
+    )
     parser.add_argument("--outer-lr", type=float, default=OuterConfig().lr)
     parser.add_argument("--outer-momentum", type=float, default=OuterConfig().momentum)
     parser.add_argument(
@@ -94,6 +113,8 @@ def main() -> None:
         args.ddp_lr = simulation_lr(args.model, "ddp")
     if args.overlap_lr is None:
         args.overlap_lr = simulation_lr(args.model, "diloco", overlap=True)
+    if args.moment_batches is None:
+        args.moment_batches = simulation_moment_batches("diloco", args.workers)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -110,7 +131,15 @@ def main() -> None:
             device=args.device,
         )
         lr_of = {"ddp": args.ddp_lr, "diloco": args.lr, "overlap": args.overlap_lr}
-        train_cfgs = {kind: replace(train_cfg, lr=lr) for kind, lr in lr_of.items()}
+        moments_of = {
+            "ddp": args.ddp_moment_batches,
+            "diloco": args.moment_batches,
+            "overlap": args.moment_batches,
+        }
+        train_cfgs = {
+            kind: replace(train_cfg, lr=lr, moment_batches=moments_of[kind])
+            for kind, lr in lr_of.items()
+        }
         outer = OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum)
         runs = [SimConfig(strategy="ddp", workers=args.workers, steps=args.steps, model=args.model)]
         variants = [(codec, False) for codec in args.codecs.split(",")]
@@ -156,6 +185,7 @@ def main() -> None:
             "overlap": r.overlap,
             "inner_steps": r.inner_steps,
             "lr": lr_of[kind_of(r)],
+            "moment_batches": moments_of[kind_of(r)],
             "sync_power": args.sync_power if r.strategy == "diloco" else 0.0,
             "rounds": r.rounds,
             "tokens": r.tokens,

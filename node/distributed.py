@@ -174,6 +174,13 @@ class ShardedInnerLoop:
     def __init__(
         self, group: NodeGroup, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int
     ) -> None:
+        if train_cfg.moment_batches != 1:
+            # BatchScaledAdamW differentiates each micro-batch's two halves apart with
+            # autograd.grad, which bypasses FSDP's gradient reduce-scatter.
+            raise ValueError(
+                "[train] moment_batches > 1 is not supported on a node sharded by "
+                "torchrun: join this run with one process per node"
+            )
         self.channel = group
         self.world = group.world
         device = group.device

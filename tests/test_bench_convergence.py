@@ -34,6 +34,8 @@ def test_convergence_benchmark_reports_each_strategy_at_its_own_lr(pydoc_dir: Pa
         ("diloco", "int4", True),
     ]
     assert [r["lr"] for r in rows] == [2e-3, 5e-3, 5e-3, 4e-3]
+    # DiLoCo workers' AdamW assumes DDP's batch (--workers × theirs) unless told.
+    assert [r["moment_batches"] for r in rows] == [1.0, 2.0, 2.0, 2.0]
     assert len({r["tokens"] for r in rows}) == 1  # the same token budget for every row
     ddp, fp32, int4, _ = rows
     assert ddp["loss_ratio_to_ddp"] == 1.0 and ddp["ddp_bytes_ratio"] == 1.0
@@ -52,6 +54,8 @@ def test_convergence_benchmark_rejects_bad_options(pydoc_dir: Path) -> None:
         (("--steps", "0"), "steps"),
         (("--lr", "-1"), "learning rate"),
         (("--overlap-lr", "0"), "learning rate"),
+        (("--moment-batches", "0.5"), "moment batches"),
+        (("--ddp-moment-batches", "0"), "moment batches"),
     ]:
         run = bench("--data", str(pydoc_dir), *args, "--json")
         assert run.returncode == 2, (args, run.stderr[-2000:])

@@ -151,6 +151,7 @@ def test_bad_run_configs_name_the_key(tmp_path: Path) -> None:
         "[round]\nbudget = 3\n": "unknown keys in [round]",
         "[round]\ntokens = 'many'\n": "tokens must be int",
         "[train]\nseed = 3\n": "seed comes from [run]",
+        "[train]\nmoment_batches = 0.5\n": "moment batches must be ≥ 1",
         "[model]\nwidth = 3\n": "unknown keys in [model]",
         "not toml ][": "not valid TOML",
         "[outer]\ncodec = 'hivemind-uint8'\n": "bytes depend on the machine",
@@ -175,3 +176,7 @@ def test_the_run_config_round_trips_through_toml() -> None:
     assert config.round.tokens == 4096 and config.round.deadline_s == 30.0
     assert RunConfig.from_toml(config.to_toml()) == config
     assert config.model_config(vocab_size=300).dim == 64
+    # A run opts its nodes' AdamW into a larger batch's second moment (starling.train).
+    trusted = RunConfig.from_toml("[train]\nmoment_batches = 4.0\n")
+    assert trusted.train_config().moment_batches == 4.0
+    assert RunConfig.from_toml(trusted.to_toml()) == trusted

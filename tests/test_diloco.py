@@ -282,9 +282,13 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout.strip().splitlines()[-1])
 
-    assert summary()["lr"] == SIMULATION_LR["tiny"]["diloco"] == 6e-3  # the bench's best
-    assert summary("--strategy", "ddp")["lr"] == 4.5e-3
-    assert summary("--overlap")["lr"] == 4.5e-3  # a stale mean wants smaller inner steps
+    default = summary()
+    assert default["lr"] == SIMULATION_LR["tiny"]["diloco"] == 3e-3  # the bench's best
+    assert default["moment_batches"] == 2.0  # a worker's AdamW assumes DDP's batch
+    ddp = summary("--strategy", "ddp")
+    assert ddp["lr"] == 4.5e-3 and ddp["moment_batches"] == 1.0
+    assert summary("--moment-batches", "1")["moment_batches"] == 1.0
+    assert summary("--overlap")["lr"] == SIMULATION_LR["tiny"]["diloco-overlap"] == 3e-3
     assert summary("--lr", "1e-3")["lr"] == 1e-3
     # A preset without a sweep keeps TrainConfig's lr.
     assert simulation_lr("small", "diloco") == simulation_lr("tiny", "none") == TrainConfig.lr
@@ -299,6 +303,7 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
         (["--speeds", "1,1,1"], "needs 4 values"),
         (["--outer-momentum", "1.5"], "outer momentum"),
         (["--beta2", "1"], "beta2 must be in [0, 1)"),
+        (["--moment-batches", "0"], "moment batches must be ≥ 1"),
         (["--feedback-decay", "0"], "feedback decay must be in (0, 1]"),
         (["--sync-power", "-1"], "sync power must be in [0, 4]"),
         (["--device", "tpu"], "device must be one of"),

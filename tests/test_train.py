@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from starling.checkpoint import load_checkpoint
 from starling.data import SequenceBatcher, TokenDataset, evaluation_batches
 from starling.model import build_model, model_config
-from starling.train import InnerTrainer, TrainConfig, lr_multiplier, train
+from starling.train import BatchScaledAdamW, InnerTrainer, TrainConfig, lr_multiplier, train
 
 from .conftest import run_cli
 
@@ -43,6 +44,11 @@ def test_wsd_is_flat_then_decays_over_its_tail() -> None:
         ({"schedule": "linear"}, "schedule must be one of"),
         ({"steps": 0}, "steps must be positive"),
         ({"device": "tpu"}, "device must be one of"),
+        ({"moment_batches": 0.5}, "moment batches must be ≥ 1"),
+        (
+            {"moment_batches": 4, "micro_batch_size": 1, "batch_tokens": 256},
+            "micro batch size must be ≥ 2",
+        ),
     ],
 )
 def test_bad_train_configs_say_what_to_do(kwargs: dict, message: str) -> None:
@@ -116,6 +122,49 @@ def test_trainer_matches_plain_torch_adamw() -> None:
         opt.zero_grad()
     for a, b in zip(ours.parameters(), reference.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("batches", [2.0, 4.0, 16.0])
+def test_batch_scaled_adamw_steps_like_the_larger_batch(batches: float) -> None:
+    # One coordinate whose halves agree (pure signal: g_a·g_b = g²) and one whose halves
+    # cancel (pure noise: g_a·g_b = −g², clamped to 0). After one step AdamW moves both
+    # by lr; the larger batch's second moment keeps the signal's step and grows the
+    # noise's by √K, since its squared gradient would be K times smaller.
+    param = torch.nn.Parameter(torch.zeros(2))
+    opt = BatchScaledAdamW([{"params": [param], "weight_decay": 0.0}], 0.1, (0.9, 0.99), batches)
+    param.grad = torch.tensor([0.5, 0.5])
+    opt.step_with_halves({param: torch.tensor([0.25, -0.25])})
+    expected = torch.tensor([-0.1, -0.1 * math.sqrt(batches)])
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-5, atol=0.0)
+
+
+def test_batch_scaled_adamw_is_adamw_when_the_halves_agree() -> None:
+    # Each sequence twice, once in each half of the micro-batch: the halves' gradients are
+    # equal, the product is g², so any K gives AdamW's step (weight decay, clipping and
+    # accumulation included).
+    gen = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(4):
+        half = torch.randint(0, 256, (2, 17), generator=gen)
+        both = torch.cat([half, half])
+        batches.append((both[:, :-1], both[:, 1:]))
+    cfg = TrainConfig(
+        batch_tokens=128, micro_batch_size=4, seq_len=16, steps=2, lr=1e-2, warmup_steps=0
+    )
+    plain = build_model(model_config("tiny", vocab_size=256), seed=2)
+    scaled = build_model(model_config("tiny", vocab_size=256), seed=2)
+    plain_trainer = InnerTrainer(plain, cfg, CPU)
+    scaled_trainer = InnerTrainer(scaled, replace(cfg, moment_batches=8), CPU)
+    assert isinstance(scaled_trainer.optimizer, BatchScaledAdamW)
+    plain_stats = [plain_trainer.step(iter(batches[i : i + 2])) for i in (0, 2)]
+    scaled_stats = [scaled_trainer.step(iter(batches[i : i + 2])) for i in (0, 2)]
+    assert plain_stats[0].grad_norm > cfg.grad_clip  # the clip is exercised
+    for a, b in zip(plain_stats, scaled_stats, strict=True):
+        assert b.tokens == a.tokens == 128
+        assert b.loss == pytest.approx(a.loss, rel=1e-5)
+    # Within 1% of one step (lr 1e-2): float order differs where a gradient is ~ε.
+    for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_training_on_the_embedded_corpus_lowers_validation_loss(kjv_dir: Path) -> None:

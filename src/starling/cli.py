@@ -396,6 +396,14 @@ def simulate_command(
     beta2: Annotated[
         float | None, typer.Option(help="Inner AdamW β2 (default: the runs' default).")
     ] = None,
+    moment_batches: Annotated[
+        float | None,
+        typer.Option(
+            help="The inner AdamW's second moment assumes a batch this many times the "
+            "step's (default: --workers for diloco, so its steps are preconditioned like "
+            "DDP's; 1 for ddp; 1 is plain AdamW)."
+        ),
+    ] = None,
     outer_lr: Annotated[float | None, typer.Option(help="Outer learning rate.")] = None,
     outer_momentum: Annotated[float | None, typer.Option(help="Outer Nesterov momentum.")] = None,
     feedback_decay: Annotated[
@@ -435,7 +443,7 @@ def simulate_command(
 ) -> None:
     """Compare strategies (DDP, DiLoCo, codecs, H, speeds, dropouts) on this machine."""
     from .diloco import DEFAULT_CODEC, DEFAULT_INNER_STEPS, OuterConfig
-    from .simulate import SimConfig, Simulation, plot, simulation_lr
+    from .simulate import SimConfig, Simulation, plot, simulation_lr, simulation_moment_batches
     from .train import TrainConfig
 
     try:
@@ -470,6 +478,9 @@ def simulate_command(
         lr=simulation_lr(model, strategy, overlap) if lr is None else lr,
         warmup_steps=warmup_steps,
         beta2=TrainConfig.beta2 if beta2 is None else beta2,
+        moment_batches=simulation_moment_batches(strategy, workers)
+        if moment_batches is None
+        else moment_batches,
         eval_batches=eval_batches,
         seed=seed,
         device=device,
@@ -481,6 +492,7 @@ def simulate_command(
         + (f", H={sim_cfg.inner_steps}, codec {sim_cfg.codec}" if strategy == "diloco" else "")
         + f": {steps} steps × {train_cfg.batch_tokens:,} tokens per worker, "
         f"model {model} ({simulation.n_params:,} parameters), inner lr {train_cfg.lr:g}"
+        + (f", moment batches {train_cfg.moment_batches:g}" if train_cfg.moment_batches > 1 else "")
     )
     with SimProgress(err_console, steps) as progress:
         result = simulation.run(progress.update)
@@ -493,7 +505,8 @@ def simulate_command(
     )
     if json_output:
         summary = {k: v for k, v in result.to_dict().items() if k != "history"}
-        print(json.dumps({**summary, "lr": train_cfg.lr, "sync_power": sync_power}))
+        extra = {"lr": train_cfg.lr, "moment_batches": train_cfg.moment_batches}
+        print(json.dumps({**summary, **extra, "sync_power": sync_power}))
 
 
 # ------------------------------------------------------------------------- status

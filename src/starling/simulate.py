@@ -47,17 +47,18 @@ STRATEGIES = ("ddp", "diloco")
 
 # The inner AdamW's peak lr per model preset and strategy, swept at the simulator's
 # default geometry (bench/convergence.py: tiny, 4 workers, 600 steps of 8 × 64 tokens per
-# worker; README "Convergence per byte"). DDP is flat over 3e-3–6e-3 (3.9325, 3.9278,
-# 3.9306) with its best at 4.5e-3. DiLoCo wants more: int4 at H = 30 reaches 4.3041 at
-# 3e-3, 4.2517 at 6e-3 and 4.3756 at 9e-3, because the mean of K workers' AdamW steps,
-# each normalised by its own small batch's noise, is shorter than one AdamW step on
-# their mean. With overlap (the mean applied a round late) less: 4.4309 at 2e-3, 4.4148
-# at 3e-3, 4.3899 at 4.5e-3, 4.5100 at 6e-3; a stale mean hurts more when inner steps
-# are larger. None of it carries over to other geometries: the demo (3 nodes,
-# 2,048-token steps, 160 steps) ends at 4.92 with 6e-3 against 4.80 with 3e-3, so runs
-# keep TrainConfig.lr. Presets not listed keep it too (not measured).
+# worker; README "Convergence per byte"; one run each). DDP is flat over 3e-3–6e-3
+# (3.9325, 3.9278, 3.9306) with its best at 4.5e-3. DiLoCo workers whose AdamW assumes
+# DDP's batch (simulation_moment_batches) do best at 3e-3: fp32 at H = 30 reaches 4.2189
+# at 2e-3, 4.2064 at 3e-3 and 4.2293 at 6e-3; with overlap (the mean applied a round
+# late) int4 reaches 4.3328 at 2e-3 and 4.3239 at 3e-3. With plain AdamW they wanted 6e-3
+# (int4 4.3041 at 3e-3, 4.2517 at 6e-3, 4.3756 at 9e-3), because the mean of K AdamW
+# steps, each normalised by its own small batch's noise, is shorter than one step on
+# their mean. None of it carries over to other geometries: the demo (3 nodes, 2,048-token
+# steps, 160 steps) ends at 4.92 with 6e-3 against 4.80 with 3e-3, so runs keep
+# TrainConfig.lr. Presets not listed keep it too (not measured).
 SIMULATION_LR: dict[str, dict[str, float]] = {
-    "tiny": {"ddp": 4.5e-3, "diloco": 6e-3, "diloco-overlap": 4.5e-3}
+    "tiny": {"ddp": 4.5e-3, "diloco": 3e-3, "diloco-overlap": 3e-3}
 }
 
 
@@ -74,6 +75,12 @@ def round_lengths(steps: int, rounds: int, weights: list[float]) -> list[int]:
         ends.append(min(max(end, (ends[-1] if ends else 0) + 1), steps - (rounds - r)))
     ends.append(steps)
     return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def simulation_moment_batches(strategy: str, workers: int) -> float:
+    """TrainConfig.moment_batches for `starling simulate` and the bench when none is
+    given: a DiLoCo worker's AdamW assumes the K-worker batch DDP steps on."""
+    return float(workers) if strategy == "diloco" else 1.0
 
 
 def simulation_lr(preset: str, strategy: str, overlap: bool = False) -> float:

@@ -48,6 +48,12 @@ class TrainConfig:
     # 2 of 1,022 honest cut); 0.999, better still in the simulator (3.41 with 150
     # warmup steps), caught only 314 of 340 (2 of 8). README, "Convergence per byte".
     beta2: float = 0.99
+    # The inner AdamW's denominator estimates the squared gradient of a batch this many
+    # times the step's own (1: plain AdamW). A DiLoCo worker sees a K-times smaller batch
+    # than DDP's, so its √v holds K times the gradient noise variance and damps the noisy
+    # coordinates more than DDP's does; with K here its steps are preconditioned like
+    # DDP's. See BatchScaledAdamW; README, "Convergence per byte".
+    moment_batches: float = 1.0
     grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
     eval_every: int = 100  # steps between validation evaluations; 0: only at the end
     eval_batches: int = 8
@@ -68,6 +74,14 @@ class TrainConfig:
             (self.weight_decay >= 0, "weight decay must be ≥ 0"),
             (0 <= self.beta1 < 1, f"beta1 must be in [0, 1), got {self.beta1}"),
             (0 <= self.beta2 < 1, f"beta2 must be in [0, 1), got {self.beta2}"),
+            (
+                self.moment_batches >= 1,
+                f"moment batches must be ≥ 1, got {self.moment_batches}",
+            ),
+            (
+                self.moment_batches == 1 or self.micro_batch_size >= 2,
+                "moment batches > 1 splits each micro-batch in two: micro batch size must be ≥ 2",
+            ),
             (self.grad_clip >= 0, "grad clip must be ≥ 0"),
             (self.eval_every >= 0, "eval every must be ≥ 0"),
             (self.eval_batches > 0, "eval batches must be positive"),
@@ -150,6 +164,60 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     ]
 
 
+class BatchScaledAdamW(torch.optim.Optimizer):
+    """AdamW whose second moment estimates that of a batch `batches` times larger.
+
+    Per coordinate, a batch's squared gradient is E[g²] = μ² + σ²/B (μ the true gradient,
+    σ² the per-sequence variance). The two halves of a batch have independent noise, so
+    E[g_a ⊙ g_b] = μ², and for a batch K times larger
+
+        v_K = v / K + (1 − 1/K) · μ̂²,   v = EMA(g²),  μ̂² = clamp(EMA(g_a ⊙ g_b), 0, v)
+
+    (bias-corrected like v). The update is AdamW's with √v_K in place of √v. With K = 1
+    it is AdamW. The decoupled weight decay and ε are AdamW's.
+    """
+
+    def __init__(
+        self,
+        params: list[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float],
+        batches: float,
+        eps: float = 1e-8,
+    ) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
+        self.batches = batches
+
+    @torch.no_grad()
+    def step_with_halves(self, halves_product: dict[torch.Tensor, torch.Tensor]) -> None:
+        """One step from each parameter's `.grad` (the whole batch's, clipped) and
+        `halves_product[p]` = g_a ⊙ g_b of the batch's two halves (clipped alike)."""
+        share = 1.0 / self.batches
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr, eps, decay = group["lr"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    for key in ("exp_avg", "exp_avg_sq", "exp_avg_halves"):
+                        state[key] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                m, v, signal = state["exp_avg"], state["exp_avg_sq"], state["exp_avg_halves"]
+                m.lerp_(p.grad, 1 - beta1)
+                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                signal.mul_(beta2).add_(halves_product[p], alpha=1 - beta2)
+                v_hat = v / (1 - beta2**t)
+                signal_hat = torch.minimum(signal.clamp(min=0) / (1 - beta2**t), v_hat)
+                denominator = (v_hat * share).add_(signal_hat, alpha=1 - share).sqrt_().add_(eps)
+                if decay:
+                    p.mul_(1 - lr * decay)
+                p.addcdiv_(m, denominator, value=-lr / (1 - beta1**t))
+
+
 @dataclass(frozen=True)
 class StepStats:
     step: int  # optimizer steps done, including this one
@@ -166,12 +234,21 @@ class InnerTrainer:
         self.model = model
         self.cfg = cfg
         self.device = device
-        self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.weight_decay),
-            lr=cfg.lr,
-            betas=(cfg.beta1, cfg.beta2),
-            fused=device.type == "cuda",
-        )
+        self.optimizer: torch.optim.Optimizer
+        if cfg.moment_batches == 1:
+            self.optimizer = torch.optim.AdamW(
+                param_groups(model, cfg.weight_decay),
+                lr=cfg.lr,
+                betas=(cfg.beta1, cfg.beta2),
+                fused=device.type == "cuda",
+            )
+        else:
+            self.optimizer = BatchScaledAdamW(
+                param_groups(model, cfg.weight_decay),
+                lr=cfg.lr,
+                betas=(cfg.beta1, cfg.beta2),
+                batches=cfg.moment_batches,
+            )
         self.steps_done = 0
         self.amp_dtype = autocast_dtype(device, cfg.precision)
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
@@ -198,19 +275,29 @@ class InnerTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         accumulation = self.cfg.accumulation_steps
-        loss_sum = torch.zeros((), device=self.device)
-        tokens = 0
-        for _ in range(accumulation):
-            inputs, targets = next(batches)
-            inputs = inputs.to(self.device, non_blocking=True)
-            targets = targets.to(self.device, non_blocking=True)
-            loss = self._loss(inputs, targets)
-            (loss / accumulation).backward()
-            loss_sum += loss.detach()
-            tokens += targets.numel()
+        micro_batches = (
+            tuple(t.to(self.device, non_blocking=True) for t in next(batches))
+            for _ in range(accumulation)
+        )
+        halves: list[list[torch.Tensor]] = []
+        if isinstance(self.optimizer, BatchScaledAdamW):
+            loss_sum, tokens, halves = self._backward_halves(micro_batches, accumulation)
+        else:
+            loss_sum, tokens = self._backward(micro_batches, accumulation)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        if isinstance(self.optimizer, BatchScaledAdamW):
+            # clip_grad_norm_'s own coefficient, squared: the halves' product scales as g².
+            clip = min(1.0, max_norm / (float(grad_norm) + 1e-6))
+            params, first_half, second_half = halves
+            self.optimizer.step_with_halves(
+                {
+                    p: first.mul_(second).mul_(clip * clip)
+                    for p, first, second in zip(params, first_half, second_half, strict=True)
+                }
+            )
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps_done += 1
         # .item() is a host-device sync point: once per optimizer step, not per micro-batch.
@@ -221,6 +308,43 @@ class InnerTrainer:
             grad_norm=float(grad_norm),
             lr=lr,
         )
+
+    def _backward(
+        self, micro_batches: Iterator[tuple[torch.Tensor, ...]], accumulation: int
+    ) -> tuple[torch.Tensor, int]:
+        """The batch's mean gradient into `.grad`; the summed loss and the tokens."""
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for inputs, targets in micro_batches:
+            loss = self._loss(inputs, targets)
+            (loss / accumulation).backward()
+            loss_sum += loss.detach()
+            tokens += targets.numel()
+        return loss_sum, tokens
+
+    def _backward_halves(
+        self, micro_batches: Iterator[tuple[torch.Tensor, ...]], accumulation: int
+    ) -> tuple[torch.Tensor, int, list[list[torch.Tensor]]]:
+        """As _backward, for BatchScaledAdamW: each micro-batch's two halves are
+        differentiated apart (the same work as one pass). Returns also [parameters,
+        first halves' gradients, second halves' gradients]; `.grad` is their mean."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        halves = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+        loss_sum = torch.zeros((), device=self.device)
+        tokens = 0
+        for inputs, targets in micro_batches:
+            tokens += targets.numel()
+            cut = inputs.shape[0] // 2
+            for half, rows in zip(halves, (slice(0, cut), slice(cut, None)), strict=True):
+                loss = self._loss(inputs[rows], targets[rows])
+                grads = torch.autograd.grad(loss / accumulation, params)
+                for total, grad in zip(half, grads, strict=True):
+                    total.add_(grad)
+                loss_sum += loss.detach() / 2
+        first_half, second_half = halves
+        for p, first, second in zip(params, first_half, second_half, strict=True):
+            p.grad = (first + second) / 2
+        return loss_sum, tokens, [params, first_half, second_half]
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
