@@ -119,6 +119,7 @@ micro_batch_size = 16
 lr = {lr}
 warmup_steps = 5
 {beta2}
+{moment_batches}
 [checkpoints]
 # Every round: a node that falls behind after the others left resyncs from the latest
 # checkpoint (the means of rounds whose owners left are gone).
@@ -172,6 +173,10 @@ class Scenario:
                 requests_per_s=getattr(args, "requests_per_s", 50.0),
                 # The inner AdamW's β2: the run's default (TrainConfig) unless given.
                 beta2=f"beta2 = {args.beta2}" if getattr(args, "beta2", None) else "",
+                # Each node's AdamW assumes a batch this many times its step's (1: plain).
+                moment_batches=f"moment_batches = {float(args.moment_batches)}"
+                if getattr(args, "moment_batches", None)
+                else "",
                 lr=getattr(args, "lr", DEFAULT_LR),
             )
         )
@@ -712,6 +717,12 @@ def main() -> None:
         "--beta2", type=float, help="the inner AdamW's beta2 (default: the run default's)"
     )
     parser.add_argument(
+        "--moment-batches",
+        type=float,
+        help="[train] moment_batches: each node's AdamW assumes a batch this many times "
+        "its step's (default: the run default's, 1)",
+    )
+    parser.add_argument(
         "--lr",
         type=float,
         default=DEFAULT_LR,
@@ -735,6 +746,8 @@ def main() -> None:
         parser.error("--beta2 must be in (0, 1)")
     if not args.lr > 0:
         parser.error("--lr must be positive")
+    if args.moment_batches is not None and not args.moment_batches >= 1:
+        parser.error("--moment-batches must be ≥ 1")
     if args.kill_coordinator < 0:
         parser.error("--kill-coordinator must be ≥ 0")
     if args.round_tokens is not None and args.round_tokens < 0:

@@ -81,6 +81,7 @@ def test_chaos_benchmark_rejects_bad_options() -> None:
         ["--round-tokens", "-1"],
         ["--beta2", "1"],
         ["--lr", "0"],
+        ["--moment-batches", "0.5"],
     ):
         run = subprocess.run(
             [sys.executable, str(BENCH), *options], capture_output=True, text=True, timeout=60
