@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -313,10 +313,7 @@ class NodeDaemon:
 
     def _train_config(self) -> TrainConfig:
         # Its position is the run's progress (set_schedule_step).
-        values = {**self.config.inner_schedule().to_dict(), "device": self.options.device}
-        return TrainConfig(
-            **{k: v for k, v in values.items() if k in TrainConfig.__dataclass_fields__}
-        )
+        return replace(self.config.inner_schedule(), device=self.options.device)
 
     def _latest_state(self) -> tuple[GlobalState, int]:
         info = self._retry(self.client.get_run).latest_checkpoint
