@@ -173,7 +173,8 @@ class Scenario:
                 requests_per_s=getattr(args, "requests_per_s", 50.0),
                 # The inner AdamW's β2: the run's default (TrainConfig) unless given.
                 beta2=f"beta2 = {args.beta2}" if getattr(args, "beta2", None) else "",
-                # Each node's AdamW assumes a batch this many times its step's (1: plain).
+                # Each node's AdamW assumes a batch this many times its step's (1:
+                # plain AdamW; unset: the run default, the round's contributors).
                 moment_batches=f"moment_batches = {float(args.moment_batches)}"
                 if getattr(args, "moment_batches", None)
                 else "",
@@ -720,7 +721,7 @@ def main() -> None:
         "--moment-batches",
         type=float,
         help="[train] moment_batches: each node's AdamW assumes a batch this many times "
-        "its step's (default: the run default's, 1)",
+        "its step's (default: the run default's, the contributors to each round; 1: AdamW)",
     )
     parser.add_argument(
         "--lr",

@@ -105,6 +105,8 @@ class NodeStatus:
     wall_s: float = 0.0
     upload_mbps: float = 0.0  # the last exchange's rates (its bytes / its duration)
     download_mbps: float = 0.0
+    # The batch, in this node's steps' batches, its inner AdamW's second moment assumes.
+    moment_batches: float = 1.0
     events: list[str] = field(default_factory=list)
 
 
@@ -287,7 +289,9 @@ class NodeDaemon:
             )
         else:
             model = build_model(model_cfg, seed=self.config.run.seed, device=self.device)
-            trainer = InnerTrainer(model, self.train_cfg, self.device)
+            trainer = InnerTrainer(
+                model, self.train_cfg, self.device, self.config.follows_contributors()
+            )
             self.inner = LocalInnerLoop(model, trainer, self.train_cfg)
             log.info(
                 "training on %s (%s)",
@@ -305,7 +309,18 @@ class NodeDaemon:
         self.peer.set_state(self.state_round, self.state.params, self.state.momentum)
         # The run's tokens so far: where the inner learning-rate schedule is (then every
         # applied commit adds its tokens).
-        self.run_tokens = int(self._retry(self.client.get_status).tokens_trained)
+        status = self._retry(self.client.get_status)
+        self.run_tokens = int(status.tokens_trained)
+        if self.config.follows_contributors():
+            # As many as the latest commit had; before the first one, the active nodes
+            # (min_nodes at least open a round).
+            expected = len(status.last_commit.contributors) or max(
+                self.config.membership.min_nodes,
+                sum(peer.state == "active" for peer in status.peers),
+            )
+            self.status.moment_batches = self.inner.set_moment_batches(expected)
+        else:
+            self.status.moment_batches = self.train_cfg.moment_batches
         self.lease: pb.DataLease | None = None
         self._data_file = ""  # the shard the inner loop samples from
         self._pass_tokens = 0  # tokens trained on it since it was leased (or last renewed)
@@ -591,6 +606,10 @@ class NodeDaemon:
         )
         contributors = {c.node_id for c in outcome.commit.contributors}
         self._last_commit = (round_, contributors)
+        if contributors and self.config.follows_contributors():
+            # The next round's mean is over about as many contributions as this one's:
+            # a batch that many times ours (TrainConfig.moment_batches).
+            self.status.moment_batches = self.inner.set_moment_batches(len(contributors))
         if self.identity.node_id in contributors:
             self._set(rounds_contributed=self.status.rounds_contributed + 1)
 
@@ -668,6 +687,7 @@ class NodeDaemon:
             "bytes_sent": self.status.bytes_sent,
             "bytes_received": self.status.bytes_received,
             "compute_s": self.status.compute_s,
+            "moment_batches": self.status.moment_batches,
             "wall_s": time.monotonic() - self.started,
         }
 

@@ -50,6 +50,10 @@ class InnerLoop(Protocol):
         """Where the inner learning-rate schedule is (in optimizer steps of
         batch_tokens): the run's progress, not this node's own step count."""
 
+    def set_moment_batches(self, batches: float) -> float:
+        """Precondition the inner AdamW like a batch `batches` times the step's, where
+        the loop can; returns the factor it assumes from now on."""
+
     def step(self) -> StepStats: ...
 
     def flat(self) -> torch.Tensor: ...
@@ -72,6 +76,10 @@ class LocalInnerLoop:
 
     def set_schedule_step(self, step: int) -> None:
         self.trainer.steps_done = step
+
+    def set_moment_batches(self, batches: float) -> float:
+        self.trainer.set_moment_batches(batches)
+        return batches
 
     def step(self) -> StepStats:
         assert self.batches is not None, "set_data first"
@@ -207,6 +215,9 @@ class ShardedInnerLoop:
     def set_schedule_step(self, step: int) -> None:
         self.channel.send(SCHEDULE, {"step": step})
         self.trainer.steps_done = step
+
+    def set_moment_batches(self, batches: float) -> float:
+        return 1.0  # plain AdamW: the halves' autograd.grad would bypass FSDP's reduce
 
     def step(self) -> StepStats:
         assert self.batches is not None, "set_data first"

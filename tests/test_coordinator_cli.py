@@ -152,6 +152,8 @@ def test_bad_run_configs_name_the_key(tmp_path: Path) -> None:
         "[round]\ntokens = 'many'\n": "tokens must be int",
         "[train]\nseed = 3\n": "seed comes from [run]",
         "[train]\nmoment_batches = 0.5\n": "moment batches must be ≥ 1",
+        "[train]\nmoment_batches = 'nodes'\n": 'a number ≥ 1 or "contributors"',
+        "[train]\nmoment_batches = true\n": 'a number ≥ 1 or "contributors"',
         "[model]\nwidth = 3\n": "unknown keys in [model]",
         "not toml ][": "not valid TOML",
         "[outer]\ncodec = 'hivemind-uint8'\n": "bytes depend on the machine",
@@ -176,7 +178,14 @@ def test_the_run_config_round_trips_through_toml() -> None:
     assert config.round.tokens == 4096 and config.round.deadline_s == 30.0
     assert RunConfig.from_toml(config.to_toml()) == config
     assert config.model_config(vocab_size=300).dim == 64
-    # A run opts its nodes' AdamW into a larger batch's second moment (starling.train).
-    trusted = RunConfig.from_toml("[train]\nmoment_batches = 4.0\n")
-    assert trusted.train_config().moment_batches == 4.0
-    assert RunConfig.from_toml(trusted.to_toml()) == trusted
+    # By default each node's AdamW assumes the batch of the round's contributors (the
+    # node sets it each round from 1); a number fixes it; 1 is plain AdamW.
+    assert config.follows_contributors() and config.train_config().moment_batches == 1.0
+    named = RunConfig.from_toml("[train]\nmoment_batches = 'contributors'\n")
+    assert named.follows_contributors() and RunConfig.from_toml(named.to_toml()) == named
+    fixed = RunConfig.from_toml("[train]\nmoment_batches = 4.0\n")
+    assert fixed.train_config().moment_batches == 4.0 and not fixed.follows_contributors()
+    assert RunConfig.from_toml(fixed.to_toml()) == fixed
+    # A micro-batch of one sequence has no halves: plain AdamW, not an error.
+    single = RunConfig.from_toml("[train]\nmicro_batch_size = 1\nbatch_tokens = 256\n")
+    assert not single.follows_contributors()

@@ -469,14 +469,19 @@ def test_a_multi_process_node_trains_fsdp_shards_under_torchrun(e2e) -> None:
     run.join("fsdp", "--max-rounds", "3", launcher=(*torchrun, "-m", "starling"))
     for name in ("single", "fsdp"):
         assert run.nodes[name].wait(300) == 0, run.log(name)
-    ids = {
-        name: json.loads((run.root / name / "summary.json").read_text())["node_id"]
+    summaries = {
+        name: json.loads((run.root / name / "summary.json").read_text())
         for name in ("single", "fsdp")
     }
+    ids = {name: summary["node_id"] for name, summary in summaries.items()}
     commits = run.commits()
     for round_ in range(3):
         tokens = commits[round_]["contributors"]
         assert tokens == {ids["single"]: 3 * 512, ids["fsdp"]: 2 * 3 * 512}
+    # The run's default: a node's AdamW assumes the batch of the round's contributors
+    # (two here); a sharded node keeps plain AdamW (FSDP reduces its gradients).
+    assert summaries["single"]["moment_batches"] == 2.0
+    assert summaries["fsdp"]["moment_batches"] == 1.0
     single, fsdp = run.fingerprints("single"), run.fingerprints("fsdp")
     assert sorted(fsdp) == [0, 1, 2]
     assert_agree(single, fsdp)

@@ -167,6 +167,54 @@ def test_batch_scaled_adamw_is_adamw_when_the_halves_agree() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_a_trainer_can_follow_a_changing_number_of_batches() -> None:
+    # A run's node starts from one guess of the contributors and follows each commit:
+    # switching K between steps must give exactly the steps of a trainer built with
+    # that K, and K = 1 (a lone contributor) AdamW's step.
+    gen = torch.Generator().manual_seed(5)
+    batches = []
+    for _ in range(3):
+        b = torch.randint(0, 256, (4, 17), generator=gen)
+        batches.append((b[:, :-1], b[:, 1:]))
+    cfg = TrainConfig(
+        batch_tokens=64, micro_batch_size=4, seq_len=16, steps=3, lr=1e-2, warmup_steps=0
+    )
+
+    def trained(schedule: list[float]) -> list[torch.Tensor]:
+        model = build_model(model_config("tiny", vocab_size=256), seed=2)
+        trainer = InnerTrainer(model, cfg, CPU, batch_scaled=True)
+        assert isinstance(trainer.optimizer, BatchScaledAdamW) and trainer.moment_batches == 1
+        for batch, k in zip(batches, schedule, strict=True):
+            trainer.set_moment_batches(k)
+            assert trainer.moment_batches == k
+            trainer.step(iter([batch]))
+        return [p.detach().clone() for p in model.parameters()]
+
+    def built_with(k: float, steps: int) -> list[torch.Tensor]:
+        model = build_model(model_config("tiny", vocab_size=256), seed=2)
+        trainer = InnerTrainer(model, replace(cfg, moment_batches=k), CPU)
+        for batch in batches[:steps]:
+            trainer.step(iter([batch]))
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(trained([4.0, 4.0, 4.0]), built_with(4.0, 3), strict=True):
+        assert torch.equal(a, b)
+    followed, constant = trained([1.0, 1.0, 4.0]), trained([1.0, 1.0, 1.0])
+    assert any(not torch.equal(a, b) for a, b in zip(followed, constant, strict=True))
+    plain = build_model(model_config("tiny", vocab_size=256), seed=2)
+    plain_trainer = InnerTrainer(plain, cfg, CPU)
+    for batch in batches:
+        plain_trainer.step(iter([batch]))
+    for a, b in zip(constant, plain.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)  # K = 1: AdamW
+    with pytest.raises(ValueError, match="batch_scaled=True"):
+        plain_trainer.set_moment_batches(2.0)
+    with pytest.raises(ValueError, match="moment batches must be ≥ 1"):
+        InnerTrainer(plain, cfg, CPU, batch_scaled=True).set_moment_batches(0.5)
+    with pytest.raises(ValueError, match="micro_batch_size ≥ 2"):
+        InnerTrainer(plain, replace(cfg, micro_batch_size=1, batch_tokens=16), CPU, True)
+
+
 def test_training_on_the_embedded_corpus_lowers_validation_loss(kjv_dir: Path) -> None:
     dataset = TokenDataset(kjv_dir)
     cfg = TrainConfig(

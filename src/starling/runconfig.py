@@ -5,7 +5,8 @@ the coordinator stores in the run directory and serves to every node.
     [model]       preset, plus any ModelConfig field to override it
     [data]        source ("embedded", a text file or directory), tokenizer, val_fraction,
                   shard_tokens
-    [train]       the inner loop every node runs (starling.train.TrainConfig fields)
+    [train]       the inner loop every node runs (starling.train.TrainConfig fields;
+                  moment_batches may also be "contributors", the default)
     [round]       tokens (global budget per round; 0: fixed inner_steps), inner_steps,
                   deadline_s (training), exchange_deadline_s, shards_per_owner,
                   sync_power (budgets that follow the inner lr)
@@ -29,6 +30,10 @@ from .model import PRESETS, ModelConfig, model_config
 from .train import TrainConfig
 
 JOIN_POLICIES = ("open", "token")
+# [train] moment_batches = "contributors" (the default): each node's inner AdamW assumes
+# the batch of all the round's contributors, the number of them in the last committed
+# round (starling.train.BatchScaledAdamW), as `starling simulate` does with its workers.
+CONTRIBUTORS = "contributors"
 
 
 class RunConfigError(ValueError):
@@ -181,6 +186,11 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise RunConfigError(message)
+        moments = self.train.get("moment_batches", CONTRIBUTORS)
+        if isinstance(moments, str | bool) and moments != CONTRIBUTORS:
+            raise RunConfigError(
+                f'train.moment_batches must be a number ≥ 1 or "{CONTRIBUTORS}", got {moments!r}'
+            )
         try:
             codec = make_codec(self.outer.codec)
             OuterConfig(self.outer.lr, self.outer.momentum, self.outer.nesterov)
@@ -203,8 +213,20 @@ class RunConfig:
         return OuterConfig(self.outer.lr, self.outer.momentum, self.outer.nesterov)
 
     def train_config(self) -> TrainConfig:
+        """The nodes' TrainConfig. Where moment batches follow the contributors, its
+        moment_batches is 1 and the node raises it each round (follows_contributors)."""
         seq = model_config(self.model.preset, **self.model.overrides).max_seq_len
-        return TrainConfig(**{"seq_len": seq, "seed": self.run.seed, **self.train})
+        train = dict(self.train)
+        if train.get("moment_batches", CONTRIBUTORS) == CONTRIBUTORS:
+            train["moment_batches"] = 1.0
+        return TrainConfig(**{"seq_len": seq, "seed": self.run.seed, **train})
+
+    def follows_contributors(self) -> bool:
+        """Whether each node's inner AdamW assumes the batch of the last committed
+        round's contributors ([train] moment_batches = "contributors", the default).
+        A micro-batch of one sequence cannot be split in halves: plain AdamW then."""
+        moments = self.train.get("moment_batches", CONTRIBUTORS)
+        return moments == CONTRIBUTORS and self.train_config().micro_batch_size >= 2
 
     def inner_schedule(self) -> TrainConfig:
         """The train config whose steps span the run's target tokens: the inner lr

@@ -230,12 +230,23 @@ class StepStats:
 class InnerTrainer:
     """Owns the inner optimizer of one replica; one call to `step()` is one AdamW step."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        device: torch.device,
+        batch_scaled: bool = False,
+    ) -> None:
+        """`batch_scaled`: use BatchScaledAdamW even while cfg.moment_batches is 1, so
+        that set_moment_batches can change it later (a run's node follows the number of
+        contributors to each round)."""
         self.model = model
         self.cfg = cfg
         self.device = device
         self.optimizer: torch.optim.Optimizer
-        if cfg.moment_batches == 1:
+        if batch_scaled and cfg.micro_batch_size < 2:
+            raise ValueError("a batch-scaled AdamW needs micro_batch_size ≥ 2 (two halves)")
+        if cfg.moment_batches == 1 and not batch_scaled:
             self.optimizer = torch.optim.AdamW(
                 param_groups(model, cfg.weight_decay),
                 lr=cfg.lr,
@@ -254,6 +265,21 @@ class InnerTrainer:
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
             torch.compile(model) if cfg.compile else model
         )
+
+    @property
+    def moment_batches(self) -> float:
+        """The batch, in steps' batches, that the inner AdamW's second moment assumes."""
+        if isinstance(self.optimizer, BatchScaledAdamW):
+            return self.optimizer.batches
+        return 1.0
+
+    def set_moment_batches(self, batches: float) -> None:
+        """From the next step on, precondition like a batch `batches` times the step's."""
+        if not isinstance(self.optimizer, BatchScaledAdamW):
+            raise ValueError("set_moment_batches needs a trainer built with batch_scaled=True")
+        if not batches >= 1:
+            raise ValueError(f"moment batches must be ≥ 1, got {batches}")
+        self.optimizer.batches = float(batches)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.amp_dtype is None:
