@@ -283,15 +283,15 @@ class NodeDaemon:
         self._fetch("tokenizer.json", self.manifest.tokenizer_sha256)
         model_cfg = self.config.model_config(self.manifest.vocab_size)
         self.train_cfg = self._train_config()
+        # Read once: _settle asks every round.
+        self._follows_contributors = self.config.follows_contributors()
         if self.options.node_group is not None:
             self.inner: InnerLoop = ShardedInnerLoop(
                 self.options.node_group, model_cfg, self.train_cfg, self.config.run.seed
             )
         else:
             model = build_model(model_cfg, seed=self.config.run.seed, device=self.device)
-            trainer = InnerTrainer(
-                model, self.train_cfg, self.device, self.config.follows_contributors()
-            )
+            trainer = InnerTrainer(model, self.train_cfg, self.device, self._follows_contributors)
             self.inner = LocalInnerLoop(model, trainer, self.train_cfg)
             log.info(
                 "training on %s (%s)",
@@ -311,7 +311,7 @@ class NodeDaemon:
         # applied commit adds its tokens).
         status = self._retry(self.client.get_status)
         self.run_tokens = int(status.tokens_trained)
-        if self.config.follows_contributors():
+        if self._follows_contributors:
             # As many as the latest commit had; before the first one, the active nodes
             # (min_nodes at least open a round).
             expected = len(status.last_commit.contributors) or max(
@@ -606,7 +606,7 @@ class NodeDaemon:
         )
         contributors = {c.node_id for c in outcome.commit.contributors}
         self._last_commit = (round_, contributors)
-        if contributors and self.config.follows_contributors():
+        if contributors and self._follows_contributors:
             # The next round's mean is over about as many contributions as this one's:
             # a batch that many times ours (TrainConfig.moment_batches).
             self.status.moment_batches = self.inner.set_moment_batches(len(contributors))

@@ -186,7 +186,7 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise RunConfigError(message)
-        moments = self.train.get("moment_batches", CONTRIBUTORS)
+        moments = self._moment_batches()
         if isinstance(moments, str | bool) and moments != CONTRIBUTORS:
             raise RunConfigError(
                 f'train.moment_batches must be a number ≥ 1 or "{CONTRIBUTORS}", got {moments!r}'
@@ -217,7 +217,7 @@ class RunConfig:
         moment_batches is 1 and the node raises it each round (follows_contributors)."""
         seq = model_config(self.model.preset, **self.model.overrides).max_seq_len
         train = dict(self.train)
-        if train.get("moment_batches", CONTRIBUTORS) == CONTRIBUTORS:
+        if self._moment_batches() == CONTRIBUTORS:
             train["moment_batches"] = 1.0
         return TrainConfig(**{"seq_len": seq, "seed": self.run.seed, **train})
 
@@ -225,8 +225,11 @@ class RunConfig:
         """Whether each node's inner AdamW assumes the batch of the last committed
         round's contributors ([train] moment_batches = "contributors", the default).
         A micro-batch of one sequence cannot be split in halves: plain AdamW then."""
-        moments = self.train.get("moment_batches", CONTRIBUTORS)
-        return moments == CONTRIBUTORS and self.train_config().micro_batch_size >= 2
+        return self._moment_batches() == CONTRIBUTORS and self.train_config().micro_batch_size >= 2
+
+    def _moment_batches(self) -> Any:
+        """[train] moment_batches as written: a number, or "contributors" if unset."""
+        return self.train.get("moment_batches", CONTRIBUTORS)
 
     def inner_schedule(self) -> TrainConfig:
         """The train config whose steps span the run's target tokens: the inner lr
