@@ -9,7 +9,10 @@ a last line: {"config": {...}, "results": [{"strategy", "codec", "final_val_loss
 Each strategy trains at its own best inner learning rate (`--lr` for DiLoCo, `--ddp-lr`
 for DDP, `--overlap-lr` for the overlapped rows; defaults from starling.simulate.
 SIMULATION_LR), measured on these defaults: comparing all at one lr would flatter
-whichever that lr suits. `--sync-power P` makes DiLoCo's rounds follow the inner lr.
+whichever that lr suits. Both share one inner schedule: warmup over a quarter of the steps,
+then warmup-stable-decay (`--warmup-steps`, `--schedule`, `--decay-fraction`; the 30-step
+cosine schedule used before flattered DiLoCo). `--sync-power P` makes DiLoCo's rounds
+follow the inner lr.
 DiLoCo workers' AdamW assumes a batch `--moment-batches` times theirs (default: --workers,
 DDP's batch; starling.train.BatchScaledAdamW); `--ddp-moment-batches` does the same for
 DDP (default 1, plain AdamW).
@@ -29,12 +32,14 @@ from starling.codecs import make_codec
 from starling.data import PrepareConfig, TokenDataset, prepare
 from starling.diloco import DEFAULT_INNER_STEPS, OuterConfig
 from starling.simulate import (
+    SIMULATION_SCHEDULE,
     SimConfig,
     SimResult,
     Simulation,
     plot,
     simulation_lr,
     simulation_moment_batches,
+    simulation_warmup,
 )
 from starling.train import TrainConfig
 
@@ -78,7 +83,18 @@ def main() -> None:
     parser.add_argument(
         "--overlap-lr", type=float, help="the overlapped rows' inner lr (default: tuned)"
     )
-    parser.add_argument("--warmup-steps", type=int, default=30)
+    parser.add_argument(
+        "--warmup-steps", type=int, help="inner warmup steps (default: a quarter of --steps)"
+    )
+    parser.add_argument(
+        "--schedule", default=SIMULATION_SCHEDULE, help="inner lr after warmup: wsd, cosine"
+    )
+    parser.add_argument(
+        "--decay-fraction",
+        type=float,
+        default=TrainConfig.decay_fraction,
+        help="wsd: the last fraction of steps, where the lr decays",
+    )
     parser.add_argument("--beta2", type=float, default=TrainConfig().beta2, help="inner AdamW β2")
     parser.add_argument(
         "--moment-batches",
@@ -115,6 +131,8 @@ def main() -> None:
         args.overlap_lr = simulation_lr(args.model, "diloco", overlap=True)
     if args.moment_batches is None:
         args.moment_batches = simulation_moment_batches("diloco", args.workers)
+    if args.warmup_steps is None:
+        args.warmup_steps = simulation_warmup(args.steps)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -126,6 +144,8 @@ def main() -> None:
             seq_len=args.seq_len,
             lr=args.lr,
             warmup_steps=args.warmup_steps,
+            schedule=args.schedule,
+            decay_fraction=args.decay_fraction,
             beta2=args.beta2,
             seed=args.seed,
             device=args.device,

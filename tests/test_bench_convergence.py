@@ -37,6 +37,9 @@ def test_convergence_benchmark_reports_each_strategy_at_its_own_lr(pydoc_dir: Pa
     # DiLoCo workers' AdamW assumes DDP's batch (--workers × theirs) unless told.
     assert [r["moment_batches"] for r in rows] == [1.0, 2.0, 2.0, 2.0]
     assert len({r["tokens"] for r in rows}) == 1  # the same token budget for every row
+    # Both strategies share the inner schedule: a quarter of the steps of warmup, then WSD.
+    config = report["config"]
+    assert (config["warmup_steps"], config["schedule"], config["decay_fraction"]) == (2, "wsd", 0.2)
     ddp, fp32, int4, _ = rows
     assert ddp["loss_ratio_to_ddp"] == 1.0 and ddp["ddp_bytes_ratio"] == 1.0
     # DDP sends fp32 gradients out and gets the fp32 mean back every step (8 steps);
@@ -56,6 +59,8 @@ def test_convergence_benchmark_rejects_bad_options(pydoc_dir: Path) -> None:
         (("--overlap-lr", "0"), "learning rate"),
         (("--moment-batches", "0.5"), "moment batches"),
         (("--ddp-moment-batches", "0"), "moment batches"),
+        (("--schedule", "linear"), "schedule must be one of"),
+        (("--decay-fraction", "1.5"), "decay fraction"),
     ]:
         run = bench("--data", str(pydoc_dir), *args, "--json")
         assert run.returncode == 2, (args, run.stderr[-2000:])

@@ -499,10 +499,11 @@ async def _async(function):
 
 
 def test_round_budgets_follow_the_inner_lr_with_sync_power(serve) -> None:
-    # 100 schedule steps of 512 tokens (10 of warmup); rounds of 2,048 tokens on average.
+    # 100 schedule steps of 512 tokens (10 of warmup, then a cosine decay); rounds of
+    # 2,048 tokens on average.
     coordinator, run_dir = serve(
         run={"target_tokens": 51_200},
-        train={"batch_tokens": 512, "warmup_steps": 10},
+        train={"batch_tokens": 512, "warmup_steps": 10, "schedule": "cosine"},
         round={"tokens": 2048, "sync_power": 1.0},
     )
     node = serve.node(coordinator)

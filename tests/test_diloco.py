@@ -22,6 +22,7 @@ from starling.simulate import (
     Simulation,
     round_lengths,
     simulation_lr,
+    simulation_warmup,
 )
 from starling.train import InnerTrainer, TrainConfig, lr_multiplier
 
@@ -196,7 +197,7 @@ def test_rounds_can_close_on_a_token_budget(pydoc_dir: Path) -> None:
 
 def test_round_lengths_split_the_steps_by_their_weights() -> None:
     assert round_lengths(600, 20, [1.0] * 600) == [30] * 20
-    cosine = TrainConfig(steps=600, warmup_steps=0, batch_tokens=512, seq_len=64)
+    cosine = TrainConfig(steps=600, warmup_steps=0, batch_tokens=512, seq_len=64, schedule="cosine")
     lengths = round_lengths(600, 20, [lr_multiplier(s, cosine) for s in range(600)])
     assert sum(lengths) == 600 and len(lengths) == 20
     assert max(lengths[:5]) < min(lengths[-5:]) and lengths[-1] > 4 * lengths[0]  # lr decays
@@ -286,10 +287,15 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
     assert default["lr"] == SIMULATION_LR["tiny"]["diloco"] == 3e-3  # the bench's best
     assert default["moment_batches"] == 2.0  # a worker's AdamW assumes DDP's batch
     ddp = summary("--strategy", "ddp")
-    assert ddp["lr"] == 4.5e-3 and ddp["moment_batches"] == 1.0
+    assert ddp["lr"] == SIMULATION_LR["tiny"]["ddp"] and ddp["moment_batches"] == 1.0
     assert summary("--moment-batches", "1")["moment_batches"] == 1.0
     assert summary("--overlap")["lr"] == SIMULATION_LR["tiny"]["diloco-overlap"] == 3e-3
     assert summary("--lr", "1e-3")["lr"] == 1e-3
+    # Warmup over a quarter of the steps, then warmup-stable-decay, unless told.
+    assert (default["warmup_steps"], default["schedule"]) == (simulation_warmup(2), "wsd")
+    assert simulation_warmup(600) == 150
+    told = summary("--warmup-steps", "1", "--schedule", "cosine")
+    assert (told["warmup_steps"], told["schedule"]) == (1, "cosine")
     # A preset without a sweep keeps TrainConfig's lr.
     assert simulation_lr("small", "diloco") == simulation_lr("tiny", "none") == TrainConfig.lr
 
@@ -303,6 +309,9 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
         (["--speeds", "1,1,1"], "needs 4 values"),
         (["--outer-momentum", "1.5"], "outer momentum"),
         (["--beta2", "1"], "beta2 must be in [0, 1)"),
+        (["--schedule", "linear"], "schedule must be one of"),
+        (["--decay-fraction", "0"], "decay fraction must be in (0, 1]"),
+        (["--warmup-steps", "-1"], "warmup steps must be ≥ 0"),
         (["--moment-batches", "0"], "moment batches must be ≥ 1"),
         (["--feedback-decay", "0"], "feedback decay must be in (0, 1]"),
         (["--sync-power", "-1"], "sync power must be in [0, 4]"),

@@ -22,12 +22,12 @@ def test_the_schedule_position_is_the_runs(tmp_path: Path) -> None:
     model = build_model(model_cfg, seed=0, device=torch.device("cpu"))
     inner = LocalInnerLoop(model, InnerTrainer(model, cfg, torch.device("cpu")), cfg)
     inner.set_data(shard, "uint16", seed=1)
-    # A node that joins when the run is 600 steps in trains at step 600's rate, then on.
-    inner.set_schedule_step(600)
+    # A node that joins when the run is 900 steps in trains at step 900's rate, then on.
+    inner.set_schedule_step(900)
     first, second = inner.step(), inner.step()
-    assert first.lr == cfg.lr * lr_multiplier(600, cfg)
-    assert second.lr == cfg.lr * lr_multiplier(601, cfg)
-    assert first.lr < 0.7 * cfg.lr  # well into the cosine decay, not in warm-up
+    assert first.lr == cfg.lr * lr_multiplier(900, cfg)
+    assert second.lr == cfg.lr * lr_multiplier(901, cfg)
+    assert first.lr < 0.7 * cfg.lr  # well into the decay, not in warm-up
     assert first.tokens == 256
 
 

@@ -392,7 +392,17 @@ def simulate_command(
         float | None,
         typer.Option(help="Inner AdamW peak lr (default: tuned for the preset and strategy)."),
     ] = None,
-    warmup_steps: Annotated[int, typer.Option(help="Inner warmup steps.")] = 30,
+    warmup_steps: Annotated[
+        int | None, typer.Option(help="Inner warmup steps (default: a quarter of --steps).")
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(help="Inner lr schedule after the warmup: wsd (default), cosine, constant."),
+    ] = None,
+    decay_fraction: Annotated[
+        float | None,
+        typer.Option(help="wsd: the last fraction of steps, where the lr decays (default 0.2)."),
+    ] = None,
     beta2: Annotated[
         float | None, typer.Option(help="Inner AdamW β2 (default: the runs' default).")
     ] = None,
@@ -443,7 +453,15 @@ def simulate_command(
 ) -> None:
     """Compare strategies (DDP, DiLoCo, codecs, H, speeds, dropouts) on this machine."""
     from .diloco import DEFAULT_CODEC, DEFAULT_INNER_STEPS, OuterConfig
-    from .simulate import SimConfig, Simulation, plot, simulation_lr, simulation_moment_batches
+    from .simulate import (
+        SIMULATION_SCHEDULE,
+        SimConfig,
+        Simulation,
+        plot,
+        simulation_lr,
+        simulation_moment_batches,
+        simulation_warmup,
+    )
     from .train import TrainConfig
 
     try:
@@ -476,7 +494,9 @@ def simulate_command(
         micro_batch_size=batch_size,
         seq_len=seq_len,
         lr=simulation_lr(model, strategy, overlap) if lr is None else lr,
-        warmup_steps=warmup_steps,
+        warmup_steps=simulation_warmup(steps) if warmup_steps is None else warmup_steps,
+        schedule=schedule or SIMULATION_SCHEDULE,
+        decay_fraction=TrainConfig.decay_fraction if decay_fraction is None else decay_fraction,
         beta2=TrainConfig.beta2 if beta2 is None else beta2,
         moment_batches=simulation_moment_batches(strategy, workers)
         if moment_batches is None
@@ -491,7 +511,8 @@ def simulate_command(
         f"simulating {strategy} with {workers} workers"
         + (f", H={sim_cfg.inner_steps}, codec {sim_cfg.codec}" if strategy == "diloco" else "")
         + f": {steps} steps × {train_cfg.batch_tokens:,} tokens per worker, "
-        f"model {model} ({simulation.n_params:,} parameters), inner lr {train_cfg.lr:g}"
+        f"model {model} ({simulation.n_params:,} parameters), inner lr {train_cfg.lr:g} "
+        f"({train_cfg.warmup_steps} warmup steps, {train_cfg.schedule})"
         + (f", moment batches {train_cfg.moment_batches:g}" if train_cfg.moment_batches > 1 else "")
     )
     with SimProgress(err_console, steps) as progress:
@@ -505,7 +526,12 @@ def simulate_command(
     )
     if json_output:
         summary = {k: v for k, v in result.to_dict().items() if k != "history"}
-        extra = {"lr": train_cfg.lr, "moment_batches": train_cfg.moment_batches}
+        extra = {
+            "lr": train_cfg.lr,
+            "warmup_steps": train_cfg.warmup_steps,
+            "schedule": train_cfg.schedule,
+            "moment_batches": train_cfg.moment_batches,
+        }
         print(json.dumps({**summary, **extra, "sync_power": sync_power}))
 
 

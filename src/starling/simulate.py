@@ -46,17 +46,18 @@ from .train import InnerTrainer, TrainConfig, lr_multiplier, select_device
 STRATEGIES = ("ddp", "diloco")
 
 # The inner AdamW's peak lr per model preset and strategy, swept at the simulator's
-# default geometry (bench/convergence.py: tiny, 4 workers, 600 steps of 8 × 64 tokens per
-# worker; README "Convergence per byte"; one run each). DDP is flat over 3e-3–6e-3
-# (3.9325, 3.9278, 3.9306) with its best at 4.5e-3. DiLoCo workers whose AdamW assumes
-# DDP's batch (simulation_moment_batches) do best at 3e-3: fp32 at H = 30 reaches 4.2189
-# at 2e-3, 4.2064 at 3e-3 and 4.2293 at 6e-3; with overlap (the mean applied a round
-# late) int4 reaches 4.3328 at 2e-3 and 4.3239 at 3e-3. With plain AdamW they wanted 6e-3
-# (int4 4.3041 at 3e-3, 4.2517 at 6e-3, 4.3756 at 9e-3), because the mean of K AdamW
-# steps, each normalised by its own small batch's noise, is shorter than one step on
-# their mean. None of it carries over to other geometries: the demo (3 nodes, 2,048-token
-# steps, 160 steps) ends at 4.92 with 6e-3 against 4.80 with 3e-3, so runs keep
-# TrainConfig.lr. Presets not listed keep it too (not measured).
+# default geometry and schedule (bench/convergence.py: tiny, 4 workers, 600 steps of 8 ×
+# 64 tokens per worker, 150 warmup steps, WSD; README "Convergence per byte"; one run
+# each). DDP (plain AdamW): 3.7790 at 3e-3, 3.7621 at 4.5e-3, 3.7636 at 6e-3. DiLoCo
+# int2 at H = 30, workers whose AdamW assumes DDP's batch (simulation_moment_batches):
+# 4.0703 at 2e-3, 4.0560 at 3e-3, 4.0752 at 4.5e-3. With 30 warmup steps and cosine the
+# same lrs were best (DDP 3.9278, DiLoCo 4.1774); with overlap (the mean applied a round
+# late) int4 reached 4.3328 at 2e-3 and 4.3239 at 3e-3 there. With plain AdamW DiLoCo
+# wanted 6e-3, because the mean of K AdamW steps, each normalised by its own small
+# batch's noise, is shorter than one step on their mean. None of it carries over to
+# other geometries: the demo (3 nodes, 2,048-token steps, 160 steps) ends at 4.92 with
+# 6e-3 against 4.80 with 3e-3, so runs keep TrainConfig.lr. Presets not listed keep it
+# too (not measured).
 SIMULATION_LR: dict[str, dict[str, float]] = {
     "tiny": {"ddp": 4.5e-3, "diloco": 3e-3, "diloco-overlap": 3e-3}
 }
@@ -75,6 +76,22 @@ def round_lengths(steps: int, rounds: int, weights: list[float]) -> list[int]:
         ends.append(min(max(end, (ends[-1] if ends else 0) + 1), steps - (rounds - r)))
     ends.append(steps)
     return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+# The inner schedule `starling simulate` and the bench use unless told: warmup over a
+# quarter of the steps, then warmup-stable-decay (flat at the peak lr, a linear decay
+# over the last 20%). On the bench's setup (tiny, 4 workers, 600 steps, each strategy
+# at its best lr) it took DDP from 3.9278 (30 warmup steps, cosine) to 3.7621 and
+# DiLoCo int2 at H = 30 from 4.1774 to 4.0560: DDP gains more, so the 30-step cosine
+# baseline flattered DiLoCo. DDP alone does a little better with 100 warmup steps
+# (3.7534), DiLoCo worse (4.0695). README "Convergence per byte" has the sweep.
+SIMULATION_SCHEDULE = "wsd"
+SIMULATION_WARMUP_SHARE = 1 / 4
+
+
+def simulation_warmup(steps: int) -> int:
+    """Warmup steps `starling simulate` and the bench use when none are given."""
+    return round(steps * SIMULATION_WARMUP_SHARE)
 
 
 def simulation_moment_batches(strategy: str, workers: int) -> float:
