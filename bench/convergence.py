@@ -32,7 +32,6 @@ from starling.codecs import make_codec
 from starling.data import PrepareConfig, TokenDataset, prepare
 from starling.diloco import DEFAULT_INNER_STEPS, OuterConfig
 from starling.simulate import (
-    SIMULATION_SCHEDULE,
     SimConfig,
     SimResult,
     Simulation,
@@ -87,7 +86,7 @@ def main() -> None:
         "--warmup-steps", type=int, help="inner warmup steps (default: a quarter of --steps)"
     )
     parser.add_argument(
-        "--schedule", default=SIMULATION_SCHEDULE, help="inner lr after warmup: wsd, cosine"
+        "--schedule", default=TrainConfig.schedule, help="inner lr after warmup: wsd, cosine"
     )
     parser.add_argument(
         "--decay-fraction",

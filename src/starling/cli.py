@@ -454,7 +454,6 @@ def simulate_command(
     """Compare strategies (DDP, DiLoCo, codecs, H, speeds, dropouts) on this machine."""
     from .diloco import DEFAULT_CODEC, DEFAULT_INNER_STEPS, OuterConfig
     from .simulate import (
-        SIMULATION_SCHEDULE,
         SimConfig,
         Simulation,
         plot,
@@ -495,7 +494,7 @@ def simulate_command(
         seq_len=seq_len,
         lr=simulation_lr(model, strategy, overlap) if lr is None else lr,
         warmup_steps=simulation_warmup(steps) if warmup_steps is None else warmup_steps,
-        schedule=schedule or SIMULATION_SCHEDULE,
+        schedule=schedule or TrainConfig.schedule,
         decay_fraction=TrainConfig.decay_fraction if decay_fraction is None else decay_fraction,
         beta2=TrainConfig.beta2 if beta2 is None else beta2,
         moment_batches=simulation_moment_batches(strategy, workers)

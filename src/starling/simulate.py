@@ -78,14 +78,12 @@ def round_lengths(steps: int, rounds: int, weights: list[float]) -> list[int]:
     return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
-# The inner schedule `starling simulate` and the bench use unless told: warmup over a
-# quarter of the steps, then warmup-stable-decay (flat at the peak lr, a linear decay
-# over the last 20%). On the bench's setup (tiny, 4 workers, 600 steps, each strategy
-# at its best lr) it took DDP from 3.9278 (30 warmup steps, cosine) to 3.7621 and
-# DiLoCo int2 at H = 30 from 4.1774 to 4.0560: DDP gains more, so the 30-step cosine
-# baseline flattered DiLoCo. DDP alone does a little better with 100 warmup steps
+# Warmup steps `starling simulate` and the bench use unless told: a quarter of the steps,
+# then TrainConfig's schedule (WSD). On the bench's setup (tiny, 4 workers, 600 steps,
+# each strategy at its best lr) the two took DDP from 3.9278 (30 warmup steps, cosine) to
+# 3.7621 and DiLoCo int2 at H = 30 from 4.1774 to 4.0560: DDP gains more, so the 30-step
+# cosine baseline flattered DiLoCo. DDP alone does a little better with 100 warmup steps
 # (3.7534), DiLoCo worse (4.0695). README "Convergence per byte" has the sweep.
-SIMULATION_SCHEDULE = "wsd"
 SIMULATION_WARMUP_SHARE = 1 / 4
 
 

@@ -36,7 +36,7 @@ class TrainConfig:
     # WSD (warmup-stable-decay): flat at the peak after the warmup, then a linear decay
     # over the last `decay_fraction` of the steps. It beat cosine for DDP and DiLoCo alike
     # in the simulator (bench/convergence.py: DDP 3.8226 against 3.9278, DiLoCo int2
-    # 4.0837 against 4.1774 at 30 warmup steps) and in `starling demo` (3 real nodes,
+    # 4.1011 against 4.1774 at 30 warmup steps) and in `starling demo` (3 real nodes,
     # 8 rounds: 4.6129 against 4.7220). README "Convergence per byte".
     schedule: str = "wsd"
     decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly
