@@ -15,7 +15,8 @@ cosine schedule used before flattered DiLoCo). `--sync-power P` makes DiLoCo's r
 follow the inner lr.
 DiLoCo workers' AdamW assumes a batch `--moment-batches` times theirs (default: --workers,
 DDP's batch; starling.train.BatchScaledAdamW); `--ddp-moment-batches` does the same for
-DDP (default 1, plain AdamW).
+DDP (default 1, plain AdamW). `--optimizer muon` trains every run with Muon on the hidden
+weight matrices (starling.train.MuonAdamW).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from starling.simulate import (
     simulation_moment_batches,
     simulation_warmup,
 )
-from starling.train import TrainConfig
+from starling.train import OPTIMIZERS, SCHEDULES, TrainConfig
 
 ALL_CODECS = "fp32,bf16,int8,int4,int2,topk,hivemind-fp16,hivemind-uint8"
 
@@ -86,7 +87,9 @@ def main() -> None:
         "--warmup-steps", type=int, help="inner warmup steps (default: a quarter of --steps)"
     )
     parser.add_argument(
-        "--schedule", default=TrainConfig.schedule, help="inner lr after warmup: wsd, cosine"
+        "--schedule",
+        default=TrainConfig.schedule,
+        help=f"inner lr after warmup: {', '.join(SCHEDULES)}",
     )
     parser.add_argument(
         "--decay-fraction",
@@ -95,6 +98,11 @@ def main() -> None:
         help="wsd: the last fraction of steps, where the lr decays",
     )
     parser.add_argument("--beta2", type=float, default=TrainConfig().beta2, help="inner AdamW β2")
+    parser.add_argument(
+        "--optimizer",
+        default=TrainConfig.optimizer,
+        help=f"every run's inner optimizer: {', '.join(OPTIMIZERS)}",
+    )
     parser.add_argument(
         "--moment-batches",
         type=float,
@@ -146,6 +154,7 @@ def main() -> None:
             schedule=args.schedule,
             decay_fraction=args.decay_fraction,
             beta2=args.beta2,
+            optimizer=args.optimizer,
             seed=args.seed,
             device=args.device,
         )

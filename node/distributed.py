@@ -182,6 +182,12 @@ class ShardedInnerLoop:
     def __init__(
         self, group: NodeGroup, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int
     ) -> None:
+        if train_cfg.optimizer == "muon":
+            # Muon orthogonalizes whole matrices, and each rank holds only a shard of them.
+            raise ValueError(
+                '[train] optimizer = "muon" is not supported on a node sharded by '
+                "torchrun: join this run with one process per node"
+            )
         if train_cfg.moment_batches != 1:
             # BatchScaledAdamW differentiates each micro-batch's two halves apart with
             # autograd.grad, which bypasses FSDP's gradient reduce-scatter.

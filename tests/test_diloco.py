@@ -296,6 +296,10 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
     assert simulation_warmup(600) == 150
     told = summary("--warmup-steps", "1", "--schedule", "cosine")
     assert (told["warmup_steps"], told["schedule"]) == (1, "cosine")
+    # AdamW unless told; Muon trains to another state from the same start.
+    muon = summary("--optimizer", "muon")
+    assert (default["optimizer"], muon["optimizer"]) == ("adamw", "muon")
+    assert muon["fingerprint"] != default["fingerprint"]
     # A preset without a sweep keeps TrainConfig's lr.
     assert simulation_lr("small", "diloco") == simulation_lr("tiny", "none") == TrainConfig.lr
 
@@ -310,6 +314,7 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
         (["--outer-momentum", "1.5"], "outer momentum"),
         (["--beta2", "1"], "beta2 must be in [0, 1)"),
         (["--schedule", "linear"], "schedule must be one of"),
+        (["--optimizer", "sgd"], "optimizer must be one of adamw, muon"),
         (["--decay-fraction", "0"], "decay fraction must be in (0, 1]"),
         (["--warmup-steps", "-1"], "warmup steps must be ≥ 0"),
         (["--moment-batches", "0"], "moment batches must be ≥ 1"),

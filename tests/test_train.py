@@ -11,7 +11,15 @@ import torch
 from starling.checkpoint import load_checkpoint
 from starling.data import SequenceBatcher, TokenDataset, evaluation_batches
 from starling.model import build_model, model_config
-from starling.train import BatchScaledAdamW, InnerTrainer, TrainConfig, lr_multiplier, train
+from starling.train import (
+    BatchScaledAdamW,
+    InnerTrainer,
+    MuonAdamW,
+    TrainConfig,
+    lr_multiplier,
+    orthogonalize,
+    train,
+)
 
 from .conftest import run_cli
 
@@ -48,6 +56,11 @@ def test_wsd_is_flat_then_decays_over_its_tail() -> None:
         (
             {"moment_batches": 4, "micro_batch_size": 1, "batch_tokens": 256},
             "micro batch size must be ≥ 2",
+        ),
+        ({"optimizer": "sgd"}, "optimizer must be one of adamw, muon"),
+        (
+            {"optimizer": "muon", "micro_batch_size": 1, "batch_tokens": 256},
+            "optimizer muon splits each micro-batch in two",
         ),
     ],
 )
@@ -215,7 +228,89 @@ def test_a_trainer_can_follow_a_changing_number_of_batches() -> None:
         InnerTrainer(plain, replace(cfg, micro_batch_size=1, batch_tokens=16), CPU, True)
 
 
-def test_training_on_the_embedded_corpus_lowers_validation_loss(kjv_dir: Path) -> None:
+@pytest.mark.parametrize("shape", [(96, 96), (256, 96), (96, 256), (7, 300)])
+def test_orthogonalize_pushes_every_singular_value_toward_one(shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(7)
+    # Singular values spread over four orders of magnitude, as a gradient's are.
+    u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=gen))
+    v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=gen))
+    rank = min(shape)
+    spread = torch.logspace(0, -4, rank)
+    matrix = u[:, :rank] @ torch.diag(spread) @ v[:, :rank].T * 3.0
+    result = orthogonalize(matrix)
+    assert result.shape == matrix.shape and result.dtype == torch.float32
+    singular = torch.linalg.svdvals(result)
+    # Five quintic iterations leave every value down to a hundredth of the largest in
+    # [0.65, 1.21]; smaller ones are lifted only partway (the coefficients trade exactness
+    # for speed), never past the top.
+    assert singular[spread >= 1e-2].min() > 0.65 and singular.max() < 1.21
+    assert singular.min() > 10 * spread.min()  # the smallest lifted a hundredfold or more
+    # The directions are the matrix's own: U·Vᵀ weighted by those values.
+    alignment = (result * (u[:, :rank] @ v[:, :rank].T)).sum() / rank
+    assert alignment > 0.5
+
+
+def test_muon_steps_the_hidden_matrices_and_adamw_the_rest() -> None:
+    """One step of MuonAdamW on a model, against the same step written out: the hidden
+    matrices move by lr·0.2·√max(rows, cols)·orthogonalize(g + μ·b) (b = g after the first
+    step) after the weight decay; the embedding and the norms' gains take AdamW's step."""
+    gen = torch.Generator().manual_seed(4)
+    tokens = torch.randint(0, 256, (4, 17), generator=gen)
+    cfg = TrainConfig(
+        batch_tokens=64,
+        micro_batch_size=4,
+        seq_len=16,
+        steps=1,
+        lr=1e-2,
+        warmup_steps=0,
+        schedule="constant",
+        grad_clip=0.0,
+        optimizer="muon",
+    )
+    muon_model = build_model(model_config("tiny", vocab_size=256), seed=2)
+    trainer = InnerTrainer(muon_model, cfg, CPU)
+    assert isinstance(trainer.optimizer, MuonAdamW)
+    trainer.step(iter([(tokens[:, :-1], tokens[:, 1:])]))
+
+    # The batch's gradient, by a plain backward pass (the trainer differentiates its two
+    # halves apart: the same mean up to float rounding).
+    reference = build_model(model_config("tiny", vocab_size=256), seed=2)
+    logits = reference(tokens[:, :-1])
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    grads = {name: p.grad for name, p in reference.named_parameters() if p.grad is not None}
+
+    adamw_model = build_model(model_config("tiny", vocab_size=256), seed=2)
+    InnerTrainer(adamw_model, replace(cfg, optimizer="adamw"), CPU).step(
+        iter([(tokens[:, :-1], tokens[:, 1:])])
+    )
+    initial = dict(build_model(model_config("tiny", vocab_size=256), seed=2).named_parameters())
+    adamw = dict(adamw_model.named_parameters())
+    hidden = 0
+    for name, param in muon_model.named_parameters():
+        if param.dim() == 2 and "embed" not in name:
+            hidden += 1
+            start = initial[name].detach() * (1 - cfg.lr * cfg.weight_decay)
+            step = orthogonalize(grads[name] * 1.95) * (0.2 * max(param.shape) ** 0.5)
+            torch.testing.assert_close(param.detach(), start - cfg.lr * step, rtol=1e-4, atol=1e-6)
+            assert not torch.allclose(param, adamw[name], atol=1e-4)
+        else:
+            torch.testing.assert_close(param, adamw[name], rtol=1e-4, atol=1e-4)
+    assert hidden == 4 * 7  # q, k, v, o, gate, up, down in each of the tiny preset's 4 layers
+
+
+def test_muon_follows_the_number_of_batches_on_its_adamw_part() -> None:
+    cfg = TrainConfig(batch_tokens=64, micro_batch_size=4, seq_len=16, optimizer="muon")
+    model = build_model(model_config("tiny", vocab_size=256), seed=2)
+    trainer = InnerTrainer(model, cfg, CPU)
+    assert trainer.moment_batches == 1
+    trainer.set_moment_batches(4.0)
+    assert trainer.moment_batches == 4.0
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_training_on_the_embedded_corpus_lowers_validation_loss(
+    kjv_dir: Path, optimizer: str
+) -> None:
     dataset = TokenDataset(kjv_dir)
     cfg = TrainConfig(
         steps=40,
@@ -226,6 +321,7 @@ def test_training_on_the_embedded_corpus_lowers_validation_loss(kjv_dir: Path) -
         warmup_steps=5,
         eval_every=20,
         eval_batches=4,
+        optimizer=optimizer,
     )
     model = build_model(model_config("tiny", vocab_size=dataset.manifest.vocab_size), seed=0)
     batches = SequenceBatcher(dataset.split("train"), cfg.seq_len, cfg.micro_batch_size, seed=0)
@@ -280,6 +376,7 @@ def test_cli_train_saves_a_loadable_checkpoint(pydoc_dir: Path, tmp_path: Path) 
         (["--batch-tokens", "1000"], "multiple of micro batch size"),
         (["--device", "cuda"], "no CUDA GPU"),
         (["--heads", "5"], "divisible by n_heads"),
+        (["--optimizer", "sgd"], "optimizer must be one of adamw, muon"),
     ],
 )
 def test_cli_train_bad_input_exits_2(pydoc_dir: Path, tmp_path: Path, args, message) -> None:

@@ -225,6 +225,9 @@ def train_command(
     lr: Annotated[float | None, typer.Option(help="Peak learning rate.")] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="Linear warmup steps.")] = None,
     schedule: Annotated[str | None, typer.Option(help="cosine, wsd or constant.")] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="adamw, or muon (Muon on the hidden matrices).")
+    ] = None,
     weight_decay: Annotated[float | None, typer.Option(help="AdamW weight decay.")] = None,
     grad_clip: Annotated[float | None, typer.Option(help="Max gradient norm (0: off).")] = None,
     eval_every: Annotated[int | None, typer.Option(help="Steps between evaluations.")] = None,
@@ -281,6 +284,7 @@ def train_command(
             "lr": lr,
             "warmup_steps": warmup_steps,
             "schedule": schedule,
+            "optimizer": optimizer,
             "weight_decay": weight_decay,
             "grad_clip": grad_clip,
             "eval_every": eval_every,
@@ -406,6 +410,10 @@ def simulate_command(
     beta2: Annotated[
         float | None, typer.Option(help="Inner AdamW β2 (default: the runs' default).")
     ] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(help="Inner optimizer: adamw (default), or muon on the hidden matrices."),
+    ] = None,
     moment_batches: Annotated[
         float | None,
         typer.Option(
@@ -497,6 +505,7 @@ def simulate_command(
         schedule=schedule or TrainConfig.schedule,
         decay_fraction=TrainConfig.decay_fraction if decay_fraction is None else decay_fraction,
         beta2=TrainConfig.beta2 if beta2 is None else beta2,
+        optimizer=optimizer or TrainConfig.optimizer,
         moment_batches=simulation_moment_batches(strategy, workers)
         if moment_batches is None
         else moment_batches,
@@ -511,7 +520,7 @@ def simulate_command(
         + (f", H={sim_cfg.inner_steps}, codec {sim_cfg.codec}" if strategy == "diloco" else "")
         + f": {steps} steps × {train_cfg.batch_tokens:,} tokens per worker, "
         f"model {model} ({simulation.n_params:,} parameters), inner lr {train_cfg.lr:g} "
-        f"({train_cfg.warmup_steps} warmup steps, {train_cfg.schedule})"
+        f"({train_cfg.warmup_steps} warmup steps, {train_cfg.schedule}), {train_cfg.optimizer}"
         + (f", moment batches {train_cfg.moment_batches:g}" if train_cfg.moment_batches > 1 else "")
     )
     with SimProgress(err_console, steps) as progress:
@@ -529,6 +538,7 @@ def simulate_command(
             "lr": train_cfg.lr,
             "warmup_steps": train_cfg.warmup_steps,
             "schedule": train_cfg.schedule,
+            "optimizer": train_cfg.optimizer,
             "moment_batches": train_cfg.moment_batches,
         }
         print(json.dumps({**summary, **extra, "sync_power": sync_power}))
