@@ -37,6 +37,7 @@ mean_exact, mean_max_abs_err (over the means the honest nodes applied), wall_s. 
 until the new coordinator serves, reconnect_s from the kill until every running node was
 heard from, reconnect_after_serving_s), max_reconnect_s, max_reconnect_after_serving_s.
 `--model tiny` runs the `tiny` preset's width and depth instead of the micro model's.
+`--optimizer muon` trains the nodes with Muon on the hidden matrices ([train] optimizer).
 `--defences off` turns the screen, the second owner per shard ([defences] verify_means)
 and the demotion of reducers that lose contributions (demote_reducers) off: the control
 that shows the damage.
@@ -68,6 +69,7 @@ from starling.codecs import make_codec, mean_codec
 from starling.coordination import JoinUrl
 from starling.exchange.owner import weighted_mean_f64
 from starling.identity import Identity
+from starling.train import OPTIMIZERS, TrainConfig
 
 HERE = Path(__file__).resolve().parent
 NODE = HERE / "poisoned_node.py"
@@ -118,6 +120,7 @@ batch_tokens = {batch_tokens}
 micro_batch_size = 16
 lr = {lr}
 warmup_steps = 5
+optimizer = "{optimizer}"
 {beta2}
 {moment_batches}
 [checkpoints]
@@ -179,6 +182,7 @@ class Scenario:
                 if getattr(args, "moment_batches", None)
                 else "",
                 lr=getattr(args, "lr", DEFAULT_LR),
+                optimizer=getattr(args, "optimizer", TrainConfig.optimizer),
             )
         )
         self.run_dir = root / "run"
@@ -728,6 +732,12 @@ def main() -> None:
         type=float,
         default=DEFAULT_LR,
         help=f"the inner AdamW's peak learning rate (default {DEFAULT_LR})",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        default=TrainConfig.optimizer,
+        help="[train] optimizer: the nodes' inner optimizer (muon: Muon on the hidden matrices)",
     )
     parser.add_argument("--deadline-s", type=float, default=15.0, help="exchange deadline")
     parser.add_argument("--seed", type=int, default=0)

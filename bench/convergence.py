@@ -12,7 +12,8 @@ SIMULATION_LR), measured on these defaults: comparing all at one lr would flatte
 whichever that lr suits. Both share one inner schedule: warmup over a quarter of the steps,
 then warmup-stable-decay (`--warmup-steps`, `--schedule`, `--decay-fraction`; the 30-step
 cosine schedule used before flattered DiLoCo). `--sync-power P` makes DiLoCo's rounds
-follow the inner lr.
+follow the inner lr. `--embedding-rounds N` syncs the vocabulary matrices only every N-th
+round (`--embedding-codec` theirs), the rest of the model every round (SimConfig).
 DiLoCo workers' AdamW assumes a batch `--moment-batches` times theirs (default: --workers,
 DDP's batch; starling.train.BatchScaledAdamW); `--ddp-moment-batches` does the same for
 DDP (default 1, plain AdamW). `--optimizer muon` trains every run with Muon on the hidden
@@ -123,6 +124,15 @@ def main() -> None:
         default=0.0,
         help="DiLoCo round lengths follow the inner lr^P (0: fixed H; see SimConfig)",
     )
+    parser.add_argument(
+        "--embedding-rounds",
+        type=int,
+        default=1,
+        help="DiLoCo's vocabulary matrices sync every N-th round, the rest every round",
+    )
+    parser.add_argument(
+        "--embedding-codec", help="the vocabulary matrices' codec (default: the row's codec)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where replicas train (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -186,6 +196,8 @@ def main() -> None:
                 model=args.model,
                 overlap=overlap,
                 sync_power=args.sync_power,
+                embedding_rounds=args.embedding_rounds,
+                embedding_codec=args.embedding_codec,
             )
             for codec, overlap in variants
         ]
@@ -216,6 +228,8 @@ def main() -> None:
             "moment_batches": moments_of[kind_of(r)],
             "sync_power": args.sync_power if r.strategy == "diloco" else 0.0,
             "rounds": r.rounds,
+            "embedding_rounds": r.embedding_rounds,
+            "embedding_codec": r.embedding_codec,
             "tokens": r.tokens,
             "final_val_loss": round(r.final_val_loss, 4),
             "loss_ratio_to_ddp": round(r.final_val_loss / ddp.final_val_loss, 4),

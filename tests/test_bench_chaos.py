@@ -82,6 +82,7 @@ def test_chaos_benchmark_rejects_bad_options() -> None:
         ["--beta2", "1"],
         ["--lr", "0"],
         ["--moment-batches", "0.5"],
+        ["--optimizer", "sgd"],
     ):
         run = subprocess.run(
             [sys.executable, str(BENCH), *options], capture_output=True, text=True, timeout=60

@@ -37,6 +37,13 @@ def test_convergence_benchmark_reports_each_strategy_at_its_own_lr(pydoc_dir: Pa
     # DiLoCo workers' AdamW assumes DDP's batch (--workers × theirs) unless told.
     assert [r["moment_batches"] for r in rows] == [1.0, 2.0, 2.0, 2.0]
     assert len({r["tokens"] for r in rows}) == 1  # the same token budget for every row
+    # One fragment unless told: the vocabulary matrices sync with the rest, on the row's codec.
+    assert [(r["embedding_rounds"], r["embedding_codec"]) for r in rows] == [
+        (1, "fp32"),
+        (1, "fp32"),
+        (1, "int4"),
+        (1, "int4"),
+    ]
     # Both strategies share the inner schedule: a quarter of the steps of warmup, then WSD.
     config = report["config"]
     assert (config["warmup_steps"], config["schedule"], config["decay_fraction"]) == (2, "wsd", 0.2)
@@ -61,6 +68,9 @@ def test_convergence_benchmark_rejects_bad_options(pydoc_dir: Path) -> None:
         (("--ddp-moment-batches", "0"), "moment batches"),
         (("--schedule", "linear"), "schedule must be one of"),
         (("--decay-fraction", "1.5"), "decay fraction"),
+        (("--embedding-rounds", "0"), "embedding rounds must be at least 1"),
+        (("--embedding-rounds", "2"), "does not combine with overlap"),  # --overlap-codecs int4
+        (("--embedding-codec", "int3"), "int3"),
     ]:
         run = bench("--data", str(pydoc_dir), *args, "--json")
         assert run.returncode == 2, (args, run.stderr[-2000:])

@@ -11,6 +11,7 @@ from starling.data import SequenceBatcher, TokenDataset
 from starling.diloco import (
     GlobalState,
     OuterConfig,
+    flat_ranges,
     flatten_parameters,
     load_flat_parameters,
     weighted_mean,
@@ -231,6 +232,78 @@ def test_bytes_per_worker_are_the_encoded_payloads(pydoc_dir: Path) -> None:
     assert ddp["bytes_per_worker"] == 24 * 2 * make_codec("fp32").encoded_size(n)
 
 
+def test_outer_step_on_ranges_is_bitwise_the_whole_step() -> None:
+    params, momentum, mean = torch.randn(777), torch.randn(777), torch.randn(777)
+    whole, ranged = GlobalState(params, momentum), GlobalState(params, momentum)
+    cfg = OuterConfig(lr=0.7, momentum=0.5)
+    whole.outer_step(mean, cfg)
+    for start, end in ((300, 777), (0, 120), (120, 300)):  # any order: elementwise
+        ranged.outer_step(mean[start:end], cfg, slice(start, end))
+    assert torch.equal(whole.params, ranged.params)
+    assert torch.equal(whole.momentum, ranged.momentum)
+    assert whole.fingerprint() == ranged.fingerprint()
+    one_range = GlobalState(params, momentum)
+    one_range.outer_step(mean[:120], cfg, slice(0, 120))
+    assert torch.equal(one_range.params[120:], params[120:])  # the rest does not move
+    assert not torch.equal(one_range.params[:120], params[:120])
+    with pytest.raises(ValueError, match="state's shape"):
+        one_range.outer_step(mean[:100], cfg, slice(0, 120))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_flat_ranges_locate_the_vocabulary_matrices(tied: bool) -> None:
+    model = build_model(model_config("tiny", vocab_size=300, tie_embeddings=tied))
+    flat, n, vocab = flatten_parameters(model), model.num_parameters(), 300 * 96
+    ranges = flat_ranges(model, [model.embed_tokens.weight, model.lm_head.weight])
+    expected = ((0, vocab),) if tied else ((0, vocab), (n - vocab, n))
+    assert ranges == expected
+    assert torch.equal(flat[:vocab], model.embed_tokens.weight.detach().reshape(-1))
+    start, end = ranges[-1]
+    assert torch.equal(flat[start:end], model.lm_head.weight.detach().reshape(-1))
+    layers = model.layers[0].mlp.down_proj.weight
+    assert flat_ranges(model, [layers, model.embed_tokens.weight])[0] == (0, vocab)
+
+
+def test_embedding_rounds_send_the_vocabulary_matrices_less_often(pydoc_dir: Path) -> None:
+    from starling.codecs import make_codec
+
+    n = build_model(model_config("tiny", vocab_size=1024)).num_parameters()
+    vocab = 1024 * 96
+    int8, int2 = make_codec("int8"), make_codec("int2")
+    together = simulate(pydoc_dir)
+    # 4 rounds of H = 6; the vocabulary matrices sync in rounds 3 and 4 (the last).
+    apart = simulate(pydoc_dir, embedding_rounds=3)
+    assert (apart["embedding_rounds"], apart["embedding_codec"]) == (3, "int8")
+    assert apart["bytes_per_worker"] == 4 * 2 * int8.encoded_size(n - vocab) + 2 * 2 * (
+        int8.encoded_size(vocab)
+    )
+    assert apart["tokens"] == together["tokens"]
+    assert apart["fingerprint"] != together["fingerprint"]
+    assert apart["final_val_loss"] < apart["initial_val_loss"] - 0.5
+    cheaper = simulate(pydoc_dir, embedding_codec="int2")
+    assert cheaper["bytes_per_worker"] == 4 * 2 * (
+        int8.encoded_size(n - vocab) + int2.encoded_size(vocab)
+    )
+    dropped = simulate(pydoc_dir, embedding_rounds=2, dropout=0.5)
+    assert dropped["tokens"] < together["tokens"]
+    assert dropped["final_val_loss"] < dropped["initial_val_loss"]
+
+
+def test_one_worker_with_embedding_rounds_is_still_plain_training(pydoc_dir: Path) -> None:
+    # With one worker, fp32 and outer lr 1 without momentum, each sync hands the worker
+    # back its own weights: the result is plain AdamW only if a fragment that does not
+    # sync keeps training on the worker's own copy, and one that does restarts from θ.
+    degenerate = dict(workers=1, codec="fp32", outer=OuterConfig(lr=1.0, momentum=0.0))
+    plain = simulate(pydoc_dir, **degenerate, inner_steps=24)  # one round: plain AdamW
+    apart = simulate(pydoc_dir, **degenerate, inner_steps=2, embedding_rounds=5)
+    assert apart["rounds"] == 12
+    assert abs(apart["final_val_loss"] - plain["final_val_loss"]) < 1e-5  # 5e-7 seen
+    # The tolerance tells runs apart: outer momentum moves the loss by 0.2.
+    moving = {**degenerate, "outer": OuterConfig(lr=1.0, momentum=0.5)}
+    pushed = simulate(pydoc_dir, **moving, inner_steps=2, embedding_rounds=5)
+    assert abs(pushed["final_val_loss"] - plain["final_val_loss"]) > 1e-2
+
+
 def test_simulate_cli_json_and_plot(pydoc_dir: Path, tmp_path: Path) -> None:
     png = tmp_path / "loss.png"
     result = run_cli(
@@ -320,6 +393,9 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
         (["--moment-batches", "0"], "moment batches must be ≥ 1"),
         (["--feedback-decay", "0"], "feedback decay must be in (0, 1]"),
         (["--sync-power", "-1"], "sync power must be in [0, 4]"),
+        (["--embedding-rounds", "0"], "embedding rounds must be at least 1"),
+        (["--embedding-rounds", "2", "--overlap"], "does not combine with overlap"),
+        (["--embedding-codec", "int3"], "unknown codec"),
         (["--device", "tpu"], "device must be one of"),
         (["--device", "mps"], "MPS backend is not available"),
     ],
@@ -334,3 +410,4 @@ def test_sim_config_defaults_are_the_recommended_diloco() -> None:
     assert cfg.strategy == "diloco" and cfg.outer == OuterConfig(lr=0.7, momentum=0.5)
     assert (cfg.inner_steps, cfg.codec) == (30, "int4")
     assert replace(cfg, overlap=True).overlap
+    assert (cfg.embedding_rounds, cfg.embedding_codec) == (1, None)  # one fragment

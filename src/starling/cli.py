@@ -441,6 +441,16 @@ def simulate_command(
             "Σ lr^P (0: every round H steps; 1: rounds lengthen as the lr decays)."
         ),
     ] = 0.0,
+    embedding_rounds: Annotated[
+        int,
+        typer.Option(
+            help="The vocabulary matrices (embedding and output head) sync only every N-th "
+            "round, the rest of the model every round (1: all together)."
+        ),
+    ] = 1,
+    embedding_codec: Annotated[
+        str | None, typer.Option(help="The vocabulary matrices' codec (default: --codec).")
+    ] = None,
     eval_every: Annotated[int, typer.Option(help="Rounds (ddp: steps) between evals.")] = 0,
     eval_batches: Annotated[int, typer.Option(help="Validation batches.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of weights, data and dropouts.")] = 0,
@@ -492,6 +502,8 @@ def simulate_command(
         dropout=dropout,
         overlap=overlap,
         sync_power=sync_power,
+        embedding_rounds=embedding_rounds,
+        embedding_codec=embedding_codec,
         eval_every=eval_every,
         model=model,
     )
@@ -518,6 +530,12 @@ def simulate_command(
     err_console.print(
         f"simulating {strategy} with {workers} workers"
         + (f", H={sim_cfg.inner_steps}, codec {sim_cfg.codec}" if strategy == "diloco" else "")
+        + (
+            f", vocabulary matrices every {embedding_rounds} rounds"
+            + (f" ({embedding_codec})" if embedding_codec else "")
+            if strategy == "diloco" and (embedding_rounds > 1 or embedding_codec)
+            else ""
+        )
         + f": {steps} steps × {train_cfg.batch_tokens:,} tokens per worker, "
         f"model {model} ({simulation.n_params:,} parameters), inner lr {train_cfg.lr:g} "
         f"({train_cfg.warmup_steps} warmup steps, {train_cfg.schedule}), {train_cfg.optimizer}"

@@ -76,18 +76,26 @@ class GlobalState:
         """Δ_i = θ − θ_i: the direction the replica moved, as a gradient (descent = −Δ)."""
         return self.params - flatten_parameters(replica)
 
-    def outer_step(self, mean_delta: torch.Tensor, cfg: OuterConfig) -> None:
+    def outer_step(
+        self, mean_delta: torch.Tensor, cfg: OuterConfig, span: slice = slice(None)
+    ) -> None:
         """SGD with (Nesterov) momentum on the mean pseudo-gradient:
-        m ← μ·m + Δ̄;  u ← Δ̄ + μ·m (Nesterov) or m;  θ ← θ − lr·u."""
-        if mean_delta.shape != self.params.shape or mean_delta.dtype != torch.float32:
+        m ← μ·m + Δ̄;  u ← Δ̄ + μ·m (Nesterov) or m;  θ ← θ − lr·u.
+        With `span`, on θ[span] and m[span] only (a fragment's range, synced on its own
+        schedule); the step is elementwise, so stepping ranges one by one gives the bits
+        of one step on the whole."""
+        params, momentum = self.params[span], self.momentum[span]
+        if mean_delta.shape != params.shape or mean_delta.dtype != torch.float32:
             raise ValueError("mean pseudo-gradient must be fp32 with the state's shape")
         mu = torch.tensor(cfg.momentum, dtype=torch.float32)
         lr = torch.tensor(cfg.lr, dtype=torch.float32)
-        self.momentum = torch.mul(self.momentum, mu).add(mean_delta)  # two roundings, no FMA
-        update = (
-            torch.add(mean_delta, torch.mul(self.momentum, mu)) if cfg.nesterov else self.momentum
-        )
-        self.params = torch.sub(self.params, torch.mul(update, lr))
+        momentum = torch.mul(momentum, mu).add(mean_delta)  # two roundings, no FMA
+        update = torch.add(mean_delta, torch.mul(momentum, mu)) if cfg.nesterov else momentum
+        params = torch.sub(params, torch.mul(update, lr))
+        if params.numel() == self.params.numel():
+            self.params, self.momentum = params, momentum
+        else:
+            self.params[span], self.momentum[span] = params, momentum
 
     def fingerprint(self) -> str:
         """SHA-256 over a canonical layout: n (u64 LE), θ then m as little-endian fp32."""
@@ -99,6 +107,22 @@ class GlobalState:
 
     def copy(self) -> GlobalState:
         return GlobalState(self.params, self.momentum)
+
+
+def flat_ranges(model: nn.Module, chosen: Sequence[torch.Tensor]) -> tuple[tuple[int, int], ...]:
+    """The [start, end) ranges the `chosen` parameters take in the model's flat layout
+    (`flatten_parameters`), adjacent ones merged, in order."""
+    wanted = {id(p) for p in chosen}
+    ranges: list[tuple[int, int]] = []
+    offset = 0
+    for p in model.parameters():
+        if id(p) in wanted:
+            if ranges and ranges[-1][1] == offset:
+                ranges[-1] = (ranges[-1][0], offset + p.numel())
+            else:
+                ranges.append((offset, offset + p.numel()))
+        offset += p.numel()
+    return tuple(ranges)
 
 
 def weighted_mean(deltas: Sequence[torch.Tensor], tokens: Sequence[int]) -> torch.Tensor:
