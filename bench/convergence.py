@@ -34,6 +34,7 @@ from starling.codecs import make_codec
 from starling.data import PrepareConfig, TokenDataset, prepare
 from starling.diloco import DEFAULT_INNER_STEPS, OuterConfig
 from starling.simulate import (
+    FragmentSpec,
     SimConfig,
     SimResult,
     Simulation,
@@ -133,6 +134,13 @@ def main() -> None:
     parser.add_argument(
         "--embedding-codec", help="the vocabulary matrices' codec (default: the row's codec)"
     )
+    parser.add_argument(
+        "--fragment",
+        action="append",
+        default=[],
+        help="PATTERN@EVERY[@CODEC], repeatable: DiLoCo's parameters whose name matches "
+        "sync every N-th round (see SimConfig.fragments)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where replicas train (cpu, cuda)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -179,6 +187,7 @@ def main() -> None:
             for kind, lr in lr_of.items()
         }
         outer = OuterConfig(lr=args.outer_lr, momentum=args.outer_momentum)
+        fragments = tuple(FragmentSpec.parse(f) for f in args.fragment)
         runs = [SimConfig(strategy="ddp", workers=args.workers, steps=args.steps, model=args.model)]
         variants = [(codec, False) for codec in args.codecs.split(",")]
         variants += [(codec, True) for codec in filter(None, args.overlap_codecs.split(","))]
@@ -198,15 +207,20 @@ def main() -> None:
                 sync_power=args.sync_power,
                 embedding_rounds=args.embedding_rounds,
                 embedding_codec=args.embedding_codec,
+                fragments=fragments,
             )
             for codec, overlap in variants
         ]
     except ValueError as err:
         parser.error(str(err))
     dataset = dataset_for(args.data, Path(args.cache_dir))
+    try:  # a fragment pattern that matches no parameter fails here, before any run
+        simulations = [Simulation(c, train_cfgs[kind_of(c)], dataset) for c in runs]
+    except ValueError as err:
+        parser.error(str(err))
     results = []
-    for sim_cfg in runs:
-        result = Simulation(sim_cfg, train_cfgs[kind_of(sim_cfg)], dataset).run()
+    for simulation in simulations:
+        result = simulation.run()
         results.append(result)
         row = {k: v for k, v in result.to_dict().items() if k != "history"}
         print(json.dumps(row), flush=True)
@@ -230,6 +244,8 @@ def main() -> None:
             "rounds": r.rounds,
             "embedding_rounds": r.embedding_rounds,
             "embedding_codec": r.embedding_codec,
+            # PATTERN@EVERY@CODEC of every fragment but the rest (see SimResult.fragments)
+            "fragments": [f"{f['pattern']}@{f['every']}@{f['codec']}" for f in r.fragments[1:]],
             "tokens": r.tokens,
             "final_val_loss": round(r.final_val_loss, 4),
             "loss_ratio_to_ddp": round(r.final_val_loss / ddp.final_val_loss, 4),

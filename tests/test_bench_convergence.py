@@ -44,6 +44,7 @@ def test_convergence_benchmark_reports_each_strategy_at_its_own_lr(pydoc_dir: Pa
         (1, "int4"),
         (1, "int4"),
     ]
+    assert all(r["fragments"] == [] for r in rows)
     # Both strategies share the inner schedule: a quarter of the steps of warmup, then WSD.
     config = report["config"]
     assert (config["warmup_steps"], config["schedule"], config["decay_fraction"]) == (2, "wsd", 0.2)
@@ -71,6 +72,9 @@ def test_convergence_benchmark_rejects_bad_options(pydoc_dir: Path) -> None:
         (("--embedding-rounds", "0"), "embedding rounds must be at least 1"),
         (("--embedding-rounds", "2"), "does not combine with overlap"),  # --overlap-codecs int4
         (("--embedding-codec", "int3"), "int3"),
+        (("--fragment", "mlp"), "give PATTERN@EVERY"),
+        (("--fragment", "mlp@2"), "do not combine with overlap"),  # --overlap-codecs int4
+        (("--fragment", "decoder@2", "--overlap-codecs", ""), "matches no parameter"),
     ]:
         run = bench("--data", str(pydoc_dir), *args, "--json")
         assert run.returncode == 2, (args, run.stderr[-2000:])

@@ -19,6 +19,7 @@ from starling.diloco import (
 from starling.model import build_model, model_config
 from starling.simulate import (
     SIMULATION_LR,
+    FragmentSpec,
     SimConfig,
     Simulation,
     round_lengths,
@@ -304,6 +305,50 @@ def test_one_worker_with_embedding_rounds_is_still_plain_training(pydoc_dir: Pat
     assert abs(pushed["final_val_loss"] - plain["final_val_loss"]) > 1e-2
 
 
+def test_fragments_by_name_sync_on_their_own_rounds(pydoc_dir: Path) -> None:
+    from starling.codecs import make_codec
+
+    n = build_model(model_config("tiny", vocab_size=1024)).num_parameters()
+    mlp, attention = 4 * 3 * 96 * 256, 4 * 4 * 96 * 96  # 4 layers of the tiny preset
+    int8, int2 = make_codec("int8"), make_codec("int2")
+    together = simulate(pydoc_dir)
+    assert together["fragments"] == [{"pattern": "", "every": 1, "codec": "int8", "share": 1.0}]
+    # 4 rounds of H = 6: the MLPs sync in rounds 2 and 4, attention (int2) in round 4
+    # only (the last); `mlp` also matches nothing the first took, so the order matters.
+    specs = (FragmentSpec("mlp", 2), FragmentSpec("self_attn|mlp", 4, "int2"))
+    apart = simulate(pydoc_dir, fragments=specs)
+    rest = n - mlp - attention
+    assert apart["bytes_per_worker"] == 2 * (
+        4 * int8.encoded_size(rest) + 2 * int8.encoded_size(mlp) + int2.encoded_size(attention)
+    )
+    assert [(f["pattern"], f["every"], f["codec"]) for f in apart["fragments"]] == [
+        ("", 1, "int8"),
+        ("mlp", 2, "int8"),
+        ("self_attn|mlp", 4, "int2"),
+    ]
+    assert [f["share"] for f in apart["fragments"]] == [
+        round(x / n, 4) for x in (rest, mlp, attention)
+    ]
+    assert apart["tokens"] == together["tokens"]
+    assert apart["final_val_loss"] < apart["initial_val_loss"] - 0.5
+    # --embedding-rounds is the vocabulary's fragment by name: the same bits.
+    by_name = simulate(pydoc_dir, fragments=(FragmentSpec("embed_tokens", 3),))
+    assert by_name["fingerprint"] == simulate(pydoc_dir, embedding_rounds=3)["fingerprint"]
+    assert by_name["fingerprint"] != together["fingerprint"]
+    # A pattern left with nothing to match fails before any training.
+    with pytest.raises(ValueError, match="matches no parameter"):
+        simulate(pydoc_dir, fragments=(FragmentSpec("mlp", 2), FragmentSpec("mlp", 3)))
+
+
+def test_one_worker_with_fragments_by_name_is_still_plain_training(pydoc_dir: Path) -> None:
+    # As above: each fragment that does not sync keeps training on the worker's copy.
+    degenerate = dict(workers=1, codec="fp32", outer=OuterConfig(lr=1.0, momentum=0.0))
+    plain = simulate(pydoc_dir, **degenerate, inner_steps=24)
+    specs = (FragmentSpec("self_attn", 5), FragmentSpec(r"^layers\.0\.", 3))
+    apart = simulate(pydoc_dir, **degenerate, inner_steps=2, fragments=specs)
+    assert abs(apart["final_val_loss"] - plain["final_val_loss"]) < 1e-5
+
+
 def test_simulate_cli_json_and_plot(pydoc_dir: Path, tmp_path: Path) -> None:
     png = tmp_path / "loss.png"
     result = run_cli(
@@ -396,6 +441,14 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
         (["--embedding-rounds", "0"], "embedding rounds must be at least 1"),
         (["--embedding-rounds", "2", "--overlap"], "does not combine with overlap"),
         (["--embedding-codec", "int3"], "unknown codec"),
+        (["--fragment", "mlp"], "give PATTERN@EVERY or PATTERN@EVERY@CODEC"),
+        (["--fragment", "mlp@often"], "EVERY must be a whole number"),
+        (["--fragment", "mlp@0"], "rounds must be at least 1"),
+        (["--fragment", "mlp(@2"], "bad pattern"),
+        (["--fragment", "mlp@2@int3"], "unknown codec"),
+        (["--fragment", "mlp@2", "--overlap"], "do not combine with overlap"),
+        (["--fragment", "mlp@2", "--fragment", "mlp@3"], "matches no parameter"),
+        (["--fragment", "decoder@2"], "matches no parameter"),
         (["--device", "tpu"], "device must be one of"),
         (["--device", "mps"], "MPS backend is not available"),
     ],
@@ -411,3 +464,4 @@ def test_sim_config_defaults_are_the_recommended_diloco() -> None:
     assert (cfg.inner_steps, cfg.codec) == (30, "int4")
     assert replace(cfg, overlap=True).overlap
     assert (cfg.embedding_rounds, cfg.embedding_codec) == (1, None)  # one fragment
+    assert cfg.fragments == () and cfg.fragment_specs() == ()

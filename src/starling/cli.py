@@ -451,6 +451,14 @@ def simulate_command(
     embedding_codec: Annotated[
         str | None, typer.Option(help="The vocabulary matrices' codec (default: --codec).")
     ] = None,
+    fragment: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="PATTERN@EVERY[@CODEC]: parameters whose name matches the regex sync only "
+            "every N-th round (with their own codec); repeat it, the first match wins; the "
+            "rest syncs every round. E.g. 'mlp@3' or 'embed_tokens@6@int2'."
+        ),
+    ] = None,
     eval_every: Annotated[int, typer.Option(help="Rounds (ddp: steps) between evals.")] = 0,
     eval_batches: Annotated[int, typer.Option(help="Validation batches.")] = 8,
     seed: Annotated[int, typer.Option(help="Seed of weights, data and dropouts.")] = 0,
@@ -472,6 +480,7 @@ def simulate_command(
     """Compare strategies (DDP, DiLoCo, codecs, H, speeds, dropouts) on this machine."""
     from .diloco import DEFAULT_CODEC, DEFAULT_INNER_STEPS, OuterConfig
     from .simulate import (
+        FragmentSpec,
         SimConfig,
         Simulation,
         plot,
@@ -504,6 +513,7 @@ def simulate_command(
         sync_power=sync_power,
         embedding_rounds=embedding_rounds,
         embedding_codec=embedding_codec,
+        fragments=tuple(FragmentSpec.parse(f) for f in fragment or ()),
         eval_every=eval_every,
         model=model,
     )
@@ -535,6 +545,11 @@ def simulate_command(
             + (f" ({embedding_codec})" if embedding_codec else "")
             if strategy == "diloco" and (embedding_rounds > 1 or embedding_codec)
             else ""
+        )
+        + "".join(
+            f", '{f.pattern}' every {f.every} rounds" + (f" ({f.codec})" if f.codec else "")
+            for f in sim_cfg.fragments
+            if strategy == "diloco"
         )
         + f": {steps} steps × {train_cfg.batch_tokens:,} tokens per worker, "
         f"model {model} ({simulation.n_params:,} parameters), inner lr {train_cfg.lr:g} "

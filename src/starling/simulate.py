@@ -11,8 +11,8 @@ Strategies (chosen once, up front):
           (a worker misses a round), overlap (the mean of round r is applied one round
           late, while round r+1 trains), round lengths that follow the inner lr
           (sync_power: short rounds while the lr is high, long ones as it decays),
-          rounds by fragment (the vocabulary matrices sync every N-th round, the rest of
-          the model every round: embedding_rounds).
+          rounds by fragment (parameters chosen by name sync every N-th round with their
+          own codec, the rest of the model every round: fragments, embedding_rounds).
 
 Bytes per worker count the exact encoded payloads one worker sends plus the means it
 receives back, for both strategies alike.
@@ -24,6 +24,7 @@ import bisect
 import itertools
 import math
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -47,6 +48,10 @@ from .model import build_model, model_config
 from .train import InnerTrainer, TrainConfig, lr_multiplier, select_device
 
 STRATEGIES = ("ddp", "diloco")
+
+# The vocabulary matrices' parameter names: the token embedding and the output head (tied
+# in every preset, so one tensor under two names).
+VOCABULARY_PATTERN = r"^(embed_tokens|lm_head)\."
 
 # The inner AdamW's peak lr per model preset and strategy, swept at the simulator's
 # default geometry and schedule (bench/convergence.py: tiny, 4 workers, 600 steps of 8 ×
@@ -108,6 +113,42 @@ def simulation_lr(preset: str, strategy: str, overlap: bool = False) -> float:
 
 
 @dataclass(frozen=True)
+class FragmentSpec:
+    """Parameters whose name `pattern` matches (re.search over the model's parameter
+    names, tied ones under each of their names) sync only every `every`-th round, encoded
+    with `codec` (None: the run's codec). Given as PATTERN@EVERY or PATTERN@EVERY@CODEC,
+    e.g. `self_attn|^layers\\.0\\.@1` or `embed_tokens@4@int2`."""
+
+    pattern: str
+    every: int
+    codec: str | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            re.compile(self.pattern)
+        except re.error as err:
+            raise ValueError(f"fragment {self}: bad pattern ({err})") from None
+        if self.every < 1:
+            raise ValueError(f"fragment {self}: rounds must be at least 1 (1: every round)")
+        if self.codec is not None:
+            make_codec(self.codec)
+
+    @classmethod
+    def parse(cls, text: str) -> FragmentSpec:
+        parts = text.split("@")
+        if len(parts) not in (2, 3) or not parts[0]:
+            raise ValueError(f"fragment {text!r}: give PATTERN@EVERY or PATTERN@EVERY@CODEC")
+        try:
+            every = int(parts[1])
+        except ValueError:
+            raise ValueError(f"fragment {text!r}: EVERY must be a whole number") from None
+        return cls(parts[0], every, parts[2] if len(parts) == 3 else None)
+
+    def __str__(self) -> str:
+        return f"{self.pattern}@{self.every}" + (f"@{self.codec}" if self.codec else "")
+
+
+@dataclass(frozen=True)
 class SimConfig:
     strategy: str = "diloco"
     workers: int = 4
@@ -136,9 +177,13 @@ class SimConfig:
     # syncs a worker's replica keeps its own copy of it. The drift between workers costs
     # most in the hidden layers (README "Where the gap lives"), so spending the bytes there
     # pays: on the bench's setup H = 15 with the embedding every 4th round (60 steps) took
-    # int2 from 1.076× DDP's loss to 1.065× at 410× fewer bytes (four seeds).
+    # int2 from 1.076× DDP's loss to 1.065× at 410× fewer bytes (four seeds). The same as
+    # the fragment `embed_tokens@N` (see FragmentSpec).
     embedding_rounds: int = 1
     embedding_codec: str | None = None
+    # Fragments by name, after the vocabulary's (if any): the first that matches a
+    # parameter takes it; what none takes syncs every round with `codec`.
+    fragments: tuple[FragmentSpec, ...] = ()
     eval_every: int = 0  # rounds (diloco) or steps (ddp) between evaluations; 0: ~10 evals
     model: str = "tiny"
 
@@ -170,6 +215,16 @@ class SimConfig:
             raise ValueError("embedding rounds > 1 does not combine with overlap")
         if self.embedding_codec is not None:
             make_codec(self.embedding_codec)
+        if self.overlap and any(f.every > 1 for f in self.fragments):
+            raise ValueError("fragments that skip rounds do not combine with overlap")
+
+    def fragment_specs(self) -> tuple[FragmentSpec, ...]:
+        """The vocabulary's fragment (embedding_rounds, embedding_codec), if any, then
+        `fragments`."""
+        if self.embedding_rounds == 1 and self.embedding_codec is None:
+            return self.fragments
+        vocabulary = FragmentSpec(VOCABULARY_PATTERN, self.embedding_rounds, self.embedding_codec)
+        return (vocabulary, *self.fragments)
 
 
 @dataclass
@@ -190,6 +245,9 @@ class SimResult:
     history: list[dict[str, float]] = field(default_factory=list)  # tokens, bytes, val_loss
     embedding_rounds: int = 1  # rounds between the vocabulary matrices' syncs
     embedding_codec: str = ""  # their codec (diloco)
+    # diloco: each fragment's pattern ("" for the rest), rounds between its syncs, codec
+    # and share of the parameters, the rest first; ddp: none.
+    fragments: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,6 +261,7 @@ class Fragment:
     """Ranges of the flat parameter vector that sync on their own schedule, with their own
     codec, each worker's error feedback, and each worker's tokens since the last sync."""
 
+    pattern: str  # the name pattern that chose its parameters ("": the rest)
     ranges: tuple[tuple[int, int], ...]  # [start, end) in the flat layout
     every: int  # rounds between syncs
     codec: Codec
@@ -247,6 +306,7 @@ class Simulation:
         )
         self.initial = build_model(mcfg, seed=train_cfg.seed)  # stays on the CPU: θ's source
         self.n_params = self.initial.num_parameters()
+        self.fragment_ranges = self._fragment_ranges()  # fails early on an unmatched pattern
         self.val = evaluation_batches(
             dataset.split("val"),
             train_cfg.seq_len,
@@ -318,25 +378,42 @@ class Simulation:
 
     # --------------------------------------------------------------- DiLoCo
 
+    def _fragment_ranges(self) -> list[tuple[FragmentSpec, tuple[tuple[int, int], ...]]]:
+        """Each fragment spec with the flat ranges of the parameters it takes: those whose
+        name it matches and no spec before it took."""
+        named = list(self.initial.named_parameters(remove_duplicate=False))
+        taken: set[int] = set()
+        out = []
+        for spec in self.cfg.fragment_specs():
+            pattern = re.compile(spec.pattern)
+            chosen = {id(p): p for n, p in named if pattern.search(n) and id(p) not in taken}
+            if not chosen:
+                raise ValueError(
+                    f"fragment {spec} matches no parameter that an earlier one left (names "
+                    f"look like {named[0][0]}, {named[1][0]}, {named[-1][0]})"
+                )
+            taken |= chosen.keys()
+            out.append((spec, flat_ranges(self.initial, list(chosen.values()))))
+        return out
+
     def _fragments(self) -> list[Fragment]:
-        """The whole model as one fragment, or, with embedding rounds or an embedding codec,
-        the rest of the model (synced every round) and the vocabulary matrices."""
+        """The rest of the model (the whole of it without fragment specs), synced every
+        round with the run's codec, then one fragment per spec."""
         cfg, workers = self.cfg, self.cfg.workers
 
-        def fragment(ranges: tuple[tuple[int, int], ...], every: int, spec: str) -> Fragment:
+        def fragment(
+            pattern: str, ranges: tuple[tuple[int, int], ...], every: int, spec: str
+        ) -> Fragment:
             codec = make_codec(spec)
             feedback = [ErrorFeedback(codec, cfg.feedback_decay) for _ in range(workers)]
-            return Fragment(ranges, every, codec, feedback, [0] * workers)
+            return Fragment(pattern, ranges, every, codec, feedback, [0] * workers)
 
-        if cfg.embedding_rounds == 1 and cfg.embedding_codec is None:
-            return [fragment(((0, self.n_params),), 1, cfg.codec)]
-        model = self.initial
-        vocabulary = flat_ranges(model, [model.embed_tokens.weight, model.lm_head.weight])
-        edges = [0, *itertools.chain.from_iterable(vocabulary), self.n_params]
+        chosen = sorted(r for _, ranges in self.fragment_ranges for r in ranges)
+        edges = [0, *itertools.chain.from_iterable(chosen), self.n_params]
         rest = tuple((a, b) for a, b in zip(edges[::2], edges[1::2], strict=True) if a < b)
-        return [
-            fragment(rest, 1, cfg.codec),
-            fragment(vocabulary, cfg.embedding_rounds, cfg.embedding_codec or cfg.codec),
+        return [fragment("", rest, 1, cfg.codec)] + [
+            fragment(spec.pattern, ranges, spec.every, spec.codec or cfg.codec)
+            for spec, ranges in self.fragment_ranges
         ]
 
     def _diloco(self, progress: ProgressFn | None) -> SimResult:
@@ -456,6 +533,19 @@ class Simulation:
             history,
             cfg.embedding_rounds,
             cfg.embedding_codec or cfg.codec,
+            [
+                {
+                    "pattern": f.pattern,
+                    "every": f.every,
+                    "codec": spec,
+                    "share": round(f.size / self.n_params, 4),
+                }
+                for f, spec in zip(
+                    fragments,
+                    [cfg.codec, *(s.codec or cfg.codec for s, _ in self.fragment_ranges)],
+                    strict=True,
+                )
+            ],
         )
 
 
@@ -471,7 +561,7 @@ def plot(results: list[SimResult], path: str) -> None:
         label = (
             f"{res.strategy} {res.codec}"
             + (f" H={res.inner_steps}" if res.strategy == "diloco" else "")
-            + (f", vocabulary every {res.embedding_rounds}" if res.embedding_rounds > 1 else "")
+            + "".join(f", {f['pattern']} every {f['every']}" for f in res.fragments[1:])
             + (" overlap" if res.overlap else "")
         )
         xs = [h["tokens"] for h in res.history]
