@@ -139,7 +139,7 @@ def main() -> None:
         action="append",
         default=[],
         help="PATTERN@EVERY[@CODEC], repeatable: DiLoCo's parameters whose name matches "
-        "sync every N-th round (see SimConfig.fragments)",
+        "the regex (no '@' in it) sync every N-th round (see SimConfig.fragments)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="where replicas train (cpu, cuda)")
@@ -215,12 +215,12 @@ def main() -> None:
         parser.error(str(err))
     dataset = dataset_for(args.data, Path(args.cache_dir))
     try:  # a fragment pattern that matches no parameter fails here, before any run
-        simulations = [Simulation(c, train_cfgs[kind_of(c)], dataset) for c in runs]
+        Simulation(runs[-1], train_cfgs[kind_of(runs[-1])], dataset)
     except ValueError as err:
         parser.error(str(err))
     results = []
-    for simulation in simulations:
-        result = simulation.run()
+    for sim_cfg in runs:
+        result = Simulation(sim_cfg, train_cfgs[kind_of(sim_cfg)], dataset).run()
         results.append(result)
         row = {k: v for k, v in result.to_dict().items() if k != "history"}
         print(json.dumps(row), flush=True)
@@ -244,8 +244,11 @@ def main() -> None:
             "rounds": r.rounds,
             "embedding_rounds": r.embedding_rounds,
             "embedding_codec": r.embedding_codec,
-            # PATTERN@EVERY@CODEC of every fragment but the rest (see SimResult.fragments)
-            "fragments": [f"{f['pattern']}@{f['every']}@{f['codec']}" for f in r.fragments[1:]],
+            # PATTERN@EVERY@CODEC of every fragment but the rest (SimResult.fragments), the
+            # vocabulary's from --embedding-rounds included
+            "fragments": [
+                f"{f['pattern']}@{f['every']}@{f['codec']}" for f in r.fragments if f["pattern"]
+            ],
             "tokens": r.tokens,
             "final_val_loss": round(r.final_val_loss, 4),
             "loss_ratio_to_ddp": round(r.final_val_loss / ddp.final_val_loss, 4),

@@ -314,7 +314,7 @@ def test_fragments_by_name_sync_on_their_own_rounds(pydoc_dir: Path) -> None:
     together = simulate(pydoc_dir)
     assert together["fragments"] == [{"pattern": "", "every": 1, "codec": "int8", "share": 1.0}]
     # 4 rounds of H = 6: the MLPs sync in rounds 2 and 4, attention (int2) in round 4
-    # only (the last); `mlp` also matches nothing the first took, so the order matters.
+    # only (the last); `self_attn|mlp` also matches the MLPs, which the first took.
     specs = (FragmentSpec("mlp", 2), FragmentSpec("self_attn|mlp", 4, "int2"))
     apart = simulate(pydoc_dir, fragments=specs)
     rest = n - mlp - attention
@@ -335,9 +335,25 @@ def test_fragments_by_name_sync_on_their_own_rounds(pydoc_dir: Path) -> None:
     by_name = simulate(pydoc_dir, fragments=(FragmentSpec("embed_tokens", 3),))
     assert by_name["fingerprint"] == simulate(pydoc_dir, embedding_rounds=3)["fingerprint"]
     assert by_name["fingerprint"] != together["fingerprint"]
-    # A pattern left with nothing to match fails before any training.
+    # The tied output head, by its own name, is the same fragment.
+    head = simulate(pydoc_dir, fragments=(FragmentSpec("lm_head", 3),))
+    assert head["fingerprint"] == by_name["fingerprint"]
+    # Specs that take every parameter leave no rest to sync.
+    every = (FragmentSpec("mlp", 2), FragmentSpec(".", 1, "int2"))
+    covered = simulate(pydoc_dir, fragments=every)
+    assert [(f["pattern"], f["codec"]) for f in covered["fragments"]] == [
+        ("mlp", "int8"),
+        (".", "int2"),
+    ]
+    assert covered["bytes_per_worker"] == 2 * (
+        2 * int8.encoded_size(mlp) + 4 * int2.encoded_size(n - mlp)
+    )
+    # A pattern left with nothing to match fails before any training, also after the
+    # vocabulary's fragment took the embedding.
     with pytest.raises(ValueError, match="matches no parameter"):
         simulate(pydoc_dir, fragments=(FragmentSpec("mlp", 2), FragmentSpec("mlp", 3)))
+    with pytest.raises(ValueError, match="matches no parameter"):
+        simulate(pydoc_dir, embedding_rounds=4, fragments=(FragmentSpec("embed_tokens", 2),))
 
 
 def test_one_worker_with_fragments_by_name_is_still_plain_training(pydoc_dir: Path) -> None:
@@ -444,6 +460,7 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
         (["--fragment", "mlp"], "give PATTERN@EVERY or PATTERN@EVERY@CODEC"),
         (["--fragment", "mlp@often"], "EVERY must be a whole number"),
         (["--fragment", "mlp@0"], "rounds must be at least 1"),
+        (["--fragment", "@2"], "give PATTERN@EVERY"),
         (["--fragment", "mlp(@2"], "bad pattern"),
         (["--fragment", "mlp@2@int3"], "unknown codec"),
         (["--fragment", "mlp@2", "--overlap"], "do not combine with overlap"),

@@ -454,9 +454,10 @@ def simulate_command(
     fragment: Annotated[
         list[str] | None,
         typer.Option(
-            help="PATTERN@EVERY[@CODEC]: parameters whose name matches the regex sync only "
-            "every N-th round (with their own codec); repeat it, the first match wins; the "
-            "rest syncs every round. E.g. 'mlp@3' or 'embed_tokens@6@int2'."
+            help="diloco: PATTERN@EVERY[@CODEC]: parameters whose name matches the regex (no "
+            "'@' in it) sync only every N-th round (with their own codec); repeat it, the "
+            "first match wins, after --embedding-rounds; the rest syncs every round. E.g. "
+            "'mlp@3' or 'self_attn@1@int4'."
         ),
     ] = None,
     eval_every: Annotated[int, typer.Option(help="Rounds (ddp: steps) between evals.")] = 0,
@@ -547,7 +548,9 @@ def simulate_command(
             else ""
         )
         + "".join(
-            f", '{f.pattern}' every {f.every} rounds" + (f" ({f.codec})" if f.codec else "")
+            f", '{f.pattern}' "
+            + (f"every {f.every} rounds" if f.every > 1 else "every round")
+            + (f" ({f.codec})" if f.codec else "")
             for f in sim_cfg.fragments
             if strategy == "diloco"
         )

@@ -124,6 +124,8 @@ class FragmentSpec:
     codec: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.pattern:
+            raise ValueError('a fragment needs a pattern ("." matches every parameter)')
         try:
             re.compile(self.pattern)
         except re.error as err:
@@ -246,7 +248,7 @@ class SimResult:
     embedding_rounds: int = 1  # rounds between the vocabulary matrices' syncs
     embedding_codec: str = ""  # their codec (diloco)
     # diloco: each fragment's pattern ("" for the rest), rounds between its syncs, codec
-    # and share of the parameters, the rest first; ddp: none.
+    # and share of the parameters, the rest first (if any is left); ddp: none.
     fragments: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -397,8 +399,9 @@ class Simulation:
         return out
 
     def _fragments(self) -> list[Fragment]:
-        """The rest of the model (the whole of it without fragment specs), synced every
-        round with the run's codec, then one fragment per spec."""
+        """The rest of the model (the whole of it without fragment specs; none if the
+        specs take every parameter), synced every round with the run's codec, then one
+        fragment per spec."""
         cfg, workers = self.cfg, self.cfg.workers
 
         def fragment(
@@ -411,7 +414,7 @@ class Simulation:
         chosen = sorted(r for _, ranges in self.fragment_ranges for r in ranges)
         edges = [0, *itertools.chain.from_iterable(chosen), self.n_params]
         rest = tuple((a, b) for a, b in zip(edges[::2], edges[1::2], strict=True) if a < b)
-        return [fragment("", rest, 1, cfg.codec)] + [
+        return [fragment("", rest, 1, cfg.codec)] * bool(rest) + [
             fragment(spec.pattern, ranges, spec.every, spec.codec or cfg.codec)
             for spec, ranges in self.fragment_ranges
         ]
@@ -542,11 +545,17 @@ class Simulation:
                 }
                 for f, spec in zip(
                     fragments,
-                    [cfg.codec, *(s.codec or cfg.codec for s, _ in self.fragment_ranges)],
+                    [cfg.codec] * (len(fragments) - len(self.fragment_ranges))
+                    + [s.codec or cfg.codec for s, _ in self.fragment_ranges],
                     strict=True,
                 )
             ],
         )
+
+
+def fragment_label(pattern: str) -> str:
+    """A fragment's pattern as a plot or a banner shows it."""
+    return "vocabulary" if pattern == VOCABULARY_PATTERN else repr(pattern).replace("$", r"\$")
 
 
 def plot(results: list[SimResult], path: str) -> None:
@@ -561,7 +570,11 @@ def plot(results: list[SimResult], path: str) -> None:
         label = (
             f"{res.strategy} {res.codec}"
             + (f" H={res.inner_steps}" if res.strategy == "diloco" else "")
-            + "".join(f", {f['pattern']} every {f['every']}" for f in res.fragments[1:])
+            + "".join(
+                f", {fragment_label(f['pattern'])} every {f['every']}"
+                for f in res.fragments
+                if f["pattern"]
+            )
             + (" overlap" if res.overlap else "")
         )
         xs = [h["tokens"] for h in res.history]

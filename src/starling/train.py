@@ -48,8 +48,10 @@ class TrainConfig:
     # and AdamW on the rest, at the same lr, schedule and weight decay. On the bench's
     # setup (bench/convergence.py, README "Convergence per byte"), each at its best lr,
     # muon took DDP from 3.7621 to 3.5636 (6e-3) and DiLoCo int2 from 4.0560 to 3.8482
-    # (4.5e-3), both about −5%: the ratio between them stays 1.08×. Runs keep AdamW
-    # until bench/chaos.py's direction screening is measured on Muon's updates.
+    # (4.5e-3), both about −5%: the ratio between them stays 1.08×. The runs' screen
+    # works on Muon's updates (bench/chaos.py --optimizer muon: 80/80 sign-flipped
+    # caught, 0 of 240 honest cut), but runs keep AdamW: every tuned lr and figure is
+    # AdamW's, and torchrun-sharded nodes and micro-batches of 1 cannot train Muon.
     optimizer: str = "adamw"
     # 0.99: each DiLoCo worker's AdamW sees a batch K times smaller than DDP's, and a
     # longer memory of squared gradients follows its noise less. On the tiny preset (4
