@@ -215,7 +215,8 @@ class BatchScaledAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step_with_halves(self, halves_product: dict[torch.Tensor, torch.Tensor]) -> None:
         """One step from each parameter's `.grad` (the whole batch's, clipped) and
-        `halves_product[p]` = g_a ⊙ g_b of the batch's two halves (clipped alike)."""
+        `halves_product[p]` = g_a ⊙ g_b of the batch's two halves (clipped alike), given
+        for every parameter that AdamW steps (MuonAdamW's matrices need none)."""
         for group in self.param_groups:
             self._step_group(group, halves_product)
 
@@ -269,8 +270,11 @@ def muon_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
     and output embeddings stay with AdamW, as Muon's authors advise) in a group of their
     own marked `muon`."""
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    hidden = [p for p in model.parameters() if p.requires_grad and p.dim() == 2]
-    hidden = [p for p in hidden if id(p) not in embeddings]
+    hidden = [
+        p
+        for p in model.parameters()
+        if p.requires_grad and p.dim() == 2 and id(p) not in embeddings
+    ]
     hidden_ids = {id(p) for p in hidden}
     groups = [
         {**group, "params": [p for p in group["params"] if id(p) not in hidden_ids]}
@@ -416,10 +420,14 @@ class InnerTrainer:
             # clip_grad_norm_'s own coefficient, squared: the halves' product scales as g².
             clip = min(1.0, max_norm / (float(grad_norm) + 1e-6))
             params, first_half, second_half = halves
+            # Muon's matrices step on the gradient alone: their product is not needed.
+            groups = self.optimizer.param_groups
+            muon = {id(p) for group in groups if group.get("muon") for p in group["params"]}
             self.optimizer.step_with_halves(
                 {
                     p: first.mul_(second).mul_(clip * clip)
                     for p, first, second in zip(params, first_half, second_half, strict=True)
+                    if id(p) not in muon
                 }
             )
         else:
