@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from . import __version__
 from .checkpoint import CheckpointError
@@ -484,6 +485,7 @@ def simulate_command(
         FragmentSpec,
         SimConfig,
         Simulation,
+        fragment_label,
         plot,
         simulation_lr,
         simulation_moment_batches,
@@ -541,17 +543,11 @@ def simulate_command(
     err_console.print(
         f"simulating {strategy} with {workers} workers"
         + (f", H={sim_cfg.inner_steps}, codec {sim_cfg.codec}" if strategy == "diloco" else "")
-        + (
-            f", vocabulary matrices every {embedding_rounds} rounds"
-            + (f" ({embedding_codec})" if embedding_codec else "")
-            if strategy == "diloco" and (embedding_rounds > 1 or embedding_codec)
-            else ""
-        )
         + "".join(
-            f", '{f.pattern}' "
+            f", {escape(fragment_label(f.pattern))} "
             + (f"every {f.every} rounds" if f.every > 1 else "every round")
             + (f" ({f.codec})" if f.codec else "")
-            for f in sim_cfg.fragments
+            for f in sim_cfg.fragment_specs()
             if strategy == "diloco"
         )
         + f": {steps} steps × {train_cfg.batch_tokens:,} tokens per worker, "

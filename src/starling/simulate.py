@@ -266,6 +266,7 @@ class Fragment:
     pattern: str  # the name pattern that chose its parameters ("": the rest)
     ranges: tuple[tuple[int, int], ...]  # [start, end) in the flat layout
     every: int  # rounds between syncs
+    codec_spec: str  # as given, e.g. "int2:256"
     codec: Codec
     feedback: list[ErrorFeedback]  # one per worker
     tokens: list[int]  # one per worker: tokens trained since this fragment last synced
@@ -409,7 +410,7 @@ class Simulation:
         ) -> Fragment:
             codec = make_codec(spec)
             feedback = [ErrorFeedback(codec, cfg.feedback_decay) for _ in range(workers)]
-            return Fragment(pattern, ranges, every, codec, feedback, [0] * workers)
+            return Fragment(pattern, ranges, every, spec, codec, feedback, [0] * workers)
 
         chosen = sorted(r for _, ranges in self.fragment_ranges for r in ranges)
         edges = [0, *itertools.chain.from_iterable(chosen), self.n_params]
@@ -540,22 +541,17 @@ class Simulation:
                 {
                     "pattern": f.pattern,
                     "every": f.every,
-                    "codec": spec,
+                    "codec": f.codec_spec,
                     "share": round(f.size / self.n_params, 4),
                 }
-                for f, spec in zip(
-                    fragments,
-                    [cfg.codec] * (len(fragments) - len(self.fragment_ranges))
-                    + [s.codec or cfg.codec for s, _ in self.fragment_ranges],
-                    strict=True,
-                )
+                for f in fragments
             ],
         )
 
 
 def fragment_label(pattern: str) -> str:
     """A fragment's pattern as a plot or a banner shows it."""
-    return "vocabulary" if pattern == VOCABULARY_PATTERN else repr(pattern).replace("$", r"\$")
+    return "vocabulary" if pattern == VOCABULARY_PATTERN else repr(pattern)
 
 
 def plot(results: list[SimResult], path: str) -> None:
@@ -576,7 +572,7 @@ def plot(results: list[SimResult], path: str) -> None:
                 if f["pattern"]
             )
             + (" overlap" if res.overlap else "")
-        )
+        ).replace("$", r"\$")  # matplotlib reads $...$ as mathtext
         xs = [h["tokens"] for h in res.history]
         ys = [h["val_loss"] for h in res.history]
         ax_tokens.plot(xs, ys, marker="o", ms=3, label=label)
