@@ -6,6 +6,7 @@ without a network."""
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from collections.abc import Collection
@@ -15,7 +16,7 @@ import numpy as np
 
 from starling.exchange.owner import REJECTED
 from starling.exchange.plan import ShardPlan
-from starling.train import TrainConfig, lr_multiplier
+from starling.train import TrainConfig, lr_following_ends
 
 from .store import Node
 
@@ -57,28 +58,25 @@ def should_close(
     return bool(done) and active_since_open <= done
 
 
-def schedule_mean_weight(schedule: TrainConfig, power: float) -> float:
-    """The mean of lr_multiplier(step)^power over the inner schedule's steps."""
-    return sum(lr_multiplier(s, schedule) ** power for s in range(schedule.steps)) / schedule.steps
+def budget_round_ends(base: int, schedule: TrainConfig, power: float) -> list[int]:
+    """Where each round ends, in steps of the nodes' inner schedule, when budget rounds
+    follow the inner lr (`[round] sync_power`): as many rounds as budgets of `base` tokens
+    fill the schedule, split by starling.train.lr_following_ends, the rule `starling
+    simulate --sync-power` splits its steps by. A run so sends about as many bytes as
+    with `base`. One pass over the schedule's steps: taken once, at start."""
+    run_tokens = schedule.steps * schedule.batch_tokens
+    rounds = min(schedule.steps, max(1, math.ceil(run_tokens / base)))
+    return lr_following_ends(schedule, rounds, power)
 
 
-def lr_following_budget(
-    base: int, run_tokens: int, schedule: TrainConfig, power: float, mean_weight: float
-) -> int:
-    """A round's token budget when rounds follow the inner lr (`[round] sync_power`): from
-    the run's progress, the fewest whole steps of `schedule.batch_tokens` whose Σ
-    lr_multiplier^power reaches that of an average round of `base` tokens. Rounds are
-    short while the lr is high (nodes drift apart fastest) and long as it decays; a run
-    has about as many rounds, and so sends as many bytes, as with `base` (the same rule
-    as starling.simulate.round_lengths). Near the schedule's end the round takes what
-    is left of it; past the end, `base`."""
-    step = run_tokens // schedule.batch_tokens
-    share = mean_weight * base / schedule.batch_tokens
-    mass, steps = 0.0, 0
-    while mass < share and step + steps < schedule.steps:
-        mass += lr_multiplier(step + steps, schedule) ** power
-        steps += 1
-    return steps * schedule.batch_tokens if steps else base
+def lr_following_budget(base: int, run_tokens: int, batch_tokens: int, ends: list[int]) -> int:
+    """A round's token budget from the run's progress: up to the next round's end in
+    `ends` (budget_round_ends). A round that closed past its end (nodes report whole
+    steps, and the last report crosses the budget) shortens the next one, so the ends,
+    not the overshoots, set the rounds; past the schedule's last step, `base`."""
+    step = run_tokens // batch_tokens
+    following = bisect.bisect_right(ends, step)
+    return (ends[following] - step) * batch_tokens if following < len(ends) else base
 
 
 def counted_tokens(tokens: dict[str, tuple[int, bool]], on_probation: Collection[str]) -> int:

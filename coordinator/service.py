@@ -169,12 +169,15 @@ class Coordinator:
         defences = self.config.defences
         self.request_limits = RequestLimits(defences.requests_per_s, defences.request_burst)
         self.throttle = RequestThrottle(self.request_limits)
-        # The nodes' inner schedule: budgets that follow the inner lr ([round] sync_power)
-        # are sized on it (its mean weight: one pass over its steps, at start only).
+        # Budgets that follow the inner lr ([round] sync_power) end the rounds at these
+        # steps of the nodes' inner schedule (one pass over its steps, at start only).
         self._schedule = self.config.inner_schedule()
-        power = self.config.round.sync_power
-        self._schedule_mean_weight = (
-            rounds.schedule_mean_weight(self._schedule, power) if power else 1.0
+        self._round_ends = (
+            rounds.budget_round_ends(
+                self.config.round.tokens, self._schedule, self.config.round.sync_power
+            )
+            if self.config.round.tokens and self.config.round.sync_power
+            else []
         )
         # Served with every Join and GetRun; the file never changes while serving.
         self._manifest_json = (run.path / "data" / "manifest.json").read_text(encoding="utf-8")
@@ -1075,13 +1078,9 @@ class Coordinator:
 
     def _open(self, number: int, now: float) -> None:
         budget = self.config.round.tokens
-        if budget and self.config.round.sync_power:
+        if self._round_ends:
             budget = rounds.lr_following_budget(
-                budget,
-                self.store.tokens_trained(),
-                self._schedule,
-                self.config.round.sync_power,
-                self._schedule_mean_weight,
+                budget, self.store.tokens_trained(), self._schedule.batch_tokens, self._round_ends
             )
         with self.store.transaction():
             self.store.put_round(

@@ -4,6 +4,7 @@ the exchange, owner reassignment, fingerprints and checkpoints."""
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from starling.exchange import encode_shards
 from starling.exchange.harness import payload_of
 from starling.node.rounds import exchange_round, spec_from_state
 from starling.runconfig import RunConfig
+from starling.train import lr_multiplier, round_lengths
 
 from .coordinator_support import CoordinatorThread, Node, copy_run, make_template, wait_for
 
@@ -510,19 +512,24 @@ def test_round_budgets_follow_the_inner_lr_with_sync_power(serve) -> None:
     node.join()
     schedule = RunConfig.load(run_dir / "run.toml").inner_schedule()
     assert schedule.steps == 100
-    mean = rounds.schedule_mean_weight(schedule, 1.0)
+    ends = rounds.budget_round_ends(2048, schedule, 1.0)
+    # 25 rounds (the bytes of 2,048-token rounds), ending where `starling simulate
+    # --sync-power 1` ends its rounds over the same schedule, the last at its end.
+    weights = [lr_multiplier(step, schedule) for step in range(100)]
+    assert ends == list(itertools.accumulate(round_lengths(100, 25, weights)))
+    assert len(ends) == 25 and ends[-1] == 100
+
+    def budget(step: int) -> int:
+        return rounds.lr_following_budget(2048, 512 * step, 512, ends)
+
     # The warmup's small lr: round 0 spans more steps than an average round.
-    first = rounds.lr_following_budget(2048, 0, schedule, 1.0, mean)
-    assert first > 2048 and first % 512 == 0
-    assert node.client.get_round(0).budget == first
-    # Near the end the lr is 10× smaller: rounds are longer; the last takes what is left.
-    late = rounds.lr_following_budget(2048, 512 * 80, schedule, 1.0, mean)
-    peak = rounds.lr_following_budget(2048, 512 * 10, schedule, 1.0, mean)
-    assert peak < 2048 < late
-    assert rounds.lr_following_budget(2048, 512 * 98, schedule, 1.0, mean) == 1024  # the rest
-    assert rounds.lr_following_budget(2048, 51_200, schedule, 1.0, mean) == 2048
-    # Power 0: every round the base budget.
-    assert rounds.lr_following_budget(2048, 512 * 40, schedule, 0.0, 1.0) == 2048
+    assert budget(0) == 512 * ends[0] > 2048
+    assert node.client.get_round(0).budget == budget(0)
+    # Near the end the lr is 10× smaller: rounds are longer.
+    assert budget(ends[2]) < 2048 < budget(ends[20])
+    # A round that closed a step past its end: the next one ends where it would have.
+    assert budget(ends[5] + 1) == 512 * (ends[6] - ends[5] - 1)
+    assert budget(100) == budget(120) == 2048  # past the schedule: the base budget
 
 
 def test_the_coordinator_reduces_when_no_node_is_reachable(serve) -> None:

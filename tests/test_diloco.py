@@ -22,11 +22,10 @@ from starling.simulate import (
     FragmentSpec,
     SimConfig,
     Simulation,
-    round_lengths,
     simulation_lr,
     simulation_warmup,
 )
-from starling.train import InnerTrainer, TrainConfig, lr_multiplier
+from starling.train import InnerTrainer, TrainConfig, lr_multiplier, round_lengths
 
 from .conftest import run_cli
 

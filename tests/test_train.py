@@ -4,6 +4,7 @@ import json
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -104,21 +105,19 @@ def test_gradient_accumulation_equals_one_large_batch() -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=cfg.lr * 1e-2)
 
 
+def exact_step_config(**settings: Any) -> TrainConfig:
+    """A config whose steps can be written out by hand: 16-token sequences, lr 1e-2 from
+    the first step on (no warmup, no schedule) and no clipping."""
+    return TrainConfig(
+        seq_len=16, lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=0.0, **settings
+    )
+
+
 def test_trainer_matches_plain_torch_adamw() -> None:
     """Our step (no clipping, constant lr) is exactly torch.optim.AdamW on the same loss."""
     gen = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 256, (2, 17), generator=gen) for _ in range(3)]
-    cfg = TrainConfig(
-        batch_tokens=32,
-        micro_batch_size=2,
-        seq_len=16,
-        steps=3,
-        lr=1e-2,
-        warmup_steps=0,
-        schedule="constant",
-        grad_clip=0.0,
-        weight_decay=0.0,
-    )
+    cfg = exact_step_config(batch_tokens=32, micro_batch_size=2, steps=3, weight_decay=0.0)
     ours = build_model(model_config("tiny", vocab_size=256), seed=2)
     trainer = InnerTrainer(ours, cfg, CPU)
     for b in batches:
@@ -256,17 +255,7 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest() -> None:
     step) after the weight decay; the embedding and the norms' gains take AdamW's step."""
     gen = torch.Generator().manual_seed(4)
     tokens = torch.randint(0, 256, (4, 17), generator=gen)
-    cfg = TrainConfig(
-        batch_tokens=64,
-        micro_batch_size=4,
-        seq_len=16,
-        steps=1,
-        lr=1e-2,
-        warmup_steps=0,
-        schedule="constant",
-        grad_clip=0.0,
-        optimizer="muon",
-    )
+    cfg = exact_step_config(batch_tokens=64, micro_batch_size=4, steps=1, optimizer="muon")
     muon_model = build_model(model_config("tiny", vocab_size=256), seed=2)
     trainer = InnerTrainer(muon_model, cfg, CPU)
     assert isinstance(trainer.optimizer, MuonAdamW)

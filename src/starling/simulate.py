@@ -20,7 +20,6 @@ receives back, for both strategies alike.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import math
 import random
@@ -45,7 +44,7 @@ from .diloco import (
     weighted_mean,
 )
 from .model import build_model, model_config
-from .train import InnerTrainer, TrainConfig, lr_multiplier, select_device
+from .train import InnerTrainer, TrainConfig, lr_multiplier, round_lengths, select_device
 
 STRATEGIES = ("ddp", "diloco")
 
@@ -69,21 +68,6 @@ VOCABULARY_PATTERN = r"^(embed_tokens|lm_head)\."
 SIMULATION_LR: dict[str, dict[str, float]] = {
     "tiny": {"ddp": 4.5e-3, "diloco": 3e-3, "diloco-overlap": 3e-3}
 }
-
-
-def round_lengths(steps: int, rounds: int, weights: list[float]) -> list[int]:
-    """Inner steps of each of `rounds` rounds over `steps` steps, where round r ends at
-    the first step by which the running sum of `weights` (one per step) reaches r/rounds
-    of their total; every round gets at least one step."""
-    if not 1 <= rounds <= steps or len(weights) != steps:
-        raise ValueError(f"cannot split {steps} steps into {rounds} rounds")
-    cumulative = list(itertools.accumulate(weights))
-    ends: list[int] = []
-    for r in range(1, rounds):
-        end = bisect.bisect_left(cumulative, cumulative[-1] * r / rounds * (1 - 1e-12)) + 1
-        ends.append(min(max(end, (ends[-1] if ends else 0) + 1), steps - (rounds - r)))
-    ends.append(steps)
-    return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 # Warmup steps `starling simulate` and the bench use unless told: a quarter of the steps,

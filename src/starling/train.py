@@ -8,7 +8,9 @@ the same `step()` in rounds: `for round: for h in range(H): trainer.step(); oute
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -149,6 +151,31 @@ def lr_multiplier(step: int, cfg: TrainConfig) -> float:
         return 1.0
     progress = (step - decay_start) / max(1, cfg.steps - decay_start)
     return 1.0 - (1 - floor) * min(1.0, progress)
+
+
+def round_lengths(steps: int, rounds: int, weights: list[float]) -> list[int]:
+    """Inner steps of each of `rounds` rounds over `steps` steps, where round r ends at
+    the first step by which the running sum of `weights` (one per step) reaches r/rounds
+    of their total; every round gets at least one step."""
+    if not 1 <= rounds <= steps or len(weights) != steps:
+        raise ValueError(f"cannot split {steps} steps into {rounds} rounds")
+    cumulative = list(itertools.accumulate(weights))
+    ends: list[int] = []
+    for r in range(1, rounds):
+        end = bisect.bisect_left(cumulative, cumulative[-1] * r / rounds * (1 - 1e-12)) + 1
+        ends.append(min(max(end, (ends[-1] if ends else 0) + 1), steps - (rounds - r)))
+    ends.append(steps)
+    return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
+
+
+def lr_following_ends(schedule: TrainConfig, rounds: int, power: float) -> list[int]:
+    """The step at which each of `rounds` rounds over the schedule's steps ends when rounds
+    follow the inner lr (`sync_power`): round r ends where Σ lr_multiplier^power reaches
+    r/rounds of the whole schedule's (round_lengths), so rounds are short while the lr is
+    high and long as it decays. `starling simulate --sync-power` splits its steps so, and
+    the coordinator sizes budget rounds so (coordinator.rounds.lr_following_budget)."""
+    weights = [lr_multiplier(step, schedule) ** power for step in range(schedule.steps)]
+    return list(itertools.accumulate(round_lengths(schedule.steps, rounds, weights)))
 
 
 def select_device(name: str) -> torch.device:
