@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from starling.codecs import make_codec
-from starling.data import PrepareConfig, TokenDataset, prepare
+from starling.data import PREPARE_VERSION, PrepareConfig, TokenDataset, prepare
 from starling.diloco import DEFAULT_INNER_STEPS, OuterConfig
 from starling.simulate import (
     FragmentSpec,
@@ -56,7 +56,8 @@ def kind_of(run: SimConfig | SimResult) -> str:
 def dataset_for(source: str, cache: Path) -> TokenDataset:
     if (Path(source) / "manifest.json").is_file():
         return TokenDataset(Path(source))
-    target = cache / f"bench-{source.replace(':', '-').replace('/', '_')}"
+    # Keyed on PREPARE_VERSION: a dataset prepared by an older version is prepared again.
+    target = cache / f"bench-{source.replace(':', '-').replace('/', '_')}-v{PREPARE_VERSION}"
     if not (target / "manifest.json").is_file():
         prepare(PrepareConfig(source=source), target, overwrite=True)
     return TokenDataset(target)

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from starling.data import (
+    PREPARE_VERSION,
     DataSourceError,
     PrepareConfig,
     SequenceBatcher,
@@ -103,8 +104,59 @@ def test_embedded_corpus_prepares_identically_into_any_two_directories(
 
 def test_embedded_text_is_clean_english(kjv_dir: Path) -> None:
     dataset = TokenDataset(kjv_dir)
-    text = dataset.tokenizer.decode(dataset.split("train")[0][:40].tolist())
-    assert text.startswith("Genesis 1\n\nIn the beginning God created")
+    documents = split_documents(dataset, "train")
+    texts = [dataset.tokenizer.decode(list(document)) for document in documents]
+    # Chapters, each headed by its book and number, in a shuffled order.
+    genesis_1 = next(text for text in texts if text.startswith("Genesis 1\n\n"))
+    assert genesis_1.startswith("Genesis 1\n\nIn the beginning God created")
+    assert not texts[0].startswith("Genesis 1\n\n")
+
+
+def test_training_documents_are_shuffled_across_the_shards(tmp_path: Path) -> None:
+    """A run leases each node its own shards: in corpus order each node would train on
+    its own stretch of the corpus. Every training document lands once, in an order the
+    seed fixes; the validation documents keep the corpus order."""
+    # One document a JSON line (a text file's paragraphs group into 4 KiB documents).
+    records = [{"text": f"record {i}: " + "word " * (5 + i % 7)} for i in range(600)]
+    source = tmp_path / "records.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in records) + "\n", encoding="utf-8")
+    small = dict(tokenizer="bpe:600", shard_tokens=2048, val_fraction=0.1)
+    prepared = tmp_path / "prepared"
+    prepared.mkdir()
+
+    def order(seed: int, split: str) -> list[int]:
+        """The record numbers of the split's documents, in the order they came."""
+        out = prepared / str(len(list(prepared.iterdir())))
+        prepare(PrepareConfig(source=str(source), seed=seed, **small), out)
+        dataset = TokenDataset(out)
+        texts = [dataset.tokenizer.decode(list(d)) for d in split_documents(dataset, split)]
+        return [int(text.split(":")[0].removeprefix("record ")) for text in texts]
+
+    train, val = order(0, "train"), order(0, "val")
+    assert sorted(train + val) == list(range(600))  # each document once
+    assert val == sorted(val) and len(val) > 20
+    assert train != sorted(train)
+    # The first tenth of the training documents draws from the whole corpus.
+    first_shard = train[: len(train) // 10]
+    assert min(first_shard) < 100 and max(first_shard) > 500
+    assert order(0, "train") == train  # the seed fixes the order
+    assert order(1, "train") != train
+
+
+def test_a_cached_dataset_of_an_older_version_is_prepared_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Caches are keyed on PREPARE_VERSION: data prepared in corpus order (version 1) is
+    not reused once the training documents are shuffled."""
+    import starling.cli
+
+    monkeypatch.setattr(starling.cli, "PREPARE_VERSION", PREPARE_VERSION - 1)
+    older = starling.cli.resolve_data("embedded:pydoc", tmp_path, "bytes", 0)
+    monkeypatch.undo()
+    current = starling.cli.resolve_data("embedded:pydoc", tmp_path, "bytes", 0)
+    assert older != current
+    assert (older / "manifest.json").is_file() and (current / "manifest.json").is_file()
+    assert starling.cli.resolve_data("embedded:pydoc", tmp_path, "bytes", 0) == current
 
 
 def test_another_seed_gives_another_split(pydoc_dir: Path, tmp_path: Path) -> None:

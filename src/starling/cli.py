@@ -23,6 +23,7 @@ from rich.markup import escape
 from . import __version__
 from .checkpoint import CheckpointError
 from .data import (
+    PREPARE_VERSION,
     DataSourceError,
     PrepareConfig,
     ShardIntegrityError,
@@ -151,7 +152,8 @@ def _source_key(data: str, tokenizer: str, seed: int) -> str:
         stamp += "".join(
             f"|{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in resolve_paths(data)
         )
-    digest = hashlib.sha256(f"{stamp}|{tokenizer}|{seed}".encode()).hexdigest()[:16]
+    key = f"{stamp}|{tokenizer}|{seed}|{PREPARE_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     name = data.replace(":", "-") if data.startswith("embedded") else Path(data).name or "data"
     return f"{name}-{tokenizer.replace(':', '')}-{digest}"
 

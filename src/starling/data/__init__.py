@@ -1,7 +1,7 @@
 """Tokenizers, text sources, and the token shards that nodes train on."""
 
 from .errors import DataSourceError, ShardIntegrityError
-from .prepare import PrepareConfig, prepare
+from .prepare import PREPARE_VERSION, PrepareConfig, prepare
 from .shards import (
     Manifest,
     SequenceBatcher,
@@ -13,6 +13,7 @@ from .sources import Source
 from .tokenizer import TokenizerSpec, load_tokenizer
 
 __all__ = [
+    "PREPARE_VERSION",
     "DataSourceError",
     "Manifest",
     "PrepareConfig",
