@@ -64,8 +64,10 @@ def budget_round_ends(base: int, schedule: TrainConfig, power: float) -> list[in
     fill the schedule, split by starling.train.lr_following_ends, the rule `starling
     simulate --sync-power` splits its steps by. A run so sends about as many bytes as
     with `base`. One pass over the schedule's steps: taken once, at start."""
-    run_tokens = schedule.steps * schedule.batch_tokens
-    rounds = min(schedule.steps, max(1, math.ceil(run_tokens / base)))
+    # Rounds close on whole steps, so a budget of `base` tokens spans ⌈base / batch⌉ of
+    # them (as `starling simulate --round-tokens` counts a round's steps).
+    steps_per_round = -(-base // schedule.batch_tokens)
+    rounds = min(schedule.steps, -(-schedule.steps // steps_per_round))
     return lr_following_ends(schedule, rounds, power)
 
 

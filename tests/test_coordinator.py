@@ -518,6 +518,11 @@ def test_round_budgets_follow_the_inner_lr_with_sync_power(serve) -> None:
     weights = [lr_multiplier(step, schedule) for step in range(100)]
     assert ends == list(itertools.accumulate(round_lengths(100, 25, weights)))
     assert len(ends) == 25 and ends[-1] == 100
+    # Rounds close on whole steps: 2,000 tokens take 4 steps of 512, as in the simulator
+    # (`--round-tokens 2000`), so again 25 rounds (not ⌈51,200 / 2,000⌉ = 26).
+    assert len(rounds.budget_round_ends(2000, schedule, 1.0)) == 25
+    assert len(rounds.budget_round_ends(513, schedule, 1.0)) == 50
+    assert rounds.budget_round_ends(10**6, schedule, 1.0) == [100]  # one round: the run
 
     def budget(step: int) -> int:
         return rounds.lr_following_budget(2048, 512 * step, 512, ends)

@@ -137,10 +137,11 @@ def test_training_documents_are_shuffled_across_the_shards(tmp_path: Path) -> No
     assert val == sorted(val) and len(val) > 20
     assert train != sorted(train)
     # The first tenth of the training documents draws from the whole corpus.
-    first_shard = train[: len(train) // 10]
-    assert min(first_shard) < 100 and max(first_shard) > 500
+    first_tenth = train[: len(train) // 10]
+    assert min(first_tenth) < 100 and max(first_tenth) > 500
     assert order(0, "train") == train  # the seed fixes the order
     assert order(1, "train") != train
+    assert sorted(order(-1, "train") + order(-1, "val")) == list(range(600))  # any seed
 
 
 def test_a_cached_dataset_of_an_older_version_is_prepared_again(

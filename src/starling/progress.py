@@ -62,7 +62,8 @@ class _Display:
 
 
 class PrepareProgress(_Display):
-    """Stages of `data prepare`: reading, training tokenizer, tokenizing (in documents)."""
+    """Stages of `data prepare`: reading, training tokenizer, tokenizing, shuffling (in
+    documents)."""
 
     def __init__(self, console: Console) -> None:
         super().__init__(console)

@@ -44,7 +44,7 @@ from .diloco import (
     weighted_mean,
 )
 from .model import build_model, model_config
-from .train import InnerTrainer, TrainConfig, lr_multiplier, round_lengths, select_device
+from .train import InnerTrainer, TrainConfig, lr_following_ends, select_device
 
 STRATEGIES = ("ddp", "diloco")
 
@@ -150,7 +150,7 @@ class SimConfig:
     dropout: float = 0.0  # probability that a worker misses a round
     overlap: bool = False
     # Round lengths: 0, every round H steps; p > 0, round r spans an equal share of
-    # Σ lr_multiplier(step)^p over the run (round_lengths), so rounds are short while the
+    # Σ lr_multiplier(step)^p over the run (lr_following_ends), so rounds are short while the
     # inner lr is high (workers drift apart fastest) and long as it decays. The number of
     # rounds, and so the bytes, stay those of a fixed H. p = 2 is the Quadratic
     # Synchronization Rule's H ∝ 1/lr² (Gu et al., 2023).
@@ -426,8 +426,9 @@ class Simulation:
         rounds = math.ceil(cfg.steps / inner_steps)
         lengths = [inner_steps] * rounds
         if cfg.sync_power:
-            weights = [lr_multiplier(s, inner_cfg) ** cfg.sync_power for s in range(cfg.steps)]
-            lengths = round_lengths(cfg.steps, rounds, weights)
+            # The coordinator ends a run's budget rounds by the same rule.
+            ends = lr_following_ends(inner_cfg, rounds, cfg.sync_power)
+            lengths = [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
         eval_every = cfg.eval_every or max(1, rounds // 10)
         initial = self._eval(state.params)
         history = [{"tokens": 0, "bytes": 0, "val_loss": initial}]

@@ -8,12 +8,10 @@ the same `step()` in rounds: `for round: for h in range(H): trainer.step(); oute
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -157,14 +155,9 @@ def round_lengths(steps: int, rounds: int, weights: list[float]) -> list[int]:
     """Inner steps of each of `rounds` rounds over `steps` steps, where round r ends at
     the first step by which the running sum of `weights` (one per step) reaches r/rounds
     of their total; every round gets at least one step."""
-    if not 1 <= rounds <= steps or len(weights) != steps:
+    if len(weights) != steps:
         raise ValueError(f"cannot split {steps} steps into {rounds} rounds")
-    cumulative = list(itertools.accumulate(weights))
-    ends: list[int] = []
-    for r in range(1, rounds):
-        end = bisect.bisect_left(cumulative, cumulative[-1] * r / rounds * (1 - 1e-12)) + 1
-        ends.append(min(max(end, (ends[-1] if ends else 0) + 1), steps - (rounds - r)))
-    ends.append(steps)
+    ends = _weighted_round_ends(steps, rounds, lambda: weights)
     return [end - start for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
@@ -173,9 +166,39 @@ def lr_following_ends(schedule: TrainConfig, rounds: int, power: float) -> list[
     follow the inner lr (`sync_power`): round r ends where Σ lr_multiplier^power reaches
     r/rounds of the whole schedule's (round_lengths), so rounds are short while the lr is
     high and long as it decays. `starling simulate --sync-power` splits its steps so, and
-    the coordinator sizes budget rounds so (coordinator.rounds.lr_following_budget)."""
-    weights = [lr_multiplier(step, schedule) ** power for step in range(schedule.steps)]
-    return list(itertools.accumulate(round_lengths(schedule.steps, rounds, weights)))
+    the coordinator sizes budget rounds so (coordinator.rounds.lr_following_budget). Two
+    passes over the steps in O(rounds) memory: a run's schedule may have many millions."""
+    return _weighted_round_ends(
+        schedule.steps,
+        rounds,
+        lambda: (lr_multiplier(step, schedule) ** power for step in range(schedule.steps)),
+    )
+
+
+def _weighted_round_ends(
+    steps: int, rounds: int, weights: Callable[[], Iterable[float]]
+) -> list[int]:
+    """round_lengths' rule as round ends, streaming `weights()` (one per step) twice: once
+    for the total, once for the running sum (summed in the same order, so the same
+    floats as a cumulative list would hold)."""
+    if not 1 <= rounds <= steps:
+        raise ValueError(f"cannot split {steps} steps into {rounds} rounds")
+    total = 0.0
+    for weight in weights():
+        total += weight
+    ends: list[int] = []
+    running = 0.0
+    for step, weight in enumerate(weights()):
+        running += weight
+        # Round r (1-based) ends at the first step whose running sum reaches r/rounds of
+        # the total; several rounds can end at one step before the clamp spreads them.
+        while len(ends) < rounds - 1 and running >= total * (len(ends) + 1) / rounds * (1 - 1e-12):
+            r = len(ends) + 1
+            ends.append(min(max(step + 1, (ends[-1] if ends else 0) + 1), steps - (rounds - r)))
+        if len(ends) == rounds - 1:
+            break
+    ends.append(steps)
+    return ends
 
 
 def select_device(name: str) -> torch.device:

@@ -137,7 +137,7 @@ def prepare(
                     out.write(np.asarray(ids + [eos], dtype=writers["train"].dtype).tobytes())
                     lengths.append(len(ids) + 1)
                 report("tokenizing", index + 1, n_documents)
-        _write_shuffled(writers["train"], staged, lengths, cfg.seed)
+        _write_shuffled(writers["train"], staged, lengths, cfg.seed, report)
         staged.unlink()
         shards = {split: writers[split].finish() for split in SPLITS}
         manifest = Manifest(
@@ -167,7 +167,11 @@ def prepare(
 
 
 def _write_shuffled(
-    writer: _ShardWriter, staged: Path, lengths: array.array[int], seed: int
+    writer: _ShardWriter,
+    staged: Path,
+    lengths: array.array[int],
+    seed: int,
+    report: ProgressFn,
 ) -> None:
     """The staged training documents (token ids back to back, `lengths` each) into
     `writer` in an order shuffled by `seed`. A run leases each node shards of its own:
@@ -179,9 +183,12 @@ def _write_shuffled(
         return
     tokens = np.memmap(staged, dtype=writer.dtype, mode="r")
     starts = np.cumsum(lengths) - np.asarray(lengths)
-    # Seeded with the version too: the order is part of what a version's dataset is.
-    for index in np.random.default_rng([seed, PREPARE_VERSION]).permutation(len(lengths)):
+    # Seeded with the version too: the order is part of what a version's dataset is. numpy
+    # takes no negative seed; any other seed is itself modulo 2^63.
+    rng = np.random.default_rng([seed % 2**63, PREPARE_VERSION])
+    for done, index in enumerate(rng.permutation(len(lengths)), start=1):
         writer.add(tokens[starts[index] : starts[index] + lengths[index]].tolist())
+        report("shuffling", done, len(lengths))
     del tokens  # unmapped before the file goes
 
 
