@@ -169,14 +169,15 @@ class Coordinator:
         defences = self.config.defences
         self.request_limits = RequestLimits(defences.requests_per_s, defences.request_burst)
         self.throttle = RequestThrottle(self.request_limits)
-        # Budgets that follow the inner lr ([round] sync_power) end the rounds at these
-        # steps of the nodes' inner schedule (one pass over its steps, at start only).
+        # Budgets that follow the inner lr ([round] sync_power, which the config allows
+        # with budget rounds only) end the rounds at these steps of the nodes' inner
+        # schedule (one pass over its steps, at start only).
         self._schedule = self.config.inner_schedule()
         self._round_ends = (
             rounds.budget_round_ends(
                 self.config.round.tokens, self._schedule, self.config.round.sync_power
             )
-            if self.config.round.tokens and self.config.round.sync_power
+            if self.config.round.sync_power
             else []
         )
         # Served with every Join and GetRun; the file never changes while serving.
