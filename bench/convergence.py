@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from starling.cli import json_ready
 from starling.codecs import make_codec
-from starling.data import PREPARE_VERSION, PrepareConfig, TokenDataset, prepare
+from starling.data import PrepareConfig, TokenDataset, cache_name, prepare
 from starling.diloco import DEFAULT_INNER_STEPS, OuterConfig
 from starling.simulate import (
     FragmentSpec,
@@ -56,10 +57,12 @@ def kind_of(run: SimConfig | SimResult) -> str:
 def dataset_for(source: str, cache: Path) -> TokenDataset:
     if (Path(source) / "manifest.json").is_file():
         return TokenDataset(Path(source))
-    # Keyed on PREPARE_VERSION: a dataset prepared by an older version is prepared again.
-    target = cache / f"bench-{source.replace(':', '-').replace('/', '_')}-v{PREPARE_VERSION}"
+    # Keyed as `starling simulate` keys its cache: the source's files (paths, sizes and
+    # times), tokenizer, seed and PREPARE_VERSION.
+    cfg = PrepareConfig(source=source)
+    target = cache / f"bench-{cache_name(source, cfg.tokenizer, cfg.seed)}"
     if not (target / "manifest.json").is_file():
-        prepare(PrepareConfig(source=source), target, overwrite=True)
+        prepare(cfg, target, overwrite=True)
     return TokenDataset(target)
 
 
@@ -224,7 +227,7 @@ def main() -> None:
         result = Simulation(sim_cfg, train_cfgs[kind_of(sim_cfg)], dataset).run()
         results.append(result)
         row = {k: v for k, v in result.to_dict().items() if k != "history"}
-        print(json.dumps(row), flush=True)
+        print(json.dumps(json_ready(row), allow_nan=False), flush=True)
         print(
             f"# {result.strategy} {result.codec}: val {result.final_val_loss:.4f}, "
             f"{result.bytes_per_worker:,} B/worker, {result.wall_s:.0f} s",
@@ -262,7 +265,7 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot)
     config = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "cache_dir")}
-    print(json.dumps({"config": config, "results": table}))
+    print(json.dumps(json_ready({"config": config, "results": table}), allow_nan=False))
 
 
 if __name__ == "__main__":

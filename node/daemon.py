@@ -34,7 +34,7 @@ import torch
 
 from starling import __version__
 from starling.checkpoint import state_blob, state_from_blob
-from starling.codecs import ErrorFeedback, make_codec
+from starling.codecs import CodecError, ErrorFeedback, make_codec
 from starling.coordination import RETRY_MAX_DELAY_S, CoordinatorClient, JoinUrl
 from starling.data.shards import Manifest, evaluation_batches
 from starling.diloco import GlobalState, load_flat_parameters
@@ -107,6 +107,9 @@ class NodeStatus:
     download_mbps: float = 0.0
     # The batch, in this node's steps' batches, its inner AdamW's second moment assumes.
     moment_batches: float = 1.0
+    # Rounds this node sat out because its training diverged (NaN or Inf in its update,
+    # or an update too large for the codec): it restarted from θ with a fresh optimizer.
+    diverged_rounds: int = 0
     events: list[str] = field(default_factory=list)
 
 
@@ -542,9 +545,24 @@ class NodeDaemon:
         self._timings[state.round].update(
             train_ended=time.time(), train_loss=loss_sum / steps_done, tokens=tokens
         )
-        if anchor is None:
-            return self.state.params - self.inner.flat(), weight
-        return anchor - self.inner.flat(), weight
+        start = self.state.params if anchor is None else anchor
+        delta = start - self.inner.flat()
+        if not bool(torch.isfinite(delta).all()):
+            self._diverged(state.round, "NaN or Inf in the weights", start)
+            return None
+        return delta, weight
+
+    def _diverged(self, round_: int, why: str, start: torch.Tensor | None) -> None:
+        """Training diverged (an unstable lr, a faulty GPU): sit this round out (the
+        commit leaves out a participant that sends nothing), and train the next from
+        `start` with a fresh optimizer, whose moments the divergence poisoned too (None:
+        the next round is already training, in overlap mode; a NaN it inherits is
+        caught at its end)."""
+        self.status.diverged_rounds += 1
+        restarts = "" if start is None else "; the replica restarts with a fresh optimizer"
+        self._event(f"round {round_}: training diverged ({why}): not contributing{restarts}")
+        if start is not None:
+            self.inner.restart(start)
 
     def _wait_closed(self, round_: int) -> None:
         state = self._retry(lambda: self.client.get_round(round_))
@@ -574,7 +592,14 @@ class NodeDaemon:
             return None
         self._set_phase("exchanging", peers=len(participants))
         spec = spec_from_state(self.run.run_id, state)
-        payloads, _ = encode_shards(spec.plan, delta, self.feedback)
+        try:
+            payloads, _ = encode_shards(spec.plan, delta, self.feedback)
+        except CodecError as err:  # finite, but beyond what the codec can represent
+            # With overlap this runs beside the next round's training: no restart here.
+            self._diverged(
+                round_, str(err), None if self.config.outer.overlap else self.state.params
+            )
+            return None
         exchange_started = time.monotonic()
         outcome = exchange_round(self.client, self.peer, state, payloads, tokens)
         return outcome, spec.plan.bounds, tokens, time.monotonic() - exchange_started
@@ -688,6 +713,7 @@ class NodeDaemon:
             "bytes_received": self.status.bytes_received,
             "compute_s": self.status.compute_s,
             "moment_batches": self.status.moment_batches,
+            "diverged_rounds": self.status.diverged_rounds,
             "wall_s": time.monotonic() - self.started,
         }
 

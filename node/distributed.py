@@ -36,7 +36,7 @@ from starling.diloco import flatten_parameters, load_flat_parameters
 from starling.model import ModelConfig, build_model
 from starling.train import InnerTrainer, StepStats, TrainConfig
 
-SETUP, DATA, LOAD, STEP, GATHER, STOP, SCHEDULE = range(1, 8)
+SETUP, DATA, LOAD, STEP, GATHER, STOP, SCHEDULE, RESET = range(1, 9)
 
 
 class InnerLoop(Protocol):
@@ -45,6 +45,10 @@ class InnerLoop(Protocol):
     def set_data(self, path: Path, dtype: str, seed: int) -> None: ...
 
     def load(self, flat: torch.Tensor) -> None: ...
+
+    def restart(self, flat: torch.Tensor) -> None:
+        """Load θ and forget the optimizer's state: after a divergence, whose NaN or Inf
+        would stay in the moments."""
 
     def set_schedule_step(self, step: int) -> None:
         """Where the inner learning-rate schedule is (in optimizer steps of
@@ -73,6 +77,10 @@ class LocalInnerLoop:
 
     def load(self, flat: torch.Tensor) -> None:
         load_flat_parameters(self.model, flat)
+
+    def restart(self, flat: torch.Tensor) -> None:
+        self.trainer.reset_optimizer()
+        self.load(flat)
 
     def set_schedule_step(self, step: int) -> None:
         self.trainer.steps_done = step
@@ -218,6 +226,11 @@ class ShardedInnerLoop:
         options = _full_state_options(broadcast_from_rank0=True)
         set_model_state_dict(self.model, self.mirror.state_dict(), options=options)
 
+    def restart(self, flat: torch.Tensor) -> None:
+        self.channel.send(RESET)  # each rank holds its shard of the optimizer's state
+        self.trainer.reset_optimizer()
+        self.load(flat)
+
     def set_schedule_step(self, step: int) -> None:
         self.channel.send(SCHEDULE, {"step": step})
         self.trainer.steps_done = step
@@ -281,6 +294,9 @@ def run_follower(channel: NodeGroup) -> None:
         elif command == SCHEDULE:
             assert trainer is not None
             trainer.steps_done = int(payload["step"])
+        elif command == RESET:
+            assert trainer is not None
+            trainer.reset_optimizer()
         elif command == STEP:
             assert trainer is not None and batches is not None
             channel.mean(trainer.step(batches).loss)

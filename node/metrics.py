@@ -26,6 +26,9 @@ class NodeMetrics:
         self.sent = gauge("bytes_sent", "Exchange bytes sent since the node started.")
         self.received = gauge("bytes_received", "Exchange bytes received since the start.")
         self.contributed = gauge("rounds_contributed", "Rounds whose mean included this node.")
+        self.diverged = gauge(
+            "diverged_rounds", "Rounds sat out because training diverged (NaN, Inf, overflow)."
+        )
         self.utilization = gauge("utilization", "Fraction of wall time spent computing.")
         self.phase = gauge("phase", "1 for the phase the node is in, 0 for the others.", ("phase",))
         self.server, self.thread = start_http_server(port, addr=host, registry=self.registry)
@@ -41,6 +44,7 @@ class NodeMetrics:
         self.sent.set(status.bytes_sent)
         self.received.set(status.bytes_received)
         self.contributed.set(status.rounds_contributed)
+        self.diverged.set(status.diverged_rounds)
         if status.wall_s > 0:
             self.utilization.set(status.compute_s / status.wall_s)
         current = status.phase.split()[0] if status.phase else "starting"

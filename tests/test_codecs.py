@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import struct
 
 import numpy as np
@@ -295,3 +296,47 @@ def test_int2_padding_bits_must_be_zero() -> None:
     payload[-1] |= 0x80
     with pytest.raises(CodecError, match="padding"):
         codec.decode(bytes(payload), 5)
+
+
+@pytest.mark.parametrize("spec", CODEC_NAMES)
+def test_nan_input_never_comes_back_as_a_finite_tensor(spec: str) -> None:
+    """A NaN in a pseudo-gradient (a diverged replica) is refused, by the encoder where
+    it can tell, else by every decoder; never encoded into finite values."""
+    x = sample(1000)
+    x[17] = float("nan")
+    codec = make_codec(spec)
+    with pytest.raises(CodecError, match="NaN"):
+        codec.decode(codec.encode(x), 1000)
+
+
+@pytest.mark.parametrize(
+    "spec, limit", [("int2", 65504 * 1.5), ("int4", 65504 * 7), ("int8", 65504 * 127)]
+)
+def test_values_beyond_the_fp16_scales_are_refused_when_encoding(spec: str, limit: float) -> None:
+    """A block's scale is fp16: a larger absmax would overflow it to Inf and make a
+    payload every decoder refuses, so the encoder refuses it first, saying the range."""
+    codec = make_codec(spec)
+    x = torch.zeros(100)
+    x[3] = limit * 0.99
+    assert torch.isfinite(codec.decode(codec.encode(x), 100)).all()
+    x[3] = limit * 1.01
+    with pytest.raises(CodecError, match=re.escape(f"|x| ≤ {limit:g})")):
+        codec.encode(x)
+    for other, big in (("topk", 65504 * 127 * 1.01), ("bf16", 3.4e38)):
+        x[3] = big
+        with pytest.raises(CodecError, match="too large"):
+            make_codec(other).encode(x)
+
+
+def test_int4_padding_nibble_must_be_code_zero() -> None:
+    codec = make_codec("int4:8")
+    payload = bytearray(codec.encode(torch.tensor([1.0, -0.5, 0.25])))  # 3 codes, 1 padding
+    assert codec.decode(bytes(payload), 3).tolist() == pytest.approx([1.0, -0.5, 0.25], abs=0.08)
+    payload[-1] = (payload[-1] & 0x0F) | 0x30
+    with pytest.raises(CodecError, match="padding"):
+        codec.decode(bytes(payload), 3)
+
+
+def test_error_bounds_of_nothing_are_zero() -> None:
+    for spec in CODEC_NAMES:
+        assert make_codec(spec).error_bound(torch.zeros(0)) == 0.0

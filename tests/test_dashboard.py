@@ -230,6 +230,7 @@ def test_the_json_api_and_metrics_describe_the_live_run(live_run: LiveRun) -> No
     assert node["starling_node_loss", ()] > 0
     assert node["starling_node_bytes_sent", ()] > 0 and node["starling_node_bytes_received", ()] > 0
     assert 0 < node["starling_node_utilization", ()] <= 1
+    assert node["starling_node_diverged_rounds", ()] == 0
     assert sum(v for (name, _), v in node.items() if name == "starling_node_phase") == 1
 
     # `starling status` prints the same summary, from the join URL (gRPC) or the dashboard.

@@ -18,6 +18,7 @@ from starling.data import (
     Source,
     TokenDataset,
     TokenizerSpec,
+    cache_name,
     evaluation_batches,
     prepare,
     read_manifest,
@@ -149,15 +150,36 @@ def test_a_cached_dataset_of_an_older_version_is_prepared_again(
 ) -> None:
     """Caches are keyed on PREPARE_VERSION: data prepared in corpus order (version 1) is
     not reused once the training documents are shuffled."""
+    import importlib
+
     import starling.cli
 
-    monkeypatch.setattr(starling.cli, "PREPARE_VERSION", PREPARE_VERSION - 1)
+    # The module, not the function `starling.data.prepare` that shadows its name.
+    prepare_module = importlib.import_module("starling.data.prepare")
+    monkeypatch.setattr(prepare_module, "PREPARE_VERSION", PREPARE_VERSION - 1)
     older = starling.cli.resolve_data("embedded:pydoc", tmp_path, "bytes", 0)
     monkeypatch.undo()
     current = starling.cli.resolve_data("embedded:pydoc", tmp_path, "bytes", 0)
     assert older != current
     assert (older / "manifest.json").is_file() and (current / "manifest.json").is_file()
     assert starling.cli.resolve_data("embedded:pydoc", tmp_path, "bytes", 0) == current
+
+
+def test_a_cache_name_tells_apart_files_of_one_name(tmp_path: Path) -> None:
+    """`starling simulate` and bench/convergence.py cache a prepared source under this
+    name: two different corpora called corpus.txt must not share one dataset."""
+    a, b = tmp_path / "a" / "corpus.txt", tmp_path / "b" / "corpus.txt"
+    for path, text in ((a, "In the beginning."), (b, "Call me Ishmael.")):
+        path.parent.mkdir()
+        path.write_text(text)
+    names = {cache_name(str(path), "bytes", 0) for path in (a, b)}
+    assert len(names) == 2 and all(name.startswith("corpus.txt-bytes-") for name in names)
+    assert cache_name(str(a), "bytes", 0) == cache_name(str(a), "bytes", 0)
+    assert cache_name(str(a), "bytes", 1) != cache_name(str(a), "bytes", 0)
+    assert cache_name(str(a), "bpe:512", 0) != cache_name(str(a), "bytes", 0)
+    a.write_text("In the beginning was the Word.")  # changed in place: size and time
+    assert cache_name(str(a), "bytes", 0) not in names
+    assert cache_name("embedded", "bpe:8192", 0).startswith("embedded-bpe8192-")
 
 
 def test_another_seed_gives_another_split(pydoc_dir: Path, tmp_path: Path) -> None:

@@ -126,6 +126,23 @@ def test_weighted_mean_weighs_by_tokens() -> None:
     assert torch.equal(weighted_mean([a, b], [1, 3]), torch.full((4,), 4.0))
     with pytest.raises(ValueError):
         weighted_mean([a, b], [1, 0])
+    with pytest.raises(ValueError, match="token counts"):
+        weighted_mean([a, b], [1, float("nan")])
+    with pytest.raises(ValueError, match="differ in shape"):
+        weighted_mean([a, torch.ones(1)], [1, 1])  # would broadcast to a wrong mean
+
+
+def test_global_state_takes_two_vectors_of_one_length() -> None:
+    """The fingerprint covers n and the values, not a shape, and the outer step would
+    broadcast a momentum of another shape: both are refused up front."""
+    p = torch.arange(6.0)
+    for params, momentum in ((p.view(2, 3), None), (p, torch.zeros(1)), (p, p.view(2, 3))):
+        with pytest.raises(ValueError, match="two vectors of one length"):
+            GlobalState(params, momentum)
+    tracked = torch.zeros(6, dtype=torch.float64, requires_grad=True)
+    state = GlobalState(p, tracked)  # detached, fp32, and its own copy
+    assert state.momentum.dtype == torch.float32 and not state.momentum.requires_grad
+    assert state.fingerprint() == GlobalState(p).fingerprint()
 
 
 def test_outer_step_is_torch_sgd_with_nesterov() -> None:
@@ -177,6 +194,40 @@ def test_diloco_converges_with_and_without_overlap(pydoc_dir: Path, overlap: boo
     assert result["rounds"] == 4 and result["overlap"] is overlap
     assert result["final_val_loss"] < result["initial_val_loss"] - 0.5
     assert result["tokens"] == 2 * 24 * 256
+
+
+def test_a_last_partial_round_trains_only_the_steps_left(pydoc_dir: Path) -> None:
+    """24 steps at H = 10: rounds of 10, 10 and 4 steps, the tokens of 24 steps a worker
+    (as DDP trains), not of three whole rounds."""
+    result = simulate(pydoc_dir, inner_steps=10)
+    assert result["rounds"] == 3 and result["tokens"] == 2 * 24 * 256
+    assert result["tokens"] == simulate(pydoc_dir, strategy="ddp")["tokens"]
+
+
+def test_a_diverging_run_stops_and_says_where(pydoc_dir: Path) -> None:
+    """An outer lr of 1e30 throws θ out to ~1e27 in the first outer step, and the second
+    round's training reaches NaN: the simulation stops there with NaN as its loss (null in
+    the JSON) and says which round, instead of carrying NaN through every later round or
+    failing in a codec."""
+    result = simulate(pydoc_dir, codec="fp32", outer=OuterConfig(lr=1e30, momentum=0.5))
+    assert result["diverged_at"] == 2 and result["rounds"] == 2
+    assert result["final_val_loss"] != result["final_val_loss"]  # NaN
+    assert simulate(pydoc_dir)["diverged_at"] is None
+    cli = run_cli(
+        "simulate", "--data", str(pydoc_dir), "--steps", "2", "--workers", "2",
+        "--inner-steps", "1", "--outer-lr", "1e30", "--codec", "int4", "--json",
+    )  # fmt: skip
+    assert cli.returncode == 0, cli.stderr
+    assert "diverged in round 2" in cli.stderr
+    line = cli.stdout.strip().splitlines()[-1]
+    summary = json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in {line}"))
+    assert summary["final_val_loss"] is None and summary["diverged_at"] == 2
+    ddp = run_cli(
+        "simulate", "--data", str(pydoc_dir), "--steps", "4", "--workers", "2",
+        "--strategy", "ddp", "--lr", "1e30", "--json",
+    )  # fmt: skip
+    assert ddp.returncode == 0 and "diverged in step" in ddp.stderr, ddp.stderr
+    assert json.loads(ddp.stdout.strip().splitlines()[-1])["final_val_loss"] is None
 
 
 def test_slow_workers_do_fewer_steps_and_dropouts_skip_rounds(pydoc_dir: Path) -> None:
@@ -467,6 +518,16 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
         (["--fragment", "decoder@2"], "matches no parameter"),
         (["--device", "tpu"], "device must be one of"),
         (["--device", "mps"], "MPS backend is not available"),
+        (["--inner-steps", "0"], "inner steps must be positive"),
+        (["--codec", ""], "unknown codec ''"),
+        (["--outer-lr", "nan"], "outer lr must be a positive number"),
+        (["--outer-lr", "inf"], "outer lr must be a positive number"),
+        (["--eval-every", "-1"], "eval every must be ≥ 0"),
+        (["--strategy", "ddp", "--dropout", "0.5"], "--dropout: only for --strategy diloco"),
+        (
+            ["--strategy", "ddp", "--codec", "int2", "--overlap", "--speeds", "1,1,1,0.5"],
+            "--codec, --speeds, --overlap: only for --strategy diloco",
+        ),
     ],
 )
 def test_simulate_cli_bad_input(pydoc_dir: Path, args: list[str], message: str) -> None:

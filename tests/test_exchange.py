@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from safetensors.torch import save as save_safetensors
 
 from starling.codecs import CODEC_NAMES, ErrorFeedback, make_codec
 from starling.exchange import (
@@ -357,6 +358,28 @@ def test_global_state_streams_to_a_joiner_with_its_hash(make_peers) -> None:
     from starling.diloco import GlobalState
 
     assert download.fingerprint == GlobalState(params, momentum).fingerprint()
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"not a safetensors file",
+        save_safetensors({"params": torch.zeros(8)}),  # no momentum
+        save_safetensors({"params": torch.zeros(8), "momentum": torch.zeros(1)}),
+        save_safetensors({"params": torch.zeros(2, 4), "momentum": torch.zeros(2, 4)}),
+        save_safetensors({"params": torch.zeros(8).double(), "momentum": torch.zeros(8).double()}),
+    ],
+    ids=["garbage", "no-momentum", "short-momentum", "matrices", "float64"],
+)
+def test_a_malformed_global_state_from_a_peer_is_refused(make_peers, blob: bytes) -> None:
+    """A peer serves whatever it likes, hash and fingerprint included: anything but two fp32
+    vectors of one length is an ExchangeError, which the resyncing node skips, never a
+    crash."""
+    host, joiner = make_peers(2)
+    assert host.endpoint is not None and host.owner is not None
+    host._run(host.owner.set_state(3, blob, "0" * 64))
+    with pytest.raises(ExchangeError, match="global state refused"):
+        joiner.fetch_state(host.endpoint)
 
 
 def test_plaintext_is_refused_off_loopback(make_peers) -> None:

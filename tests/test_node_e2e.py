@@ -459,6 +459,31 @@ def test_a_node_whose_state_disagrees_resyncs_and_agrees_again(e2e) -> None:
         assert faulty[round_] == honest[round_], f"round {round_}"
 
 
+DIVERGING_NODE = Path(__file__).with_name("diverging_node.py")
+
+
+def test_a_node_whose_training_diverges_sits_the_round_out_and_recovers(e2e) -> None:
+    run = e2e()
+    run.join("a")  # stopped below, once the diverging node has its rounds
+    # NaN weights and moments after its 5th inner step (3 a round): in its second round.
+    run.join("diverging", "--max-rounds", "4", launcher=(str(DIVERGING_NODE), "5"))
+    assert run.nodes["diverging"].wait(300) == 0, run.log("diverging")
+    run.nodes["a"].send_signal(signal.SIGINT)
+    assert run.nodes["a"].wait(120) == 0, run.log("a")
+    log = run.log("diverging")
+    assert "training diverged (NaN or Inf in the weights): not contributing" in log, log
+    summary = json.loads((run.root / "diverging" / "summary.json").read_text())
+    # One round sat out; the fresh optimizer kept the NaN moments from the rounds after.
+    assert summary["diverged_rounds"] == 1 and summary["rounds_contributed"] == 4, summary
+    # The round it sat out committed without it, from the other node's contribution.
+    sat_out = int(re.findall(r"round (\d+): training diverged", log)[0])
+    assert sat_out >= 1
+    commits = run.commits()
+    assert summary["node_id"] not in commits[sat_out]["contributors"], commits[sat_out]
+    assert len(commits[sat_out]["contributors"]) == 1, commits[sat_out]
+    assert_agree(run.fingerprints("a"), run.fingerprints("diverging"))
+
+
 def test_a_multi_process_node_trains_fsdp_shards_under_torchrun(e2e) -> None:
     # A two-rank node (torchrun, FSDP with gloo on this CPU) beside a one-process node:
     # only its rank 0 talks to the network; each rank trains its own micro-batches, so

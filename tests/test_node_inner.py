@@ -31,6 +31,30 @@ def test_the_schedule_position_is_the_runs(tmp_path: Path) -> None:
     assert first.tokens == 256
 
 
+def test_a_restart_loads_theta_and_forgets_the_optimizers_nan_moments(tmp_path: Path) -> None:
+    """After a divergence the node restarts its replica: θ again, and moments that no
+    longer hold the NaN, so the next steps train (a plain load would keep them)."""
+    shard = tmp_path / "shard.bin"
+    np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint16).tofile(shard)
+    cfg = TrainConfig(steps=100, batch_tokens=256, micro_batch_size=4, seq_len=64, lr=1e-3)
+    model_cfg = ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=2)
+    model = build_model(model_cfg, seed=0, device=torch.device("cpu"))
+    trainer = InnerTrainer(model, cfg, torch.device("cpu"), batch_scaled=True)
+    inner = LocalInnerLoop(model, trainer, cfg)
+    inner.set_data(shard, "uint16", seed=1)
+    theta = inner.flat()
+    inner.step()
+    for state in trainer.optimizer.state.values():
+        state["exp_avg_sq"].fill_(float("nan"))
+    inner.load(theta)
+    inner.step()
+    assert not torch.isfinite(inner.flat()).all()  # the NaN moments survive a load
+    inner.restart(theta)
+    assert torch.equal(inner.flat(), theta) and not trainer.optimizer.state
+    stats = inner.step()
+    assert torch.isfinite(inner.flat()).all() and stats.loss == stats.loss
+
+
 def test_after_a_commit_the_node_waits_for_the_next_round_to_open() -> None:
     """A committed round never changes again: waiting for *it* to change sat out the
     whole 2 s long poll between rounds (seen as rounds of 2.2 s instead of 0.4 s)."""

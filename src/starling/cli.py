@@ -7,8 +7,8 @@ Environment variables are read here (and only here), never deep in the library.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -23,11 +23,11 @@ from rich.markup import escape
 from . import __version__
 from .checkpoint import CheckpointError
 from .data import (
-    PREPARE_VERSION,
     DataSourceError,
     PrepareConfig,
     ShardIntegrityError,
     TokenDataset,
+    cache_name,
     prepare,
 )
 from .data.shards import TOKENIZER_FILE
@@ -46,6 +46,18 @@ app.add_typer(data_app, name="data")
 err_console = Console(stderr=True)
 
 EXIT_BAD_INPUT = 2
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with every NaN or infinite float (a diverged loss, a ratio to one) as None:
+    JSON has no such numbers, and strict parsers refuse Python's NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_ready(item) for item in value]
+    return value
 
 
 class UsageError(ValueError):
@@ -123,7 +135,7 @@ def data_prepare(
         "shards": {split: len(manifest.shards[split]) for split in ("train", "val")},
     }
     if json_output:
-        print(json.dumps(summary))
+        print(json.dumps(json_ready(summary), allow_nan=False))
     else:
         print(
             f"prepared {out}: {train_tokens:,} train tokens in "
@@ -143,21 +155,6 @@ def data_verify(
     print(f"ok: {n} shards, {m.tokens('train') + m.tokens('val'):,} tokens, tokenizer verified")
 
 
-def _source_key(data: str, tokenizer: str, seed: int) -> str:
-    """Cache key of a source: its spec, and for local files their names, sizes and times."""
-    stamp = data
-    if not data.startswith("embedded"):
-        from .data.sources import resolve_paths
-
-        stamp += "".join(
-            f"|{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in resolve_paths(data)
-        )
-    key = f"{stamp}|{tokenizer}|{seed}|{PREPARE_VERSION}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    name = data.replace(":", "-") if data.startswith("embedded") else Path(data).name or "data"
-    return f"{name}-{tokenizer.replace(':', '')}-{digest}"
-
-
 def resolve_data(
     data: str, cache_dir: Path, tokenizer: str, seed: int, sources: bool = False
 ) -> Path:
@@ -166,7 +163,7 @@ def resolve_data(
     if (Path(data) / "manifest.json").is_file():
         return Path(data)
     if data.startswith("embedded") or sources:
-        target = cache_dir / "data" / _source_key(data, tokenizer, seed)
+        target = cache_dir / "data" / cache_name(data, tokenizer, seed)
         if not (target / "manifest.json").is_file():
             err_console.print(f"preparing {data} into {target} (once)")
             with PrepareProgress(err_console) as progress:
@@ -364,7 +361,7 @@ def train_command(
         f"checkpoint {out}"
     )
     if json_output:
-        print(json.dumps(summary))
+        print(json.dumps(json_ready(summary), allow_nan=False))
 
 
 # ----------------------------------------------------------------------- simulate
@@ -499,14 +496,35 @@ def simulate_command(
         speed_values = tuple(float(x) for x in speeds.split(",")) if speeds else ()
     except ValueError:
         raise UsageError(f"--speeds {speeds!r}: give comma-separated numbers") from None
+    if strategy == "ddp":
+        # DDP averages every step's gradients with every worker present: these would be
+        # ignored, and a comparison that seemed to include them would not.
+        diloco_only = {
+            "--inner-steps": inner_steps is not None,
+            "--round-tokens": round_tokens is not None,
+            "--codec": codec is not None,
+            "--outer-lr": outer_lr is not None,
+            "--outer-momentum": outer_momentum is not None,
+            "--feedback-decay": feedback_decay != 1.0,
+            "--speeds": bool(speeds),
+            "--dropout": dropout != 0.0,
+            "--overlap": overlap,
+            "--sync-power": sync_power != 0.0,
+            "--embedding-rounds": embedding_rounds != 1,
+            "--embedding-codec": embedding_codec is not None,
+            "--fragment": bool(fragment),
+        }
+        given = [flag for flag, is_set in diloco_only.items() if is_set]
+        if given:
+            raise UsageError(f"{', '.join(given)}: only for --strategy diloco")
     defaults = OuterConfig()
     sim_cfg = SimConfig(
         strategy=strategy,
         workers=workers,
         steps=steps,
-        inner_steps=inner_steps or DEFAULT_INNER_STEPS,
+        inner_steps=DEFAULT_INNER_STEPS if inner_steps is None else inner_steps,
         round_tokens=round_tokens,
-        codec=codec or DEFAULT_CODEC,
+        codec=DEFAULT_CODEC if codec is None else codec,
         outer=OuterConfig(
             lr=defaults.lr if outer_lr is None else outer_lr,
             momentum=defaults.momentum if outer_momentum is None else outer_momentum,
@@ -566,6 +584,12 @@ def simulate_command(
         f"{result.bytes_per_worker:,} bytes per worker over {result.rounds} rounds "
         f"in {result.wall_s:.0f} s"
     )
+    if result.diverged_at is not None:
+        unit = "step" if strategy == "ddp" else "round"
+        err_console.print(
+            f"diverged in {unit} {result.diverged_at}: training reached NaN or Inf, and the "
+            "run stopped there (try a lower --lr or --outer-lr)"
+        )
     if json_output:
         summary = {k: v for k, v in result.to_dict().items() if k != "history"}
         extra = {
@@ -575,7 +599,9 @@ def simulate_command(
             "optimizer": train_cfg.optimizer,
             "moment_batches": train_cfg.moment_batches,
         }
-        print(json.dumps({**summary, **extra, "sync_power": sync_power}))
+        print(
+            json.dumps(json_ready({**summary, **extra, "sync_power": sync_power}), allow_nan=False)
+        )
 
 
 # ------------------------------------------------------------------------- status
@@ -604,7 +630,7 @@ def status_command(
             f"{url!r}: give the join URL (starling://...) or the dashboard (http://...)"
         )
     if json_output:
-        print(json.dumps(summary))
+        print(json.dumps(json_ready(summary), allow_nan=False))
         return
     for line in _status_lines(summary, recent):
         print(line)
@@ -739,7 +765,7 @@ def export_command(
     err_console.print(
         f"exported checkpoint {summary['round']} ({summary['parameters']:,} parameters) to {out}"
     )
-    print(json.dumps(summary))
+    print(json.dumps(json_ready(summary), allow_nan=False))
 
 
 # --------------------------------------------------------------------------- main

@@ -101,6 +101,14 @@ def _finite(values: torch.Tensor, what: str) -> torch.Tensor:
     return values
 
 
+def _representable(scales: torch.Tensor, what: str) -> torch.Tensor:
+    """fp16 scales (or bf16 values) that overflowed to Inf, or came from NaN input, make a
+    payload that every decoder refuses: refuse to encode it instead, saying why."""
+    if not torch.isfinite(scales).all():
+        raise CodecError(f"{what}: the values hold NaN or Inf, or are too large to encode")
+    return scales
+
+
 @dataclass(frozen=True)
 class Float32Codec:
     name: ClassVar[str] = "fp32"
@@ -139,7 +147,7 @@ class BFloat16Codec:
         return HEADER_BYTES + 2 * numel
 
     def encode(self, values: torch.Tensor) -> bytes:
-        v = _flat_f32(values).to(torch.bfloat16).view(torch.int16)
+        v = _representable(_flat_f32(values).to(torch.bfloat16), "bf16").view(torch.int16)
         return _header(self.codec_id, v.numel(), 0) + v.numpy().astype("<i2").tobytes()
 
     def decode(self, payload: Payload, numel: int) -> torch.Tensor:
@@ -150,6 +158,8 @@ class BFloat16Codec:
 
     def error_bound(self, values: torch.Tensor) -> float:
         # Half an ulp of bf16 (2^-8 relative), plus slack for the smallest normals.
+        if values.numel() == 0:
+            return 0.0
         return float(values.abs().max()) * 2.0**-8 + 1e-38
 
 
@@ -212,6 +222,7 @@ class BlockQuantCodec:
         scale = (blocks.abs().amax(dim=1) / self.levels).to(torch.float16)
         too_small = scale.float() * self.levels < blocks.abs().amax(dim=1)
         scale = torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, 65504)), scale)
+        _representable(scale, f"{self.name} (fp16 scales: |x| ≤ {65504 * self.levels:g})")
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
         if self.bits == 2:
             # x / scale ∈ [−1.5, 1.5] → the nearest of −1.5, −0.5, 0.5, 1.5 → code 0..3.
@@ -258,6 +269,8 @@ class BlockQuantCodec:
             codes4 = nibbles[:numel] - 8
             if (codes4 < -7).any():
                 raise CodecError("int4 payload has code -8, outside the symmetric range")
+            if numel % 2 and nibbles[numel] != 8:  # the encoder pads with code 0
+                raise CodecError("payload has a non-zero padding nibble")
             values = codes4.astype(np.float32)
         padded = np.zeros(n_blocks * self.block, dtype=np.float32)
         padded[:numel] = values
@@ -406,6 +419,7 @@ class TopKCodec(_ChunkedTopK):
         # Round the fp16 scale up where rounding made it too small for the peak.
         short = scale.float() * 127 < peak
         scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, 65504)), scale)
+        _representable(scale, f"topk (fp16 scales: |x| ≤ {65504 * 127:g})")
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(peak))
         codes = torch.round(kept / safe[:, None]).clamp_(-127, 127).to(torch.int8)
         return scale, idx, codes
@@ -486,7 +500,8 @@ class TopK2BitCodec(_ChunkedTopK):
         return torch.stack([low, high], dim=1), idx, codes
 
     def encode(self, values: torch.Tensor) -> bytes:
-        v = _flat_f32(values)
+        # NaN would rank first and go out as a finite level: refused instead.
+        v = _finite(_flat_f32(values), "topk2 input")
         groups = self._selected(v)
         levels = torch.cat([g[0] for g in groups])
         idx = torch.cat([g[1].flatten() for g in groups]).numpy()

@@ -12,6 +12,7 @@ concatenated into one 1-D fp32 vector of n values; shards of the exchange are sl
 from __future__ import annotations
 
 import hashlib
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,8 +36,8 @@ class OuterConfig:
     nesterov: bool = True
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ValueError(f"outer lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"outer lr must be a positive number, got {self.lr}")
         if not 0 <= self.momentum < 1:
             raise ValueError(f"outer momentum must be in [0, 1), got {self.momentum}")
 
@@ -63,9 +64,18 @@ class GlobalState:
     apart from the training replica (which may be bf16 or on a GPU)."""
 
     def __init__(self, params: torch.Tensor, momentum: torch.Tensor | None = None) -> None:
+        if params.dim() != 1 or (momentum is not None and momentum.shape != params.shape):
+            # The fingerprint covers n and the values, not a shape; the outer step would
+            # broadcast a momentum of another shape.
+            raise ValueError(
+                f"global state takes two vectors of one length, got {tuple(params.shape)} and "
+                f"{None if momentum is None else tuple(momentum.shape)}"
+            )
         self.params = params.detach().to("cpu", torch.float32).clone()
         self.momentum = (
-            torch.zeros_like(self.params) if momentum is None else momentum.clone().float()
+            torch.zeros_like(self.params)
+            if momentum is None
+            else momentum.detach().to("cpu", torch.float32).clone()
         )
 
     @classmethod
@@ -98,7 +108,8 @@ class GlobalState:
             self.params[span], self.momentum[span] = params, momentum
 
     def fingerprint(self) -> str:
-        """SHA-256 over a canonical layout: n (u64 LE), θ then m as little-endian fp32."""
+        """SHA-256 over a canonical layout: b"starling-state-v1", n (u64 LE), then θ and m
+        as little-endian fp32."""
         digest = hashlib.sha256(b"starling-state-v1")
         digest.update(struct.pack("<Q", self.params.numel()))
         digest.update(self.params.numpy().astype("<f4").tobytes())
@@ -129,8 +140,10 @@ def weighted_mean(deltas: Sequence[torch.Tensor], tokens: Sequence[int]) -> torc
     """Σ n_i·Δ_i / Σ n_i, summed in the given order (fixed order ⇒ reproducible bits)."""
     if not deltas or len(deltas) != len(tokens):
         raise ValueError("need one token count per contribution, and at least one")
-    if any(n <= 0 for n in tokens):
+    if any(not (math.isfinite(n) and n > 0) for n in tokens):
         raise ValueError(f"token counts must be positive, got {list(tokens)}")
+    if any(delta.shape != deltas[0].shape for delta in deltas):
+        raise ValueError(f"contributions differ in shape: {[tuple(d.shape) for d in deltas]}")
     total = float(sum(tokens))
     acc = torch.zeros_like(deltas[0], dtype=torch.float32)
     for delta, n in zip(deltas, tokens, strict=True):

@@ -180,6 +180,8 @@ class SimConfig:
             raise ValueError("workers must be at least 1")
         if self.steps < 1 or self.inner_steps < 1:
             raise ValueError("steps and inner steps must be positive")
+        if self.eval_every < 0:
+            raise ValueError("eval every must be ≥ 0 (0: about ten evaluations)")
         if self.speeds and len(self.speeds) != self.workers:
             raise ValueError(f"--speeds needs {self.workers} values, one per worker")
         if any(not 0 < s <= 1 for s in self.speeds):
@@ -234,6 +236,9 @@ class SimResult:
     # diloco: each fragment's pattern ("" for the rest), rounds between its syncs, codec
     # and share of the parameters, the rest first (if any is left); ddp: none.
     fragments: list[dict[str, Any]] = field(default_factory=list)
+    # The round (ddp: step) whose training reached NaN or Inf: the run stopped there, and
+    # its final_val_loss is NaN. None: it did not diverge.
+    diverged_at: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -334,10 +339,16 @@ class Simulation:
         initial = trainer.evaluate(self.val)
         history = [{"tokens": 0, "bytes": 0, "val_loss": initial}]
         tokens = sent = 0
+        diverged_at = None
         for step in range(1, cfg.steps + 1):
-            tokens += trainer.step(batches).tokens
+            stats = trainer.step(batches)
+            tokens += stats.tokens
             sent += step_bytes
             val = None
+            if not math.isfinite(stats.loss):
+                diverged_at = step
+                history.append({"tokens": tokens, "bytes": sent, "val_loss": math.nan})
+                break
             if step % eval_every == 0 or step == cfg.steps:
                 val = trainer.evaluate(self.val)
                 history.append({"tokens": tokens, "bytes": sent, "val_loss": val})
@@ -350,7 +361,7 @@ class Simulation:
             k,
             cfg.steps,
             1,
-            cfg.steps,
+            diverged_at or cfg.steps,  # a "round" a step
             tokens,
             initial,
             history[-1]["val_loss"],
@@ -361,6 +372,7 @@ class Simulation:
             history,
             1,
             "fp32",
+            diverged_at=diverged_at,
         )
 
     # --------------------------------------------------------------- DiLoCo
@@ -424,7 +436,8 @@ class Simulation:
             per_step = self.train_cfg.batch_tokens * sum(speeds)  # tokens/step, all workers
             inner_steps = max(1, math.ceil(cfg.round_tokens / per_step))
         rounds = math.ceil(cfg.steps / inner_steps)
-        lengths = [inner_steps] * rounds
+        # The last round takes what is left: the run trains `steps`, as DDP does.
+        lengths = [inner_steps] * (rounds - 1) + [cfg.steps - inner_steps * (rounds - 1)]
         if cfg.sync_power:
             # The coordinator ends a run's budget rounds by the same rule.
             ends = lr_following_ends(inner_cfg, rounds, cfg.sync_power)
@@ -434,6 +447,7 @@ class Simulation:
         history = [{"tokens": 0, "bytes": 0, "val_loss": initial}]
         tokens = sent = steps_done = 0
         pending: dict[int, torch.Tensor] = {}  # overlap: each fragment's mean still on the wire
+        diverged_at = None
 
         for r, length in enumerate(lengths, start=1):
             syncing = [f for f in fragments if f.syncs(r, rounds)]
@@ -453,6 +467,9 @@ class Simulation:
                 worker_tokens = sum(trainers[i].step(batchers[i]).tokens for _ in range(h))
                 tokens += worker_tokens
                 local = flatten_parameters(replica)
+                if not bool(torch.isfinite(local).all()):
+                    diverged_at = r
+                    break
                 for k, f in enumerate(fragments):
                     f.tokens[i] += worker_tokens
                     if f not in syncing:
@@ -463,6 +480,10 @@ class Simulation:
                     token_weights[k].append(f.tokens[i])
                     f.tokens[i] = 0
             steps_done += length
+            if diverged_at is not None:  # a replica's inner steps reached NaN or Inf
+                history.append({"tokens": tokens, "bytes": sent, "val_loss": math.nan})
+                rounds = r
+                break
 
             means: dict[int, torch.Tensor] = {}
             for k, f in enumerate(fragments):
@@ -503,7 +524,7 @@ class Simulation:
                 val = self._eval(state.params)
                 history.append({"tokens": tokens, "bytes": sent, "val_loss": val})
             if progress:
-                progress(min(steps_done, cfg.steps), cfg.steps, val)
+                progress(steps_done, cfg.steps, val)
 
         return SimResult(
             "diloco",
@@ -531,6 +552,7 @@ class Simulation:
                 }
                 for f in fragments
             ],
+            diverged_at,
         )
 
 

@@ -83,7 +83,10 @@ class TrainConfig:
             (self.steps > 0, f"steps must be positive, got {self.steps}"),
             (self.seq_len > 0, f"seq len must be positive, got {self.seq_len}"),
             (self.micro_batch_size > 0, "micro batch size must be positive"),
-            (self.lr > 0, f"learning rate must be positive, got {self.lr}"),
+            (
+                math.isfinite(self.lr) and self.lr > 0,
+                f"learning rate must be positive, got {self.lr}",
+            ),
             (0 <= self.min_lr_ratio <= 1, "min lr ratio must be in [0, 1]"),
             (self.warmup_steps >= 0, "warmup steps must be ≥ 0"),
             (0 < self.decay_fraction <= 1, "decay fraction must be in (0, 1]"),
@@ -426,6 +429,11 @@ class InnerTrainer:
         if isinstance(self.optimizer, BatchScaledAdamW):
             return self.optimizer.batches
         return 1.0
+
+    def reset_optimizer(self) -> None:
+        """Forget the optimizer's moments and step counts (after a divergence left NaN in
+        them); they start again, lazily, at the next step."""
+        self.optimizer.state.clear()
 
     def set_moment_batches(self, batches: float) -> None:
         """From the next step on, precondition like a batch `batches` times the step's."""

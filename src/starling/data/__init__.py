@@ -1,7 +1,7 @@
 """Tokenizers, text sources, and the token shards that nodes train on."""
 
 from .errors import DataSourceError, ShardIntegrityError
-from .prepare import PREPARE_VERSION, PrepareConfig, prepare
+from .prepare import PREPARE_VERSION, PrepareConfig, cache_name, prepare
 from .shards import (
     Manifest,
     SequenceBatcher,
@@ -22,6 +22,7 @@ __all__ = [
     "Source",
     "TokenDataset",
     "TokenizerSpec",
+    "cache_name",
     "evaluation_batches",
     "load_tokenizer",
     "prepare",

@@ -30,7 +30,7 @@ from .shards import (
     ShardInfo,
     token_dtype,
 )
-from .sources import DataSourceError, Source
+from .sources import DataSourceError, Source, resolve_paths
 from .tokenizer import (
     TokenizerSpec,
     build_tokenizer,
@@ -68,6 +68,21 @@ class PrepareConfig:
         if self.shard_tokens < 1024:
             raise ValueError(f"shard tokens must be at least 1024, got {self.shard_tokens}")
         TokenizerSpec.parse(self.tokenizer)  # fail early on a bad spec
+
+
+def cache_name(data: str, tokenizer: str, seed: int) -> str:
+    """The folder name a cache keeps a prepared `data` source under: its spec, and for
+    local files their paths, sizes and times, the tokenizer, seed and PREPARE_VERSION
+    (so that a dataset prepared by an older version is prepared again)."""
+    stamp = data
+    if not data.startswith("embedded"):
+        stamp += "".join(
+            f"|{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in resolve_paths(data)
+        )
+    key = f"{stamp}|{tokenizer}|{seed}|{PREPARE_VERSION}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    name = data.replace(":", "-") if data.startswith("embedded") else Path(data).name or "data"
+    return f"{name}-{tokenizer.replace(':', '')}-{digest}"
 
 
 def is_validation(seed: int, document_index: int, val_fraction: float) -> bool:

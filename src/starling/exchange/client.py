@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 import grpc
 import torch
-from safetensors.torch import load as load_safetensors
 
+from starling.checkpoint import CheckpointError, state_from_blob
 from starling.codecs import CodecError, make_codec, mean_codec
 from starling.exchange.audit import Evidence
 from starling.exchange.framing import PeerCalls, data_message, unpack
@@ -306,8 +306,12 @@ class ExchangeClient:
         assert isinstance(header, peer_pb2.StateHeader)
         if sha != header.sha256:
             raise ExchangeError(endpoint.node_id, "global state does not match its hash")
-        tensors = load_safetensors(bytes(blob))
-        state = GlobalState(tensors["params"], tensors["momentum"])
+        try:
+            # A peer may serve anything: exactly two fp32 vectors of one length, or refused.
+            params, momentum = state_from_blob(bytes(blob))
+        except CheckpointError as err:
+            raise ExchangeError(endpoint.node_id, f"global state refused: {err}") from None
+        state = GlobalState(params, momentum)
         if state.fingerprint() != header.fingerprint:
             raise ExchangeError(endpoint.node_id, "global state does not match its fingerprint")
         return GlobalStateDownload(
