@@ -74,8 +74,8 @@ from starling.train import OPTIMIZERS, TrainConfig
 HERE = Path(__file__).resolve().parent
 NODE = HERE / "poisoned_node.py"
 BATCH_TOKENS = 1024
-# The inner AdamW peak lr every run here used (its figures in the README were measured at
-# it); --lr measures the defences at another.
+# The inner AdamW peak lr every run here used (its figures in docs/benchmarks.md were
+# measured at it); --lr measures the defences at another.
 DEFAULT_LR = 3e-3
 JOINER_SETTLE_S = 60.0  # after the churn, how long joiners still running get to enter a commit
 MIN_HONEST = 3  # honest contributions a round needs for its poisoned ones to count

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-# Recommended settings, measured by bench/convergence.py (README): the defaults of
+# Recommended settings, measured by bench/convergence.py (docs/benchmarks.md): the defaults of
 # `starling simulate --strategy diloco` and of new runs. int4 matched fp32's loss at 1/8
 # of the bytes; outer momentum 0.5 beat the DiLoCo paper's 0.9 by 4% over 20 rounds (0.9
 # needs many more rounds to pay off: revisit for long runs). For slow links int2 (half

@@ -75,7 +75,7 @@ class RoundSection:
     # With a budget: 0 keeps it for every round; p > 0 sizes each round's budget so that
     # it spans an equal share of Σ lr^p of the inner schedule (coordinator.rounds.
     # lr_following_budget): short rounds while the lr is high, long ones as it decays,
-    # about as many rounds as with a fixed budget. README "Convergence per byte".
+    # about as many rounds as with a fixed budget. docs/benchmarks.md "Convergence per byte".
     sync_power: float = 0.0
 
 

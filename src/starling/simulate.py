@@ -54,7 +54,7 @@ VOCABULARY_PATTERN = r"^(embed_tokens|lm_head)\."
 
 # The inner AdamW's peak lr per model preset and strategy, swept at the simulator's
 # default geometry and schedule (bench/convergence.py: tiny, 4 workers, 600 steps of 8 ×
-# 64 tokens per worker, 150 warmup steps, WSD; README "Convergence per byte"; one run
+# 64 tokens per worker, 150 warmup steps, WSD; docs/benchmarks.md "Convergence per byte"; one run
 # each). DDP (plain AdamW): 3.7790 at 3e-3, 3.7621 at 4.5e-3, 3.7636 at 6e-3. DiLoCo
 # int2 at H = 30, workers whose AdamW assumes DDP's batch (simulation_moment_batches):
 # 4.0703 at 2e-3, 4.0560 at 3e-3, 4.0752 at 4.5e-3. With 30 warmup steps and cosine the
@@ -75,7 +75,7 @@ SIMULATION_LR: dict[str, dict[str, float]] = {
 # each strategy at its best lr) the two took DDP from 3.9278 (30 warmup steps, cosine) to
 # 3.7621 and DiLoCo int2 at H = 30 from 4.1774 to 4.0560: DDP gains more, so the 30-step
 # cosine baseline flattered DiLoCo. DDP alone does a little better with 100 warmup steps
-# (3.7534), DiLoCo worse (4.0695). README "Convergence per byte" has the sweep.
+# (3.7534), DiLoCo worse (4.0695). docs/benchmarks.md "Convergence per byte" has the sweep.
 SIMULATION_WARMUP_SHARE = 1 / 4
 
 
@@ -161,10 +161,10 @@ class SimConfig:
     # `codec`); the rest of the model every round. Each fragment keeps its own error
     # feedback and weighs its mean by the tokens trained since its last sync; between its
     # syncs a worker's replica keeps its own copy of it. The drift between workers costs
-    # most in the hidden layers (README "Where the gap lives"), so spending the bytes there
-    # pays: on the bench's setup H = 15 with the embedding every 4th round (60 steps) took
-    # int2 from 1.076× DDP's loss to 1.065× at 410× fewer bytes (four seeds). The same as
-    # the fragment `embed_tokens@N` (see FragmentSpec).
+    # most in the hidden layers (docs/benchmarks.md, "Where the gap lives"), so spending
+    # the bytes there pays: on the bench's setup H = 15 with the embedding every 4th
+    # round (60 steps) took int2 from 1.076× DDP's loss to 1.065× at 410× fewer bytes
+    # (four seeds). The same as the fragment `embed_tokens@N` (see FragmentSpec).
     embedding_rounds: int = 1
     embedding_codec: str | None = None
     # Fragments by name, after the vocabulary's (if any): the first that matches a

@@ -39,14 +39,14 @@ class TrainConfig:
     # over the last `decay_fraction` of the steps. It beat cosine for DDP and DiLoCo alike
     # in the simulator (bench/convergence.py: DDP 3.8226 against 3.9278, DiLoCo int2
     # 4.1011 against 4.1774 at 30 warmup steps) and in `starling demo` (3 real nodes,
-    # 8 rounds: 4.6129 against 4.7220). README "Convergence per byte".
+    # 8 rounds: 4.6129 against 4.7220). docs/benchmarks.md "Convergence per byte".
     schedule: str = "wsd"
     decay_fraction: float = 0.2  # WSD: the last fraction of steps decays linearly
     weight_decay: float = 0.1
     beta1: float = 0.9
     # adamw: AdamW on every parameter. muon: Muon on the hidden weight matrices (MuonAdamW)
     # and AdamW on the rest, at the same lr, schedule and weight decay. On the bench's
-    # setup (bench/convergence.py, README "Convergence per byte"), each at its best lr,
+    # setup (bench/convergence.py, docs/benchmarks.md "Convergence per byte"), each at its best lr,
     # muon took DDP from 3.7621 to 3.5636 (6e-3) and DiLoCo int2 from 4.0560 to 3.8482
     # (4.5e-3), both about −5%: the ratio between them stays 1.08×. The runs' screen
     # works on Muon's updates (bench/chaos.py --optimizer muon: 80/80 sign-flipped
@@ -62,13 +62,13 @@ class TrainConfig:
     # rounds too (starling.robust), bench/chaos.py's 8 nodes with 0.99 caught 150 of
     # 150 sign-flipped updates (1 of 8, 0 of 1,050 honest cut) and 336 of 340 (2 of 8,
     # 2 of 1,022 honest cut); 0.999, better still in the simulator (3.41 with 150
-    # warmup steps), caught only 314 of 340 (2 of 8). README, "Convergence per byte".
+    # warmup steps), caught only 314 of 340 (2 of 8). docs/benchmarks.md, "Convergence per byte".
     beta2: float = 0.99
     # The inner AdamW's denominator estimates the squared gradient of a batch this many
     # times the step's own (1: plain AdamW). A DiLoCo worker sees a K-times smaller batch
     # than DDP's, so its √v holds K times the gradient noise variance and damps the noisy
     # coordinates more than DDP's does; with K here its steps are preconditioned like
-    # DDP's. See BatchScaledAdamW; README, "Convergence per byte".
+    # DDP's. See BatchScaledAdamW; docs/benchmarks.md, "Convergence per byte".
     moment_batches: float = 1.0
     grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping
     eval_every: int = 100  # steps between validation evaluations; 0: only at the end
