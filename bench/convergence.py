@@ -257,7 +257,10 @@ def main() -> None:
             "final_val_loss": round(r.final_val_loss, 4),
             "loss_ratio_to_ddp": round(r.final_val_loss / ddp.final_val_loss, 4),
             "bytes_per_worker": r.bytes_per_worker,
-            "ddp_bytes_ratio": round(ddp.bytes_per_worker / r.bytes_per_worker, 1),
+            # None for a run that diverged before its first message
+            "ddp_bytes_ratio": round(ddp.bytes_per_worker / r.bytes_per_worker, 1)
+            if r.bytes_per_worker
+            else None,
             "wall_s": round(r.wall_s, 1),
         }
         for r in results

@@ -3,7 +3,7 @@ runs the starling CLI (e.g. `node join URL ...`) with every contribution it make
 poisoned in one way. What the owners' checks must stop (bench/chaos.py, and
 tests/test_poisoning.py):
 
-  nan        a NaN in the pseudo-gradient (its codec payload carries a NaN scale)
+  nan        a NaN in each payload's first float (a value, or a block's scale)
   scale      the pseudo-gradient × 100
   sign_flip  the pseudo-gradient × −1
   noise      Gaussian noise with the pseudo-gradient's norm
@@ -48,6 +48,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import struct
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -60,7 +61,7 @@ from safetensors.torch import save_file
 
 import starling.node.daemon as daemon
 from starling.cli import main
-from starling.codecs import ErrorFeedback, mean_codec
+from starling.codecs import HEADER_BYTES, ErrorFeedback, mean_codec
 from starling.exchange import client as exchange_client
 from starling.exchange import owner as exchange_owner
 from starling.exchange import peer as exchange_peer
@@ -99,13 +100,35 @@ def report(round_: int, shard: int, status: str) -> None:
 encode_shards = daemon.encode_shards
 
 
+# Where each codec's first float sits after the header, and its format: a NaN there is
+# what a NaN in the pseudo-gradient gives a codec that does not refuse it (fp32), and what
+# the owners must refuse (the lossy codecs' encoders refuse NaN themselves now).
+NAN = float("nan")
+NAN_FIELD: dict[str, tuple[int, str, float | int]] = {  # offset after the header, format, NaN
+    "fp32": (0, "<f", NAN),
+    "bf16": (0, "<H", 0x7FC0),  # bf16's quiet NaN, as its bits
+    "int8": (0, "<e", NAN),  # the first block's fp16 scale
+    "int4": (0, "<e", NAN),
+    "int2": (0, "<e", NAN),
+    "topk": (4, "<e", NAN),  # the first chunk's fp16 scale, after the u32 k
+    "topk2": (4, "<f", NAN),  # the first chunk's low magnitude
+}
+
+
+def with_nan(payload: bytes, codec_name: str) -> bytes:
+    if codec_name not in NAN_FIELD:
+        raise SystemExit(f"the nan poison does not know codec {codec_name}'s layout")
+    offset, fmt, value = NAN_FIELD[codec_name]
+    data = bytearray(payload)
+    struct.pack_into(fmt, data, HEADER_BYTES + offset, value)
+    return bytes(data)
+
+
 def poisoned_encode(
     plan: ShardPlan, delta: torch.Tensor, feedback: ErrorFeedback
 ) -> tuple[list[bytes], Any]:
     delta = delta.clone()
-    if kind == "nan":
-        delta[0] = float("nan")
-    elif kind == "scale":
+    if kind == "scale":
         delta *= 100
     elif kind == "sign_flip":
         delta.neg_()
@@ -113,6 +136,8 @@ def poisoned_encode(
         noise = torch.randn_like(delta)
         delta = noise * (delta.norm() / noise.norm())
     payloads, rest = encode_shards(plan, delta, feedback)
+    if kind == "nan":
+        payloads = [with_nan(payload, feedback.codec.name) for payload in payloads]
     if kind == "shape":
         payloads = [
             feedback.codec.encode(delta[plan.bounds[s] : plan.bounds[s + 1] - 1].clone())

@@ -140,6 +140,10 @@ class NodeDaemon:
         self._evaluations = ThreadPoolExecutor(1, thread_name_prefix="evaluate")
         self._loop_thread = threading.current_thread()
         self._resync_wanted = threading.Event()
+        # Set where training diverged (_diverged, maybe in the exchange worker); the round
+        # loop restarts the replica from θ with a fresh optimizer before the next round.
+        self._restart_wanted = threading.Event()
+        self._diverged_lock = threading.Lock()
         self._last_commit: tuple[int, set[str]] | None = None  # round, its contributors
         self._fingerprint_reports = 0  # fingerprints reported so far
         # (round, fingerprint) of our last report that came in before a majority agreed
@@ -357,6 +361,9 @@ class NodeDaemon:
             if self._resync_wanted.is_set():
                 self._event("the coordinator says our state disagrees: resync")
                 self._resync(self.state_round)
+            if self._restart_wanted.is_set():
+                self._restart_wanted.clear()
+                self.inner.restart(self.state.params)  # the missed means: caught up below
             current = self._retry(lambda: self.client.get_round(wait_s=0.0))
             if not current.phase:  # no round yet (waiting for nodes)
                 self._wait_for_change(current)
@@ -406,6 +413,14 @@ class NodeDaemon:
                     self._resync(self.state_round)
                     anchor = self.state.params.clone()
                     self.inner.load(anchor)
+                if self._restart_wanted.is_set():
+                    # The diverged round's progress is gone, and so is the anchor built
+                    # on it: settle the exchange in flight, start again from θ (and catch
+                    # up, below, on the means of the rounds we sat out).
+                    settle()
+                    self._restart_wanted.clear()
+                    anchor = self.state.params.clone()
+                    self.inner.restart(anchor)
                 current = self._retry(lambda: self.client.get_round(wait_s=0.0))
                 if not current.phase:
                     self._wait_for_change(current)
@@ -424,6 +439,13 @@ class NodeDaemon:
                     continue
                 delta, tokens = trained
                 settle()  # round r−1's mean, exchanged and applied while this round trained
+                if self._restart_wanted.is_set():
+                    # Round r−1 could not be sent, and this round trained on top of it.
+                    self._event(
+                        f"round {current.round}: not contributing: it trained on top of the "
+                        "diverged round"
+                    )
+                    continue
                 # The replica keeps this round's progress (−Δ) on top of the new θ.
                 anchor = torch.sub(self.state.params, delta)
                 self.inner.load(anchor)
@@ -545,24 +567,25 @@ class NodeDaemon:
         self._timings[state.round].update(
             train_ended=time.time(), train_loss=loss_sum / steps_done, tokens=tokens
         )
-        start = self.state.params if anchor is None else anchor
-        delta = start - self.inner.flat()
+        delta = (self.state.params if anchor is None else anchor) - self.inner.flat()
         if not bool(torch.isfinite(delta).all()):
-            self._diverged(state.round, "NaN or Inf in the weights", start)
+            self._diverged(state.round, "NaN or Inf in the weights")
             return None
         return delta, weight
 
-    def _diverged(self, round_: int, why: str, start: torch.Tensor | None) -> None:
+    def _diverged(self, round_: int, why: str) -> None:
         """Training diverged (an unstable lr, a faulty GPU): sit this round out (the
-        commit leaves out a participant that sends nothing), and train the next from
-        `start` with a fresh optimizer, whose moments the divergence poisoned too (None:
-        the next round is already training, in overlap mode; a NaN it inherits is
-        caught at its end)."""
-        self.status.diverged_rounds += 1
-        restarts = "" if start is None else "; the replica restarts with a fresh optimizer"
-        self._event(f"round {round_}: training diverged ({why}): not contributing{restarts}")
-        if start is not None:
-            self.inner.restart(start)
+        commit leaves out a participant that sends nothing), and have the round loop
+        restart the replica from θ with a fresh optimizer, whose moments the divergence
+        poisoned too. Runs in the exchange worker too, in overlap mode."""
+        with self._diverged_lock:
+            self.status.diverged_rounds += 1
+        self._timings.pop(round_, None)
+        self._event(
+            f"round {round_}: training diverged ({why}): not contributing; the replica "
+            "restarts from the global state with a fresh optimizer"
+        )
+        self._restart_wanted.set()
 
     def _wait_closed(self, round_: int) -> None:
         state = self._retry(lambda: self.client.get_round(round_))
@@ -595,10 +618,7 @@ class NodeDaemon:
         try:
             payloads, _ = encode_shards(spec.plan, delta, self.feedback)
         except CodecError as err:  # finite, but beyond what the codec can represent
-            # With overlap this runs beside the next round's training: no restart here.
-            self._diverged(
-                round_, str(err), None if self.config.outer.overlap else self.state.params
-            )
+            self._diverged(round_, str(err))
             return None
         exchange_started = time.monotonic()
         outcome = exchange_round(self.client, self.peer, state, payloads, tokens)

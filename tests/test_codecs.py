@@ -300,13 +300,19 @@ def test_int2_padding_bits_must_be_zero() -> None:
 
 @pytest.mark.parametrize("spec", CODEC_NAMES)
 def test_nan_input_never_comes_back_as_a_finite_tensor(spec: str) -> None:
-    """A NaN in a pseudo-gradient (a diverged replica) is refused, by the encoder where
-    it can tell, else by every decoder; never encoded into finite values."""
+    """A NaN in a pseudo-gradient (a diverged replica) is refused: by Starling's lossy
+    encoders themselves, and for fp32 (which sends what it is given) and hivemind's
+    codecs by every decoder; never encoded into finite values."""
     x = sample(1000)
     x[17] = float("nan")
     codec = make_codec(spec)
-    with pytest.raises(CodecError, match="NaN"):
-        codec.decode(codec.encode(x), 1000)
+    if spec == "fp32" or spec.startswith("hivemind"):
+        payload = codec.encode(x)
+        with pytest.raises(CodecError, match="NaN"):
+            codec.decode(payload, 1000)
+    else:
+        with pytest.raises(CodecError, match="NaN"):
+            codec.encode(x)
 
 
 @pytest.mark.parametrize(
@@ -326,6 +332,21 @@ def test_values_beyond_the_fp16_scales_are_refused_when_encoding(spec: str, limi
         x[3] = big
         with pytest.raises(CodecError, match="too large"):
             make_codec(other).encode(x)
+    # topk2's levels are quantiles of the kept magnitudes (an outlier is clipped to the
+    # high one): only a chunk of large values makes a level too large.
+    with pytest.raises(CodecError, match="too large"):
+        make_codec("topk2").encode(torch.full((100,), 65504 * 127 * 1.01))
+
+
+def test_a_topk2_level_its_mean_could_not_hold_is_refused() -> None:
+    """A mean of topk2 messages is encoded as topk, with fp16 scales: a contribution
+    whose level is beyond them would make its owner's mean unencodable, so the decoder
+    refuses it (an offence of its sender) rather than the owner failing at the commit."""
+    codec = make_codec("topk2:4/16")
+    payload = bytearray(codec.encode(sample(16, seed=3)))
+    struct.pack_into("<ff", payload, HEADER_BYTES + 4, 1.0, 65504 * 127 * 2)
+    with pytest.raises(CodecError, match="beyond what a mean can hold"):
+        codec.decode(bytes(payload), 16)
 
 
 def test_int4_padding_nibble_must_be_code_zero() -> None:

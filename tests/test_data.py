@@ -180,6 +180,10 @@ def test_a_cache_name_tells_apart_files_of_one_name(tmp_path: Path) -> None:
     a.write_text("In the beginning was the Word.")  # changed in place: size and time
     assert cache_name(str(a), "bytes", 0) not in names
     assert cache_name("embedded", "bpe:8192", 0).startswith("embedded-bpe8192-")
+    # Nothing local to stamp: the spec alone (a dataset name holds a slash).
+    assert cache_name("hf:roneneldan/TinyStories", "bytes", 0).startswith(
+        "hf-roneneldan_TinyStories-bytes-"
+    )
 
 
 def test_another_seed_gives_another_split(pydoc_dir: Path, tmp_path: Path) -> None:

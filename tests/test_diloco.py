@@ -230,6 +230,17 @@ def test_a_diverging_run_stops_and_says_where(pydoc_dir: Path) -> None:
     assert json.loads(ddp.stdout.strip().splitlines()[-1])["final_val_loss"] is None
 
 
+def test_an_update_beyond_the_codecs_range_stops_the_run_as_divergence(pydoc_dir: Path) -> None:
+    """An inner lr of 1e6 moves the weights by ~1e6 in one step: finite, but beyond what
+    int2's fp16 scales hold (98,256). The run stops there, as a diverged one does,
+    rather than end in a codec's error."""
+    sim = SimConfig(workers=2, steps=4, inner_steps=1, codec="int2")
+    train_cfg = TrainConfig(**{**SMALL, "steps": 4, "lr": 1e6, "warmup_steps": 0})
+    result = Simulation(sim, train_cfg, TokenDataset(pydoc_dir)).run()
+    assert result.diverged_at == 1 and result.rounds == 1
+    assert result.final_val_loss != result.final_val_loss  # NaN
+
+
 def test_slow_workers_do_fewer_steps_and_dropouts_skip_rounds(pydoc_dir: Path) -> None:
     even = simulate(pydoc_dir, speeds=(1.0, 1.0))
     uneven = simulate(pydoc_dir, speeds=(1.0, 0.5))

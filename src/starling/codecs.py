@@ -479,6 +479,9 @@ class TopK2BitCodec(_ChunkedTopK):
 
     name: ClassVar[str] = "topk2"
     codec_id: ClassVar[int] = 8
+    # A mean of topk2 messages is encoded as topk (mean_codec), whose fp16 scales of
+    # 127 steps hold no larger magnitude: a level beyond it could not be averaged.
+    MAX_LEVEL: ClassVar[float] = 65504.0 * 127
 
     @property
     def index_bits(self) -> int:
@@ -504,6 +507,8 @@ class TopK2BitCodec(_ChunkedTopK):
         v = _finite(_flat_f32(values), "topk2 input")
         groups = self._selected(v)
         levels = torch.cat([g[0] for g in groups])
+        if levels.numel() and float(levels.max()) > self.MAX_LEVEL:
+            raise CodecError(f"topk2: values too large to encode (|x| ≤ {self.MAX_LEVEL:g})")
         idx = torch.cat([g[1].flatten() for g in groups]).numpy()
         codes = torch.cat([g[2].flatten() for g in groups]).numpy()
         return b"".join(
@@ -525,6 +530,8 @@ class TopK2BitCodec(_ChunkedTopK):
         offset += 8 * n_chunks
         if not np.isfinite(levels).all() or (levels[:, 0] < 0).any():
             raise CodecError("top-k payload has a bad magnitude")
+        if (levels[:, 1] > self.MAX_LEVEL).any():
+            raise CodecError("top-k payload has a bad magnitude (beyond what a mean can hold)")
         if (levels[:, 0] > levels[:, 1]).any():
             raise CodecError("top-k payload has a low magnitude above its high one")
         index_bytes = -(-kept * self.index_bits // 8)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .codecs import Codec, ErrorFeedback, make_codec, mean_codec
+from .codecs import Codec, CodecError, ErrorFeedback, make_codec, mean_codec
 from .data import SequenceBatcher, TokenDataset, evaluation_batches
 from .diloco import (
     DEFAULT_CODEC,
@@ -354,6 +354,8 @@ class Simulation:
                 history.append({"tokens": tokens, "bytes": sent, "val_loss": val})
             if progress:
                 progress(step, cfg.steps, val)
+        if diverged_at is None and not math.isfinite(history[-1]["val_loss"]):
+            diverged_at = cfg.steps  # the last step left the weights non-finite
         state = GlobalState.from_model(model)
         return SimResult(
             "ddp",
@@ -474,24 +476,34 @@ class Simulation:
                     f.tokens[i] += worker_tokens
                     if f not in syncing:
                         continue
-                    payload, decoded = f.feedback[i].encode(f.take(anchors[i]) - f.take(local))
+                    try:
+                        payload, decoded = f.feedback[i].encode(f.take(anchors[i]) - f.take(local))
+                    except CodecError:  # finite, but beyond what the codec can represent
+                        diverged_at = r
+                        break
                     sent += len(payload) if i == 0 else 0  # bytes of worker 0, the reference
                     deltas[k].append(decoded)
                     token_weights[k].append(f.tokens[i])
                     f.tokens[i] = 0
+                if diverged_at is not None:
+                    break
             steps_done += length
-            if diverged_at is not None:  # a replica's inner steps reached NaN or Inf
-                history.append({"tokens": tokens, "bytes": sent, "val_loss": math.nan})
-                rounds = r
-                break
 
             means: dict[int, torch.Tensor] = {}
             for k, f in enumerate(fragments):
-                if deltas[k]:
+                if deltas[k] and diverged_at is None:
                     owner_codec = mean_codec(f.codec, len(deltas[k]))
-                    payload = owner_codec.encode(weighted_mean(deltas[k], token_weights[k]))
+                    try:
+                        payload = owner_codec.encode(weighted_mean(deltas[k], token_weights[k]))
+                    except CodecError:
+                        diverged_at = r
+                        break
                     sent += len(payload)  # every worker downloads the re-encoded mean
                     means[k] = owner_codec.decode(payload, f.size)
+            if diverged_at is not None:  # NaN or Inf, or an update no codec can hold
+                history.append({"tokens": tokens, "bytes": sent, "val_loss": math.nan})
+                rounds = r
+                break
 
             if cfg.overlap:
                 # The means of round r−1 arrive only now (every fragment syncs every round
@@ -525,6 +537,8 @@ class Simulation:
                 history.append({"tokens": tokens, "bytes": sent, "val_loss": val})
             if progress:
                 progress(steps_done, cfg.steps, val)
+        if diverged_at is None and not math.isfinite(history[-1]["val_loss"]):
+            diverged_at = rounds  # the last outer step left θ non-finite
 
         return SimResult(
             "diloco",

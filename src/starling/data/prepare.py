@@ -73,15 +73,17 @@ class PrepareConfig:
 def cache_name(data: str, tokenizer: str, seed: int) -> str:
     """The folder name a cache keeps a prepared `data` source under: its spec, and for
     local files their paths, sizes and times, the tokenizer, seed and PREPARE_VERSION
-    (so that a dataset prepared by an older version is prepared again)."""
+    (so that a dataset prepared by an older version is prepared again). The embedded
+    corpora and Hugging Face datasets (`hf:`) go by their spec alone."""
     stamp = data
-    if not data.startswith("embedded"):
+    remote = data.startswith(("embedded", "hf:"))
+    if not remote:
         stamp += "".join(
             f"|{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in resolve_paths(data)
         )
     key = f"{stamp}|{tokenizer}|{seed}|{PREPARE_VERSION}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    name = data.replace(":", "-") if data.startswith("embedded") else Path(data).name or "data"
+    name = data.replace(":", "-").replace("/", "_") if remote else Path(data).name or "data"
     return f"{name}-{tokenizer.replace(':', '')}-{digest}"
 
 
