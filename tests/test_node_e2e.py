@@ -484,6 +484,23 @@ def test_a_node_whose_training_diverges_sits_the_round_out_and_recovers(e2e, ove
     assert_agree(run.fingerprints("a"), run.fingerprints("diverging"))
 
 
+def test_a_torchrun_node_whose_training_diverges_restarts_every_rank(e2e) -> None:
+    # Both ranks' weight shards and moments turn NaN after their 5th inner step (in round
+    # 1): rank 0 sees it in the gathered update, sits the round out, and restarts every
+    # rank's optimizer (the RESET command) before loading θ; without that, the NaN
+    # moments of rank 1's shard would diverge again the next round.
+    run = e2e()
+    run.join("a")  # stopped below
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    run.join("diverging", "--max-rounds", "3", launcher=(*torchrun, str(DIVERGING_NODE), "5"))
+    assert run.nodes["diverging"].wait(300) == 0, run.log("diverging")
+    run.nodes["a"].send_signal(signal.SIGINT)
+    assert run.nodes["a"].wait(120) == 0, run.log("a")
+    summary = json.loads((run.root / "diverging" / "summary.json").read_text())
+    assert summary["diverged_rounds"] == 1 and summary["rounds_contributed"] == 3, summary
+    assert_agree(run.fingerprints("a"), run.fingerprints("diverging"))
+
+
 def test_a_multi_process_node_trains_fsdp_shards_under_torchrun(e2e) -> None:
     # A two-rank node (torchrun, FSDP with gloo on this CPU) beside a one-process node:
     # only its rank 0 talks to the network; each rank trains its own micro-batches, so
