@@ -1,6 +1,7 @@
 """The README's commands stay true: every `starling ...` and `python bench/...` command in
-its code blocks names a command that exists, with options that command accepts (the
-commands themselves run in the other tests, the demo and CI)."""
+its code blocks, and in the inline code of it and of docs/benchmarks.md, names a command
+that exists, with options that command accepts (the commands themselves run in the other
+tests, the demo and CI)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ def _commands() -> list[list[str]]:
     return commands
 
 
+def _inline_commands() -> list[list[str]]:
+    """Every whole command in the inline code of the README and docs/benchmarks.md
+    (`OMP_NUM_THREADS=1` dropped; a span with an ellipsis is an abbreviation)."""
+    commands = []
+    for doc in ("README.md", "docs/benchmarks.md"):
+        for span in re.findall(r"`([^`\n]+)`", (ROOT / doc).read_text()):
+            span = span.removeprefix("OMP_NUM_THREADS=1 ")
+            if span.startswith(("starling ", "python bench/")) and "…" not in span:
+                commands.append(shlex.split(span))
+    return commands
+
+
 @functools.cache
 def _help(*command: str) -> str | None:
     if command[0] == "python":
@@ -48,7 +61,9 @@ def test_every_readme_command_exists_with_its_options() -> None:
     # The README's main paths are all there.
     for expected in ("starling demo", "starling node join", "starling coordinator init"):
         assert any(n.startswith(expected) for n in named), expected
-    for words in commands:
+    inline = _inline_commands()
+    assert len(inline) > 40  # the benchmark tables' commands among them
+    for words in commands + inline:
         # The longest prefix of plain words that is a command of its own.
         length = 2 if words[0] == "python" else 1
         for end in range(length + 1, min(len(words), 4) + 1):
