@@ -23,14 +23,13 @@ weight matrices (starling.train.MuonAdamW).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from starling.cli import json_ready
+from starling.cli import json_line
 from starling.codecs import make_codec
 from starling.data import PrepareConfig, TokenDataset, cache_name, prepare
 from starling.diloco import DEFAULT_INNER_STEPS, OuterConfig
@@ -227,7 +226,7 @@ def main() -> None:
         result = Simulation(sim_cfg, train_cfgs[kind_of(sim_cfg)], dataset).run()
         results.append(result)
         row = {k: v for k, v in result.to_dict().items() if k != "history"}
-        print(json.dumps(json_ready(row), allow_nan=False), flush=True)
+        print(json_line(row), flush=True)
         print(
             f"# {result.strategy} {result.codec}: val {result.final_val_loss:.4f}, "
             f"{result.bytes_per_worker:,} B/worker, {result.wall_s:.0f} s",
@@ -268,7 +267,7 @@ def main() -> None:
     if args.plot:
         plot(results, args.plot)
     config = {k: v for k, v in vars(args).items() if k not in ("json", "plot", "cache_dir")}
-    print(json.dumps(json_ready({"config": config, "results": table}), allow_nan=False))
+    print(json_line({"config": config, "results": table}))
 
 
 if __name__ == "__main__":

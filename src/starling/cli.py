@@ -48,16 +48,20 @@ err_console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
 
 
-def json_ready(value: Any) -> Any:
-    """`value` with every NaN or infinite float (a diverged loss, a ratio to one) as None:
-    JSON has no such numbers, and strict parsers refuse Python's NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: json_ready(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_ready(item) for item in value]
-    return value
+def json_line(value: Any) -> str:
+    """`value` as one line of JSON, every NaN or infinite float (a diverged loss, a ratio
+    to one) as null: JSON has no such numbers, and strict parsers refuse Python's NaN."""
+
+    def finite(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(inner) for key, inner in item.items()}
+        if isinstance(item, list | tuple):
+            return [finite(inner) for inner in item]
+        return item
+
+    return json.dumps(finite(value), allow_nan=False)
 
 
 class UsageError(ValueError):
@@ -135,7 +139,7 @@ def data_prepare(
         "shards": {split: len(manifest.shards[split]) for split in ("train", "val")},
     }
     if json_output:
-        print(json.dumps(json_ready(summary), allow_nan=False))
+        print(json_line(summary))
     else:
         print(
             f"prepared {out}: {train_tokens:,} train tokens in "
@@ -361,7 +365,7 @@ def train_command(
         f"checkpoint {out}"
     )
     if json_output:
-        print(json.dumps(json_ready(summary), allow_nan=False))
+        print(json_line(summary))
 
 
 # ----------------------------------------------------------------------- simulate
@@ -599,9 +603,7 @@ def simulate_command(
             "optimizer": train_cfg.optimizer,
             "moment_batches": train_cfg.moment_batches,
         }
-        print(
-            json.dumps(json_ready({**summary, **extra, "sync_power": sync_power}), allow_nan=False)
-        )
+        print(json_line({**summary, **extra, "sync_power": sync_power}))
 
 
 # ------------------------------------------------------------------------- status
@@ -630,7 +632,7 @@ def status_command(
             f"{url!r}: give the join URL (starling://...) or the dashboard (http://...)"
         )
     if json_output:
-        print(json.dumps(json_ready(summary), allow_nan=False))
+        print(json_line(summary))
         return
     for line in _status_lines(summary, recent):
         print(line)
@@ -765,7 +767,7 @@ def export_command(
     err_console.print(
         f"exported checkpoint {summary['round']} ({summary['parameters']:,} parameters) to {out}"
     )
-    print(json.dumps(json_ready(summary), allow_nan=False))
+    print(json_line(summary))
 
 
 # --------------------------------------------------------------------------- main

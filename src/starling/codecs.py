@@ -28,6 +28,7 @@ MAGIC = b"SLC"
 HEADER = struct.Struct("<3sBQI")  # magic, codec id, numel, param
 HEADER_BYTES = HEADER.size  # 16
 MAX_NUMEL = 1 << 40  # refuses absurd declared sizes before allocating anything
+FP16_MAX = 65504.0  # the largest finite fp16: the block and chunk scales' limit
 
 
 # What decoders take: received bytes, or a bytearray the receiver assembled from chunks
@@ -221,8 +222,10 @@ class BlockQuantCodec:
         # fp16 scale, rounded up so that |x| / scale never exceeds `levels`.
         scale = (blocks.abs().amax(dim=1) / self.levels).to(torch.float16)
         too_small = scale.float() * self.levels < blocks.abs().amax(dim=1)
-        scale = torch.where(too_small, torch.nextafter(scale, torch.full_like(scale, 65504)), scale)
-        _representable(scale, f"{self.name} (fp16 scales: |x| ≤ {65504 * self.levels:g})")
+        scale = torch.where(
+            too_small, torch.nextafter(scale, torch.full_like(scale, FP16_MAX)), scale
+        )
+        _representable(scale, f"{self.name} (fp16 scales: |x| ≤ {FP16_MAX * self.levels:g})")
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(scale, dtype=torch.float32))
         if self.bits == 2:
             # x / scale ∈ [−1.5, 1.5] → the nearest of −1.5, −0.5, 0.5, 1.5 → code 0..3.
@@ -418,8 +421,8 @@ class TopKCodec(_ChunkedTopK):
         scale = (peak / 127).to(torch.float16)
         # Round the fp16 scale up where rounding made it too small for the peak.
         short = scale.float() * 127 < peak
-        scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, 65504)), scale)
-        _representable(scale, f"topk (fp16 scales: |x| ≤ {65504 * 127:g})")
+        scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, FP16_MAX)), scale)
+        _representable(scale, f"topk (fp16 scales: |x| ≤ {FP16_MAX * 127:g})")
         safe = torch.where(scale > 0, scale.float(), torch.ones_like(peak))
         codes = torch.round(kept / safe[:, None]).clamp_(-127, 127).to(torch.int8)
         return scale, idx, codes
@@ -481,7 +484,7 @@ class TopK2BitCodec(_ChunkedTopK):
     codec_id: ClassVar[int] = 8
     # A mean of topk2 messages is encoded as topk (mean_codec), whose fp16 scales of
     # 127 steps hold no larger magnitude: a level beyond it could not be averaged.
-    MAX_LEVEL: ClassVar[float] = 65504.0 * 127
+    MAX_LEVEL: ClassVar[float] = FP16_MAX * 127
 
     @property
     def index_bits(self) -> int:
