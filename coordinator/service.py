@@ -314,6 +314,7 @@ class Coordinator:
             "ReportShard": (pb.ReportShardRequest, self._report_shard),
             "ReportMean": (pb.ReportMeanRequest, self._report_mean),
             "ReportExchange": (pb.ReportExchangeRequest, self._report_exchange),
+            "Withdraw": (pb.WithdrawRequest, self._withdraw),
             "ReportFingerprint": (pb.ReportFingerprintRequest, self._report_fingerprint),
             "ReportProgress": (pb.ReportProgressRequest, self._report_progress),
         }
@@ -756,6 +757,35 @@ class Coordinator:
                 commit = {**round_.commit, "bytes": self._wire_bytes(request.round)}
                 self._put(round_, commit=commit, bump=False)
         return pb.ReportExchangeResponse(ok=True)
+
+    async def _withdraw(
+        self, request: pb.WithdrawRequest, node: Node | None, _: grpc.aio.ServicerContext
+    ) -> pb.WithdrawResponse:
+        """A participant that will send nothing this round (its training diverged): the
+        owners stop waiting for it at once instead of at the exchange deadline."""
+        assert node is not None
+        reason = request.reason.strip()[:MAX_REASON_CHARS]
+        if not reason:
+            raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a withdrawal needs a reason")
+        round_ = self.store.round(request.round)
+        if round_ is None or round_.phase != "exchange" or round_.plan is None:
+            raise Refused(
+                grpc.StatusCode.FAILED_PRECONDITION, f"round {request.round} is not exchanging"
+            )
+        if node.node_id not in {p["node_id"] for p in round_.plan["participants"]}:
+            raise Refused(grpc.StatusCode.PERMISSION_DENIED, "not a participant of that round")
+        withdrawn = dict(round_.plan.get("withdrawn", {}))
+        if node.node_id not in withdrawn:
+            withdrawn[node.node_id] = f"withdrew: {reason}"
+            with self.store.transaction():
+                round_ = self._put(round_, plan={**round_.plan, "withdrawn": withdrawn})
+            if self.peer is not None:  # the coordinator reduces shards too
+                await asyncio.to_thread(
+                    self.peer.exclude, request.round, node.node_id, withdrawn[node.node_id]
+                )
+            log.info("round %d: %s %s", request.round, node.node_id, withdrawn[node.node_id])
+            self._notify()
+        return pb.WithdrawResponse(version=round_.version)
 
     async def _report_fingerprint(
         self, request: pb.ReportFingerprintRequest, node: Node | None, _: grpc.aio.ServicerContext
@@ -1203,6 +1233,8 @@ class Coordinator:
         for node_id in sorted(set(spec.participants) - active):
             # Gone already (left or expired): do not wait for it until the deadline.
             await asyncio.to_thread(self.peer.exclude, spec.round, node_id, "left the run")
+        for node_id, reason in round_.plan.get("withdrawn", {}).items():
+            await asyncio.to_thread(self.peer.exclude, spec.round, node_id, reason)
 
         async def report() -> None:
             assert self.peer is not None
@@ -1770,6 +1802,10 @@ def _plan_message(plan: dict[str, Any]) -> pb.ExchangePlan:
             pb.PeerInfo() if v is None else _peer_message(v) for v in plan.get("verifiers") or []
         ],
         gone=plan.get("gone", []),
+        withdrawn=[
+            peer_pb2.Exclusion(node_id=n, reason=r)
+            for n, r in sorted(plan.get("withdrawn", {}).items())
+        ],
     )
 
 

@@ -61,6 +61,7 @@ log = logging.getLogger("starling.node")
 
 RECONNECT_S = 60.0  # how long the node keeps retrying an unreachable coordinator
 LONG_POLL_S = 10.0
+DIVERGED_WEIGHTS = "NaN or Inf in the weights"
 LINGER_S = 20.0  # how long a leaving owner keeps serving its last round's means
 # A resync that lands on the same round as the one before made no progress (the means
 # after it are lost, and no peer or newer checkpoint has the state yet): wait before the
@@ -363,7 +364,7 @@ class NodeDaemon:
                 self._resync(self.state_round)
             if self._restart_wanted.is_set():
                 self._restart_wanted.clear()
-                self.inner.restart(self.state.params)  # the missed means: caught up below
+                self.inner.restart(self.state.params)  # any means missed: caught up below
             current = self._retry(lambda: self.client.get_round(wait_s=0.0))
             if not current.phase:  # no round yet (waiting for nodes)
                 self._wait_for_change(current)
@@ -439,12 +440,15 @@ class NodeDaemon:
                     continue
                 delta, tokens = trained
                 settle()  # round r−1's mean, exchanged and applied while this round trained
-                if self._restart_wanted.is_set():
-                    # Round r−1 could not be sent, and this round trained on top of it.
-                    self._event(
-                        f"round {current.round}: not contributing: it trained on top of the "
-                        "diverged round"
-                    )
+                if delta is None or self._restart_wanted.is_set():
+                    # This round diverged, or round r−1 could not be sent and this one
+                    # trained on top of it: withdraw from it, still reduce our shards and
+                    # take its mean (now: the restart above starts from the θ after it).
+                    because = f"training diverged ({DIVERGED_WEIGHTS})"
+                    if delta is not None:
+                        because = "it trained on top of the diverged round"
+                        self._event(f"round {current.round}: not contributing: {because}")
+                    self._exchange_and_apply(current.round, None, tokens, because)
                     continue
                 # The replica keeps this round's progress (−Δ) on top of the new θ.
                 anchor = torch.sub(self.state.params, delta)
@@ -493,10 +497,11 @@ class NodeDaemon:
 
     def _train(
         self, state: pb.RoundState, anchor: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, int] | None:
+    ) -> tuple[torch.Tensor | None, int] | None:
         """Inner steps until the round closes, from θ (or, in overlap mode, from where
         the replica is, measuring Δ from `anchor`); returns (Δ, weight) or None when the
-        round closed before this node trained anything. The weight is the tokens the
+        round closed before this node trained anything. Δ is None when training
+        diverged (the round is then sat out: see _diverged). The weight is the tokens the
         coordinator counted for this node, not those it trained: steps taken after the
         round closed reach no report, and a header declaring more than the count is
         rejected (coordinator.rounds.commit_record)."""
@@ -569,15 +574,15 @@ class NodeDaemon:
         )
         delta = (self.state.params if anchor is None else anchor) - self.inner.flat()
         if not bool(torch.isfinite(delta).all()):
-            self._diverged(state.round, "NaN or Inf in the weights")
-            return None
+            self._diverged(state.round, DIVERGED_WEIGHTS)
+            return None, weight
         return delta, weight
 
     def _diverged(self, round_: int, why: str) -> None:
         """Training diverged (an unstable lr, a faulty GPU): sit this round out (the
-        commit leaves out a participant that sends nothing), and have the round loop
-        restart the replica from θ with a fresh optimizer, whose moments the divergence
-        poisoned too. Runs in the exchange worker too, in overlap mode."""
+        exchange withdraws this node's contribution, see _exchange), and have the round
+        loop restart the replica from θ with a fresh optimizer, whose moments the
+        divergence poisoned too. Runs in the exchange worker too, in overlap mode."""
         with self._diverged_lock:
             self.status.diverged_rounds += 1
         self._timings.pop(round_, None)
@@ -598,16 +603,29 @@ class NodeDaemon:
 
     # --- exchange and outer step ------------------------------------------------------
 
-    def _exchange_and_apply(self, round_: int, delta: torch.Tensor, tokens: int) -> None:
-        exchanged = self._exchange(round_, delta, tokens)
+    def _exchange_and_apply(
+        self,
+        round_: int,
+        delta: torch.Tensor | None,
+        tokens: int,
+        withdrawn_because: str = f"training diverged ({DIVERGED_WEIGHTS})",
+    ) -> None:
+        exchanged = self._exchange(round_, delta, tokens, withdrawn_because)
         if exchanged is not None:
             self._settle(round_, exchanged)
 
     def _exchange(
-        self, round_: int, delta: torch.Tensor, tokens: int
+        self,
+        round_: int,
+        delta: torch.Tensor | None,
+        tokens: int,
+        withdrawn_because: str,
     ) -> tuple[ExchangeOutcome, tuple[int, ...], int, float] | None:
         """This node's part of round `round_`'s exchange (no state change: safe to run
-        in a worker while the next round trains)."""
+        in a worker while the next round trains). Without Δ (or with one its codec
+        cannot carry) it withdraws from the round, `withdrawn_because`, and still
+        reduces its shards and gathers the mean: the others need not wait for the
+        exchange deadline, and the node stays current."""
         state = self._retry(lambda: self.client.get_round(round_))
         participants = {p.node_id for p in state.plan.participants}
         if state.phase != "exchange" or self.identity.node_id not in participants:
@@ -615,11 +633,22 @@ class NodeDaemon:
             return None
         self._set_phase("exchanging", peers=len(participants))
         spec = spec_from_state(self.run.run_id, state)
-        try:
-            payloads, _ = encode_shards(spec.plan, delta, self.feedback)
-        except CodecError as err:  # finite, but beyond what the codec can represent
-            self._diverged(round_, str(err))
-            return None
+        payloads: list[bytes] | None = None
+        if delta is not None:
+            try:
+                payloads, _ = encode_shards(spec.plan, delta, self.feedback)
+            except CodecError as err:  # finite, but beyond what the codec can represent
+                self._diverged(round_, str(err))
+                withdrawn_because = f"training diverged ({err})"
+        if payloads is None:
+            tokens = 0
+            try:
+                self._retry(lambda: self.client.withdraw(round_, withdrawn_because))
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
+                # No longer exchanging: committed without us already (at its deadline).
+            state = self._retry(lambda: self.client.get_round(round_))
         exchange_started = time.monotonic()
         outcome = exchange_round(self.client, self.peer, state, payloads, tokens)
         return outcome, spec.plan.bounds, tokens, time.monotonic() - exchange_started

@@ -81,27 +81,30 @@ def exchange_round(
     client: CoordinatorClient,
     peer: ExchangePeer,
     state: pb.RoundState,
-    payloads: list[bytes],
+    payloads: list[bytes] | None,
     tokens: int,
 ) -> ExchangeOutcome:
     """Runs this node's part of round `state.round` until the commit is known and every
-    committed shard's mean is here (or could not be fetched: see `missing`)."""
+    committed shard's mean is here (or could not be fetched: see `missing`). No
+    payloads: this node withdrew from the round (Coordinator.Withdraw); it still
+    reduces its shards and gathers the mean."""
     spec = spec_from_state(client.run_id, state)
     owners = [o.node_id for o in spec.owners]
     reporter = _ShardReporter(client, peer)
+    # Open before the exclusions below (an exclusion reaches only open shards).
+    peer.open_round(spec)
+    not_waited: set[str] = set()
+    _stop_waiting(peer, state, not_waited)
     with ThreadPoolExecutor(4) as pool:
         runs: list[tuple[list[int], Future[RoundResult]]] = [
             (list(range(len(owners))), pool.submit(peer.all_reduce, spec, payloads, tokens))
         ]
         reporter.report(spec, pool)
-        gone: set[str] = set()
         while state.phase != "committed":
             state = _poll(client, spec, state.version)
             if state.phase not in ("exchange", "committed"):
                 raise RuntimeError(f"round {spec.round} is in phase {state.phase!r}")
-            for node_id in set(state.plan.gone) - gone:  # left or expired: not waited for
-                peer.exclude(spec.round, node_id, "left the run")
-                gone.add(node_id)
+            _stop_waiting(peer, state, not_waited)
             new_spec = spec_from_state(client.run_id, state)
             moved = [s for s, o in enumerate(new_spec.owners) if o.node_id != owners[s]]
             if moved:  # dead owners' shards, reassigned: push those slices again
@@ -162,6 +165,16 @@ def exchange_round(
         daemon=True,
     ).start()
     return ExchangeOutcome(mean, commit, skipped, missing, [r for _, r in results], sent, received)
+
+
+def _stop_waiting(peer: ExchangePeer, state: pb.RoundState, done: set[str]) -> None:
+    """Stops this node's shards of the round waiting for the participants the plan lists
+    as gone (left, expired) or withdrawn, once each (`done` holds those excluded)."""
+    reasons = {node_id: "left the run" for node_id in state.plan.gone}
+    reasons.update((w.node_id, w.reason) for w in state.plan.withdrawn)
+    for node_id in sorted(set(reasons) - done):
+        peer.exclude(state.round, node_id, reasons[node_id])
+        done.add(node_id)
 
 
 def check_means(

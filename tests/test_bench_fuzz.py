@@ -22,7 +22,7 @@ def test_malformed_messages_get_precise_answers_while_a_round_commits(tmp_path: 
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["messages"] == 2000
-    assert report["methods"] == 23 and len(report["by_method"]) == 23
+    assert report["methods"] == 24 and len(report["by_method"]) == 24
     assert set(report["by_kind"]) == set(KINDS)
     assert set(report["max_latency_s_by_kind"]) == set(KINDS)
     assert report["imprecise"] == 0, report["examples"]

@@ -79,6 +79,21 @@ def test_error_feedback_loses_nothing_in_the_sum(spec: str) -> None:
     torch.testing.assert_close(total_out, total_in, rtol=0, atol=1e-5)
 
 
+def test_error_feedback_slices_must_tile_the_vector() -> None:
+    # One payload per shard, one residual over the whole vector: a gap or an overlap
+    # would leave part of the residual undefined, so such ranges are refused.
+    feedback = ErrorFeedback(make_codec("int4"))
+    x = sample(300, seed=0)
+    payloads, decoded = feedback.encode_slices(x, [(0, 100), (100, 100), (100, 300)])
+    assert len(payloads) == 3 and feedback.residual is not None
+    torch.testing.assert_close(decoded + feedback.residual, x)
+    for bad in ([(0, 100), (150, 300)], [(0, 200), (100, 300)], [(0, 100)], [(100, 300)]):
+        with pytest.raises(ValueError, match="do not tile"):
+            feedback.encode_slices(x, bad)
+    with pytest.raises(ValueError, match="do not tile"):
+        feedback.encode_slices(x, [(0, 200), (200, 100), (100, 300)])
+
+
 def test_decayed_error_feedback_forgets_what_it_did_not_send() -> None:
     """With decay β each round sends encode(x + β·r): what was sent plus what is left
     equals the input plus β times what was left before."""

@@ -557,3 +557,75 @@ def test_the_coordinator_reduces_when_no_node_is_reachable(serve) -> None:
         assert outcome.missing == []
         assert (outcome.mean - exact).abs().max().item() <= 2 * exact.abs().max().item() / 7
     assert torch.equal(outcomes[0].mean, outcomes[1].mean)
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_a_participant_that_withdraws_is_not_waited_for(serve, reachable: bool) -> None:
+    # A node whose training diverged sends nothing: it withdraws, so the owners (its
+    # peers, or the coordinator when none is reachable) commit without it long before
+    # the exchange deadline, and it still reduces its own shards and takes the mean.
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    coordinator, _ = serve(
+        round={"tokens": 300, "exchange_deadline_s": 120.0}, outer={"codec": "fp32"}
+    )
+    nodes = [serve.node(coordinator, reachable=reachable) for _ in range(3)]
+    bystander = serve.node(coordinator)  # joined, but trains nothing this round
+    for node in [*nodes, bystander]:
+        node.join()
+    numel = nodes[0].client.get_run().numel
+    state = wait_for(
+        lambda: (s := nodes[0].client.get_round()).phase == "training" and s, 30, "a round"
+    )
+    withdrawing = nodes[2]
+    # Only a round in its exchange can be withdrawn from.
+    assert (
+        code_of(lambda: withdrawing.client.withdraw(state.round, "diverged"))
+        == grpc.StatusCode.FAILED_PRECONDITION
+    )
+    for node in nodes:
+        node.client.report_tokens(state.round, node.client.acquire_lease().file, 100, True)
+    state = wait_for(
+        lambda: (s := nodes[0].client.get_round(state.round)).phase == "exchange" and s,
+        30,
+        "the close",
+    )
+    assert code_of(lambda: withdrawing.client.withdraw(state.round, "  ")) == (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert code_of(lambda: bystander.client.withdraw(state.round, "diverged")) == (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    reason = "training diverged (NaN or Inf in the weights)"
+    version = withdrawing.client.withdraw(state.round, reason).version
+    assert version > state.version
+    assert withdrawing.client.withdraw(state.round, "again").version == version  # idempotent
+    withdrawn = nodes[0].client.get_round(state.round).plan.withdrawn
+    assert [(w.node_id, w.reason) for w in withdrawn] == [
+        (withdrawing.node_id, f"withdrew: {reason}")
+    ]
+
+    def one(node: Node):
+        if node is withdrawing:
+            return exchange_round(node.client, node.peer, state, None, 0)
+        payloads, _ = encode_shards(
+            spec.plan, _delta(node, numel, state.round), ErrorFeedback(make_codec(spec.codec))
+        )
+        return exchange_round(node.client, node.peer, state, payloads, 100)
+
+    spec = spec_from_state(nodes[0].run_id, state)
+    if reachable:  # every node reduces a shard: the withdrawn one's too
+        assert withdrawing.node_id in {o.node_id for o in spec.owners}
+    with ThreadPoolExecutor(3) as pool:
+        outcomes = [f.result(timeout=60) for f in [pool.submit(one, n) for n in nodes]]
+    assert time.time() < state.plan.deadline_unix  # committed without waiting for it
+    commit = outcomes[0].commit
+    assert {c.node_id for c in commit.contributors} == {nodes[0].node_id, nodes[1].node_id}
+    assert [e.node_id for e in commit.excluded] == [withdrawing.node_id]
+    assert commit.excluded[0].reason.endswith(f": withdrew: {reason}"), commit.excluded
+    expected = (_delta(nodes[0], numel, 0).double() + _delta(nodes[1], numel, 0).double()) / 2
+    for outcome in outcomes:
+        assert outcome.missing == [] and outcome.skipped == []
+        assert (outcome.mean.double() - expected).abs().max().item() <= 1e-6
+    assert torch.equal(outcomes[0].mean, outcomes[2].mean)

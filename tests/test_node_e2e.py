@@ -168,6 +168,17 @@ class Run:
             db.close()
         return {r: json.loads(record) for r, record in rows if record is not None}
 
+    def plan(self, round_: int) -> dict:
+        """The coordinator's exchange plan of round `round_`, read from its database."""
+        import sqlite3
+
+        db = sqlite3.connect(f"file:{self.run_dir / 'coordinator.db'}?mode=ro", uri=True)
+        try:
+            (plan,) = db.execute("SELECT plan FROM rounds WHERE round = ?", (round_,)).fetchone()
+        finally:
+            db.close()
+        return json.loads(plan)
+
     def reported_tokens(self) -> dict[int, dict[str, int]]:
         """The tokens each node reported to the coordinator, by round and node id."""
         import sqlite3
@@ -476,11 +487,17 @@ def test_a_node_whose_training_diverges_sits_the_round_out_and_recovers(e2e, ove
     summary = json.loads((run.root / "diverging" / "summary.json").read_text())
     # One round sat out; the fresh optimizer kept the NaN moments from the rounds after.
     assert summary["diverged_rounds"] == 1 and summary["rounds_contributed"] == 4, summary
-    # The round it sat out committed without it, from the other node's contribution.
+    # The round it sat out committed without it, from the other node's contribution: it
+    # withdrew, so the owners did not wait for it until the exchange deadline.
     sat_out = int(re.findall(r"round (\d+): training diverged", log)[0])
-    commits = run.commits()
-    assert summary["node_id"] not in commits[sat_out]["contributors"], commits[sat_out]
-    assert len(commits[sat_out]["contributors"]) == 1, commits[sat_out]
+    commit = run.commits()[sat_out]
+    assert summary["node_id"] not in commit["contributors"], commit
+    assert len(commit["contributors"]) == 1, commit
+    why = commit["excluded"][summary["node_id"]]  # "shard s: " and the owner's reason
+    assert why.endswith(": withdrew: training diverged (NaN or Inf in the weights)"), commit
+    assert commit["committed"] < run.plan(sat_out)["deadline"], commit
+    # It still took that round's mean itself (no catch-up from the others' means).
+    assert "caught up" not in log, log
     assert_agree(run.fingerprints("a"), run.fingerprints("diverging"))
 
 

@@ -707,8 +707,13 @@ class ErrorFeedback:
     ) -> tuple[list[bytes], torch.Tensor]:
         """One payload per [start, end) range of the flat values (one per shard of the
         exchange), with one residual carried over the whole vector, and the decoded
-        vector as the receivers will see it."""
+        vector as the receivers will see it. The ranges must tile the vector in order
+        (a gap would leave the residual undefined there)."""
         v = _flat_f32(values)
+        ends = [end for _, end in ranges]
+        tiled = [start for start, _ in ranges] == [0, *ends[:-1]] and ends[-1:] == [v.numel()]
+        if not tiled or any(start > end for start, end in ranges):
+            raise ValueError(f"ranges {list(ranges)} do not tile {v.numel()} values in order")
         # β = 1 changes no bit: a product with 1.0 is exact.
         target = v if self.residual is None else v + self.residual * self.decay
         if not self.codec.lossy:

@@ -355,6 +355,13 @@ class CoordinatorClient:
     def report_exchange(self, request: pb.ReportExchangeRequest) -> pb.ReportExchangeResponse:
         return self._signed("ReportExchange", request, pb.ReportExchangeResponse)
 
+    def withdraw(self, round_: int, reason: str) -> pb.WithdrawResponse:
+        """Takes this node's contribution back from round `round_`'s exchange (it sends
+        none): the owners stop waiting for it."""
+        return self._signed(
+            "Withdraw", pb.WithdrawRequest(round=round_, reason=reason), pb.WithdrawResponse
+        )
+
     def report_fingerprint(self, round_: int, fingerprint: str) -> pb.ReportFingerprintResponse:
         request = pb.ReportFingerprintRequest(round=round_, fingerprint=fingerprint)
         return self._signed("ReportFingerprint", request, pb.ReportFingerprintResponse)

@@ -162,7 +162,7 @@ class ExchangeClient:
     async def all_reduce(
         self,
         spec: RoundSpec,
-        payloads: list[bytes],
+        payloads: list[bytes] | None,
         tokens: int,
         local: OwnerService | None = None,
         shards: Collection[int] | None = None,
@@ -171,9 +171,11 @@ class ExchangeClient:
         gathers every committed mean. Shards run concurrently; each shard's fetch starts
         as soon as its push is done. `shards` limits the round to some shards (a dead
         owner's shards, reassigned: the same payloads go to the new owners); the result
-        then lists only those, and `mean` holds zeros elsewhere."""
+        then lists only those, and `mean` holds zeros elsewhere. No payloads: a
+        participant that withdrew (Coordinator.Withdraw) pushes nothing and only
+        gathers."""
         started = time.monotonic()
-        if len(payloads) != spec.plan.num_shards:
+        if payloads is not None and len(payloads) != spec.plan.num_shards:
             raise ValueError(f"{len(payloads)} payloads for {spec.plan.num_shards} shards")
         selected = range(spec.plan.num_shards) if shards is None else sorted(set(shards))
         outcomes = [ShardOutcome(s, spec.owners[s].node_id) for s in selected]
@@ -191,6 +193,7 @@ class ExchangeClient:
         window = asyncio.Semaphore(self.streams)
 
         async def push(outcome: ShardOutcome) -> None:
+            assert payloads is not None
             try:
                 await self._push(
                     spec, outcome.shard, tokens, payloads[outcome.shard], local, window
@@ -206,7 +209,7 @@ class ExchangeClient:
 
         async def push_to_verifier(outcome: ShardOutcome) -> None:
             verifier = spec.verifier(outcome.shard)
-            assert verifier is not None
+            assert verifier is not None and payloads is not None
             try:
                 await self._push(
                     spec, outcome.shard, tokens, payloads[outcome.shard], local, window, verifier
@@ -220,10 +223,11 @@ class ExchangeClient:
         # a push to a dead owner retries until the deadline, and the verifiers must not
         # wait for it. A re-push to a reassigned shard (`shards` given) goes to its new
         # owner only: the coordinator drops the verifier of a shard it takes over.
-        verified = [o for o in order if shards is None and spec.verifier(o.shard) is not None]
+        pushed = order if payloads is not None else []
+        verified = [o for o in pushed if shards is None and spec.verifier(o.shard) is not None]
         try:
             await asyncio.gather(
-                *(push(o) for o in order), *(push_to_verifier(o) for o in verified)
+                *(push(o) for o in pushed), *(push_to_verifier(o) for o in verified)
             )
         finally:
             if serving_gate is not None:

@@ -187,12 +187,13 @@ class ExchangePeer:
     def all_reduce(
         self,
         spec: RoundSpec,
-        payloads: list[bytes],
+        payloads: list[bytes] | None,
         tokens: int,
         shards: Collection[int] | None = None,
     ) -> RoundResult:
         """Contributes payloads[s] to every shard s (or to `shards` only: a reassigned
-        dead owner's) and gathers the committed means. See ExchangeClient.all_reduce."""
+        dead owner's; none when withdrawn) and gathers the committed means, reducing
+        the shards this node owns or verifies. See ExchangeClient.all_reduce."""
         self.open_round(spec)
         return self._run(self.client.all_reduce(spec, payloads, tokens, self.owner, shards))
 

@@ -228,7 +228,7 @@ class PeerInfo(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., cert_fingerprint: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class ExchangePlan(_message.Message):
-    __slots__ = ("codec", "bounds", "owners", "participants", "deadline_unix", "reassigned", "gather_timeout_s", "verifiers", "gone")
+    __slots__ = ("codec", "bounds", "owners", "participants", "deadline_unix", "reassigned", "gather_timeout_s", "verifiers", "gone", "withdrawn")
     CODEC_FIELD_NUMBER: _ClassVar[int]
     BOUNDS_FIELD_NUMBER: _ClassVar[int]
     OWNERS_FIELD_NUMBER: _ClassVar[int]
@@ -238,6 +238,7 @@ class ExchangePlan(_message.Message):
     GATHER_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     VERIFIERS_FIELD_NUMBER: _ClassVar[int]
     GONE_FIELD_NUMBER: _ClassVar[int]
+    WITHDRAWN_FIELD_NUMBER: _ClassVar[int]
     codec: str
     bounds: _containers.RepeatedScalarFieldContainer[int]
     owners: _containers.RepeatedCompositeFieldContainer[PeerInfo]
@@ -247,7 +248,8 @@ class ExchangePlan(_message.Message):
     gather_timeout_s: float
     verifiers: _containers.RepeatedCompositeFieldContainer[PeerInfo]
     gone: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, codec: _Optional[str] = ..., bounds: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., participants: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., reassigned: _Optional[_Iterable[int]] = ..., gather_timeout_s: _Optional[float] = ..., verifiers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., gone: _Optional[_Iterable[str]] = ...) -> None: ...
+    withdrawn: _containers.RepeatedCompositeFieldContainer[_peer_pb2.Exclusion]
+    def __init__(self, codec: _Optional[str] = ..., bounds: _Optional[_Iterable[int]] = ..., owners: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., participants: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., deadline_unix: _Optional[float] = ..., reassigned: _Optional[_Iterable[int]] = ..., gather_timeout_s: _Optional[float] = ..., verifiers: _Optional[_Iterable[_Union[PeerInfo, _Mapping]]] = ..., gone: _Optional[_Iterable[str]] = ..., withdrawn: _Optional[_Iterable[_Union[_peer_pb2.Exclusion, _Mapping]]] = ...) -> None: ...
 
 class ShardCommit(_message.Message):
     __slots__ = ("shard", "owner", "status", "detail", "held", "verifier", "mean_hash", "mean_status")
@@ -374,6 +376,22 @@ class ReportExchangeResponse(_message.Message):
     OK_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     def __init__(self, ok: _Optional[bool] = ...) -> None: ...
+
+class WithdrawRequest(_message.Message):
+    __slots__ = ("round", "reason", "auth")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    reason: str
+    auth: Auth
+    def __init__(self, round: _Optional[int] = ..., reason: _Optional[str] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ...) -> None: ...
+
+class WithdrawResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class ReportFingerprintRequest(_message.Message):
     __slots__ = ("round", "fingerprint", "auth")

@@ -91,6 +91,11 @@ class CoordinatorStub:
                 request_serializer=starling_dot_v1_dot_coordinator__pb2.ReportExchangeRequest.SerializeToString,
                 response_deserializer=starling_dot_v1_dot_coordinator__pb2.ReportExchangeResponse.FromString,
                 _registered_method=True)
+        self.Withdraw = channel.unary_unary(
+                '/starling.v1.Coordinator/Withdraw',
+                request_serializer=starling_dot_v1_dot_coordinator__pb2.WithdrawRequest.SerializeToString,
+                response_deserializer=starling_dot_v1_dot_coordinator__pb2.WithdrawResponse.FromString,
+                _registered_method=True)
         self.ReportFingerprint = channel.unary_unary(
                 '/starling.v1.Coordinator/ReportFingerprint',
                 request_serializer=starling_dot_v1_dot_coordinator__pb2.ReportFingerprintRequest.SerializeToString,
@@ -211,6 +216,19 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Withdraw(self, request, context):
+        """A participant takes its contribution back from a round in its exchange, before
+        sending any (its training diverged: NaN weights, an update its codec cannot
+        carry). The round's plan lists it in `withdrawn`, so owners stop waiting for it
+        and the round commits without it; it stays a member and still reduces, verifies
+        and fetches like every participant. FAILED_PRECONDITION once the round is no
+        longer exchanging; PERMISSION_DENIED for a node that is not a participant;
+        INVALID_ARGUMENT for an empty reason.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportFingerprint(self, request, context):
         """A node reports the fingerprint of its global state after applying a commit.
         """
@@ -298,6 +316,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportExchange,
                     request_deserializer=starling_dot_v1_dot_coordinator__pb2.ReportExchangeRequest.FromString,
                     response_serializer=starling_dot_v1_dot_coordinator__pb2.ReportExchangeResponse.SerializeToString,
+            ),
+            'Withdraw': grpc.unary_unary_rpc_method_handler(
+                    servicer.Withdraw,
+                    request_deserializer=starling_dot_v1_dot_coordinator__pb2.WithdrawRequest.FromString,
+                    response_serializer=starling_dot_v1_dot_coordinator__pb2.WithdrawResponse.SerializeToString,
             ),
             'ReportFingerprint': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportFingerprint,
@@ -619,6 +642,33 @@ class Coordinator:
             '/starling.v1.Coordinator/ReportExchange',
             starling_dot_v1_dot_coordinator__pb2.ReportExchangeRequest.SerializeToString,
             starling_dot_v1_dot_coordinator__pb2.ReportExchangeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Withdraw(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/starling.v1.Coordinator/Withdraw',
+            starling_dot_v1_dot_coordinator__pb2.WithdrawRequest.SerializeToString,
+            starling_dot_v1_dot_coordinator__pb2.WithdrawResponse.FromString,
             options,
             channel_credentials,
             insecure,
