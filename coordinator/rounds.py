@@ -30,6 +30,8 @@ LOST_VICTIMS = 2
 # What a reducer reports for a contribution that did not reach it (as opposed to one it
 # rejected, or one from a participant that left).
 LOSSES = ("missing", "no contribution before the deadline")
+# How a withdrawal reads (Coordinator.Withdraw): "withdrew: <the node's reason>".
+WITHDREW = "withdrew: "
 
 
 def peer_info(node: Node) -> dict[str, Any]:
@@ -181,7 +183,7 @@ def commit_record(
             detail = plan["reassigned"].get(key, "")
             holders = {h["node_id"] for h in held}
             for node_id in sorted(set(participants) - holders):
-                why = exclusions.get(shard, {}).get(node_id, "missing")
+                why = _claimed(plan, node_id, exclusions.get(shard, {}).get(node_id, "missing"))
                 if why in LOSSES:
                     lost.setdefault(node_id, set()).add(owner)
                 if node_id in include:
@@ -189,7 +191,14 @@ def commit_record(
             include &= holders
             if verifier(plan, shard):
                 include &= _agreed(
-                    shard, held, verifier_reports, verifier_exclusions, excluded, disputed, lost
+                    plan,
+                    shard,
+                    held,
+                    verifier_reports,
+                    verifier_exclusions,
+                    excluded,
+                    disputed,
+                    lost,
                 )
             for h in held:
                 if h["node_id"] in weights:
@@ -254,7 +263,16 @@ def _node_id(peer: dict[str, Any] | None) -> str:
     return peer["node_id"] if peer else ""
 
 
+def _claimed(plan: dict[str, Any], node_id: str, why: str) -> str:
+    """A reducer's reason for leaving a participant out, where a withdrawal that the
+    plan does not list counts as what it is, a contribution the reducer lost."""
+    if why.startswith(WITHDREW) and node_id not in plan.get("withdrawn", {}):
+        return "missing"
+    return why
+
+
 def _agreed(
+    plan: dict[str, Any],
     shard: int,
     held: list[dict[str, Any]],
     verifier_reports: dict[int, tuple[str, list[dict[str, Any]]]],
@@ -273,7 +291,9 @@ def _agreed(
     for h in held:
         node_id = h["node_id"]
         if node_id not in theirs:
-            why = verifier_exclusions.get(shard, {}).get(node_id, "missing")
+            why = _claimed(
+                plan, node_id, verifier_exclusions.get(shard, {}).get(node_id, "missing")
+            )
             if why in LOSSES:
                 lost.setdefault(node_id, set()).add(second)
             excluded.setdefault(node_id, f"shard {shard} (verifier): {why}")

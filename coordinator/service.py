@@ -764,7 +764,8 @@ class Coordinator:
         """A participant that will send nothing this round (its training diverged): the
         owners stop waiting for it at once instead of at the exchange deadline."""
         assert node is not None
-        reason = request.reason.strip()[:MAX_REASON_CHARS]
+        # The owners' reports name it "withdrew: <reason>", kept to MAX_REASON_CHARS.
+        reason = request.reason.strip()[: MAX_REASON_CHARS - len(rounds.WITHDREW)]
         if not reason:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a withdrawal needs a reason")
         round_ = self.store.round(request.round)
@@ -776,7 +777,7 @@ class Coordinator:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, "not a participant of that round")
         withdrawn = dict(round_.plan.get("withdrawn", {}))
         if node.node_id not in withdrawn:
-            withdrawn[node.node_id] = f"withdrew: {reason}"
+            withdrawn[node.node_id] = rounds.WITHDREW + reason
             with self.store.transaction():
                 round_ = self._put(round_, plan={**round_.plan, "withdrawn": withdrawn})
             if self.peer is not None:  # the coordinator reduces shards too
@@ -1233,7 +1234,13 @@ class Coordinator:
         for node_id in sorted(set(spec.participants) - active):
             # Gone already (left or expired): do not wait for it until the deadline.
             await asyncio.to_thread(self.peer.exclude, spec.round, node_id, "left the run")
-        for node_id, reason in round_.plan.get("withdrawn", {}).items():
+        # Withdrawals as the plan lists them now, after the open: one that came during
+        # it may have been excluded before there was a shard to exclude it from.
+        latest = self.store.round(spec.round)
+        withdrawn = (
+            {} if latest is None or latest.plan is None else latest.plan.get("withdrawn", {})
+        )
+        for node_id, reason in sorted(withdrawn.items()):
             await asyncio.to_thread(self.peer.exclude, spec.round, node_id, reason)
 
         async def report() -> None:

@@ -642,6 +642,7 @@ class NodeDaemon:
                 withdrawn_because = f"training diverged ({err})"
         if payloads is None:
             tokens = 0
+            self._timings.pop(round_, None)  # not a round this node trained in
             try:
                 self._retry(lambda: self.client.withdraw(round_, withdrawn_because))
             except grpc.RpcError as err:

@@ -140,6 +140,8 @@ def exchange_round(
         state, skipped = check_means(client, peer, spec, state, mean, fetched, skipped)
         commit = state.commit
     missing = sorted(set(range(spec.plan.num_shards)) - set(fetched) - set(skipped))
+    if not commit.contributors:  # nothing moved (every participant withdrew): no mean
+        missing = []
     traffic = peer.traffic(spec.round)
     sent = sum(t.sent for t in traffic.values())
     received = sum(t.received for t in traffic.values())

@@ -624,8 +624,36 @@ def test_a_participant_that_withdraws_is_not_waited_for(serve, reachable: bool) 
     assert {c.node_id for c in commit.contributors} == {nodes[0].node_id, nodes[1].node_id}
     assert [e.node_id for e in commit.excluded] == [withdrawing.node_id]
     assert commit.excluded[0].reason.endswith(f": withdrew: {reason}"), commit.excluded
-    expected = (_delta(nodes[0], numel, 0).double() + _delta(nodes[1], numel, 0).double()) / 2
+    honest = [_delta(n, numel, state.round).double() for n in nodes[:2]]
+    expected = (honest[0] + honest[1]) / 2
     for outcome in outcomes:
         assert outcome.missing == [] and outcome.skipped == []
         assert (outcome.mean.double() - expected).abs().max().item() <= 1e-6
     assert torch.equal(outcomes[0].mean, outcomes[2].mean)
+
+    # A round every participant withdraws from (they all diverged): it commits at once
+    # with nobody in it, and nothing is missing: no mean moved anything.
+    state = wait_for(
+        lambda: (s := nodes[0].client.get_round(state.round + 1)).phase == "training" and s,
+        30,
+        "the next round",
+    )
+    for node in nodes:
+        node.client.report_tokens(state.round, node.client.acquire_lease().file, 100, True)
+    state = wait_for(
+        lambda: (s := nodes[0].client.get_round(state.round)).phase == "exchange" and s,
+        30,
+        "the close",
+    )
+    for node in nodes:
+        node.client.withdraw(state.round, reason)
+
+    def sit_out(node: Node):
+        return exchange_round(node.client, node.peer, state, None, 0)
+
+    with ThreadPoolExecutor(3) as pool:
+        outcomes = [f.result(timeout=60) for f in [pool.submit(sit_out, n) for n in nodes]]
+    assert time.time() < state.plan.deadline_unix
+    for outcome in outcomes:
+        assert not outcome.commit.contributors and outcome.missing == [], outcome
+        assert len(outcome.commit.excluded) == 3

@@ -70,6 +70,29 @@ def test_skipped_and_reassigned_shards_are_recorded() -> None:
     assert record["contributors"] == {} and record["excluded"] == {"a": "every shard was skipped"}
 
 
+def test_a_withdrawal_counts_only_where_the_plan_lists_it() -> None:
+    # c withdrew (Coordinator.Withdraw): both owners leave it out, a fault, not a loss.
+    why = "withdrew: training diverged (NaN or Inf in the weights)"
+    p = plan(["a", "b"], ["a", "b", "c"], withdrawn={"c": why})
+    reports = {0: ("a", held(("a", 10), ("b", 10))), 1: ("b", held(("a", 10), ("b", 10)))}
+    exclusions = {0: {"c": why}, 1: {"c": why}}
+    record = rounds.commit_record(0, p, reports, 0, 1, 0, exclusions=exclusions)
+    assert record["contributors"] == {"a": 10, "b": 10}
+    assert record["excluded"] == {"c": f"shard 0: {why}"}
+    assert record["lost"] == {} and rounds.offenders(record) == {}
+    # An owner that drops an honest contribution as "withdrew" when the plan does not
+    # say so lost it, and it counts against that owner as any lost contribution does.
+    p = plan(["a", "b"], ["a", "b", "c"])
+    reports = {
+        0: ("a", held(("a", 10), ("b", 10), ("c", 10))),
+        1: ("b", held(("a", 10), ("b", 10))),
+    }
+    record = rounds.commit_record(0, p, reports, 0, 1, 0, exclusions={1: {"c": why}})
+    assert record["contributors"] == {"a": 10, "b": 10}
+    assert record["excluded"] == {"c": "shard 1: missing"}
+    assert record["lost"] == {"c": ["b"]}
+
+
 def test_an_owner_barred_for_a_false_report_is_out_of_the_round_everywhere() -> None:
     why = "its report as a shard owner was false: reported b as an offender, but ..."
     p = plan(["coord", "b"], ["a", "b", "liar"], barred={"liar": why})

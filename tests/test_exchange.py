@@ -562,6 +562,31 @@ def test_malformed_and_hostile_streams_get_precise_codes_and_never_touch_the_mea
     raw.channel.close()
 
 
+def test_an_offence_after_a_withdrawal_is_still_recorded(make_peers) -> None:
+    # A withdrawal (or a departure) excludes a participant as a fault; a malformed
+    # payload it sends anyway is still an offence, the reason the commit records (and
+    # what counts towards a ban): withdrawing cannot launder it.
+    (owner,) = make_peers(1, tls=False)
+    honest, mallory = Identity.generate(), Identity.generate()
+    numel = 1000
+    codec = make_codec("fp32")
+    raw = one_owner_round(owner, numel, [honest, mallory])
+    owner.exclude(7, mallory.node_id, "withdrew: training diverged")
+    bad = codec.encode(torch.randn(numel))
+    assert raw.send(raw.header(mallory, bad, codec_id=4), [bad]) == grpc.StatusCode.INVALID_ARGUMENT
+    good = codec.encode(torch.randn(numel))
+    assert raw.send(raw.header(honest, good), [good]) == grpc.StatusCode.OK  # the last awaited
+    mean = peer_pb2_grpc.PeerStub(raw.channel).FetchMean(
+        peer_pb2.FetchMeanRequest(run_id=RUN, round=7, shard=0), timeout=20
+    )
+    header = list(mean)[0].header
+    assert [c.node_id for c in header.contributors] == [honest.node_id]
+    assert [(e.node_id, e.reason) for e in header.excluded] == [
+        (mallory.node_id, f"rejected: codec 4, the run uses {codec.codec_id}")
+    ]
+    raw.channel.close()
+
+
 def test_a_copy_of_another_contribution_and_a_stale_one_are_rejected(make_peers) -> None:
     (owner,) = make_peers(1, tls=False)
     honest, copycat, other = Identity.generate(), Identity.generate(), Identity.generate()

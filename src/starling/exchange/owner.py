@@ -445,7 +445,10 @@ class OwnerService(peer_pb2_grpc.PeerServicer):
         deadline) from the round, and commits early if nobody else is awaited."""
         if reduction.closed or sender in reduction.held:
             return
-        reduction.excluded.setdefault(sender, f"{REJECTED}: {err}")  # the first offence
+        # The first offence; it replaces a fault (a withdrawal or a departure sent while
+        # the payload streamed in), which must not hide it.
+        if not reduction.excluded.get(sender, "").startswith(REJECTED):
+            reduction.excluded[sender] = f"{REJECTED}: {err}"
         if not reduction.waiting_for():
             self._commit_soon(reduction)
 
