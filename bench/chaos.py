@@ -9,6 +9,7 @@ killed -9 at random points and/or poisoned nodes, against the same run without f
     python bench/chaos.py --nodes 6 --poison misreport --rounds 4 --json   # a false hash
     python bench/chaos.py --nodes 6 --poison withhold --rounds 8 --json   # and no evidence
     python bench/chaos.py --nodes 8 --poison scale --defences off --json   # control
+    python bench/chaos.py --nodes 6 --poison diverge --rounds 10 --json   # a fault: withdraws
 
 Every node runs through bench/poisoned_node.py (honest ones with kind "none"), which
 writes each payload it pushes and each mean it gathers; from those the bench checks

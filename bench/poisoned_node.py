@@ -31,6 +31,10 @@ tests/test_poisoning.py):
   inflate    an honest pseudo-gradient whose signed headers weigh it by 1,000× the
              tokens the coordinator counted for it, so that it would outweigh everyone
              else's in the mean (a norm check cannot see a weight)
+  diverge    not an attack but a fault: every other round its update is one its codec
+             cannot carry (what training that diverged gives), so it withdraws from the
+             round (Coordinator.Withdraw), reduces its shards, applies the mean and
+             restarts from θ; its POISON line says "withdrew"
   none       honest (bench/chaos.py runs every node through here)
 
 With STARLING_CHAOS_DUMP=DIR set, every payload pushed is written to
@@ -61,7 +65,7 @@ from safetensors.torch import save_file
 
 import starling.node.daemon as daemon
 from starling.cli import main
-from starling.codecs import HEADER_BYTES, ErrorFeedback, mean_codec
+from starling.codecs import HEADER_BYTES, CodecError, ErrorFeedback, mean_codec
 from starling.exchange import client as exchange_client
 from starling.exchange import owner as exchange_owner
 from starling.exchange import peer as exchange_peer
@@ -83,11 +87,13 @@ KINDS = (
     "withhold",
     "wrong_mean",
     "inflate",
+    "diverge",
     "none",
 )
 INFLATION = 1000
 DUMP = os.environ.get("STARLING_CHAOS_DUMP")
 kind = "none"  # set from the command line by run()
+encoded = 0  # updates this node has encoded (diverge: every other one diverges)
 
 
 def report(round_: int, shard: int, status: str) -> None:
@@ -127,6 +133,10 @@ def with_nan(payload: bytes, codec_name: str) -> bytes:
 def poisoned_encode(
     plan: ShardPlan, delta: torch.Tensor, feedback: ErrorFeedback
 ) -> tuple[list[bytes], Any]:
+    global encoded
+    encoded += 1
+    if kind == "diverge" and encoded % 2 == 0:
+        raise CodecError("an update beyond the codec's range (bench/poisoned_node.py: diverge)")
     delta = delta.clone()
     if kind == "scale":
         delta *= 100
@@ -221,6 +231,8 @@ def dumping_exchange_round(*args: Any, **kwargs: Any) -> ExchangeOutcome:
         client, peer, state, payloads, tokens = args
         args = (client, peer, state, payloads, min(tokens * INFLATION, exchange_owner.MAX_TOKENS))
         report(state.round, -1, "declared " + str(args[4]))
+    if args[3] is None:  # no payloads: withdrawn (diverge)
+        report(args[2].round, -1, "withdrew")
     outcome = exchange_round(*args, **kwargs)
     if DUMP:
         state, peer = args[2], args[1]
