@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from starling.exchange.owner import REJECTED
+from starling.exchange.owner import DEPARTED, REJECTED, WITHDREW
 from starling.exchange.plan import ShardPlan
 from starling.train import TrainConfig, lr_following_ends
 
@@ -30,8 +30,6 @@ LOST_VICTIMS = 2
 # What a reducer reports for a contribution that did not reach it (as opposed to one it
 # rejected, or one from a participant that left).
 LOSSES = ("missing", "no contribution before the deadline")
-# How a withdrawal reads (Coordinator.Withdraw): "withdrew: <the node's reason>".
-WITHDREW = "withdrew: "
 
 
 def peer_info(node: Node) -> dict[str, Any]:
@@ -264,8 +262,11 @@ def _node_id(peer: dict[str, Any] | None) -> str:
 
 
 def _claimed(plan: dict[str, Any], node_id: str, why: str) -> str:
-    """A reducer's reason for leaving a participant out, where a withdrawal that the
-    plan does not list counts as what it is, a contribution the reducer lost."""
+    """A reducer's reason for leaving a participant out, where a departure or a
+    withdrawal that the plan does not list counts as what it is, a contribution the
+    reducer lost (a censor must not hide its losses behind a fault it makes up)."""
+    if why == DEPARTED and node_id not in plan.get("gone", []):
+        return "missing"
     if why.startswith(WITHDREW) and node_id not in plan.get("withdrawn", {}):
         return "missing"
     return why

@@ -41,7 +41,7 @@ from starling.exchange.audit import (
     recompute_mean,
 )
 from starling.exchange.client import ExchangeError
-from starling.exchange.owner import REJECTED
+from starling.exchange.owner import DEPARTED, REJECTED, WITHDREW
 from starling.exchange.transport import SERVER_OPTIONS, is_loopback
 from starling.identity import (
     PUBLIC_KEY_BYTES,
@@ -765,7 +765,7 @@ class Coordinator:
         owners stop waiting for it at once instead of at the exchange deadline."""
         assert node is not None
         # The owners' reports name it "withdrew: <reason>", kept to MAX_REASON_CHARS.
-        reason = request.reason.strip()[: MAX_REASON_CHARS - len(rounds.WITHDREW)]
+        reason = request.reason.strip()[: MAX_REASON_CHARS - len(WITHDREW)]
         if not reason:
             raise Refused(grpc.StatusCode.INVALID_ARGUMENT, "a withdrawal needs a reason")
         round_ = self.store.round(request.round)
@@ -777,7 +777,7 @@ class Coordinator:
             raise Refused(grpc.StatusCode.PERMISSION_DENIED, "not a participant of that round")
         withdrawn = dict(round_.plan.get("withdrawn", {}))
         if node.node_id not in withdrawn:
-            withdrawn[node.node_id] = rounds.WITHDREW + reason
+            withdrawn[node.node_id] = WITHDREW + reason
             with self.store.transaction():
                 round_ = self._put(round_, plan={**round_.plan, "withdrawn": withdrawn})
             if self.peer is not None:  # the coordinator reduces shards too
@@ -1098,7 +1098,7 @@ class Coordinator:
                 self._put(round_, plan={**round_.plan, "gone": gone})
             if self.peer is not None:
                 for node_id in gone:
-                    await asyncio.to_thread(self.peer.exclude, number, node_id, "left the run")
+                    await asyncio.to_thread(self.peer.exclude, number, node_id, DEPARTED)
 
     def _put(self, round_: Round, bump: bool = True, **changes: Any) -> Round:
         values = {**round_.__dict__, **changes}
@@ -1230,17 +1230,16 @@ class Coordinator:
         for old in [k for k in self._owned_rounds if k[0] < round_.round - SETTLED_ROUNDS]:
             self._owned_rounds.discard(old)
         await asyncio.to_thread(self.peer.open_round, spec)
-        active = self._active_ids()
-        for node_id in sorted(set(spec.participants) - active):
-            # Gone already (left or expired): do not wait for it until the deadline.
-            await asyncio.to_thread(self.peer.exclude, spec.round, node_id, "left the run")
-        # Withdrawals as the plan lists them now, after the open: one that came during
-        # it may have been excluded before there was a shard to exclude it from.
+        # Not waited for: the participants gone already (left or expired; listed in the
+        # plan first, which is what makes the claim one the commit accepts) and those
+        # that withdrew, as the plan lists them after the open (an exclusion during it
+        # may have found no shard to leave them out of).
+        await self._mark_gone()
         latest = self.store.round(spec.round)
-        withdrawn = (
-            {} if latest is None or latest.plan is None else latest.plan.get("withdrawn", {})
-        )
-        for node_id, reason in sorted(withdrawn.items()):
+        plan = round_.plan if latest is None or latest.plan is None else latest.plan
+        reasons = {node_id: DEPARTED for node_id in plan.get("gone", [])}
+        reasons.update(plan.get("withdrawn", {}))
+        for node_id, reason in sorted(reasons.items()):
             await asyncio.to_thread(self.peer.exclude, spec.round, node_id, reason)
 
         async def report() -> None:

@@ -30,6 +30,7 @@ from starling.exchange import (
     RoundSpec,
     ShardPlan,
 )
+from starling.exchange.owner import DEPARTED
 from starling.v1 import coordinator_pb2 as pb
 from starling.v1 import peer_pb2
 
@@ -172,7 +173,7 @@ def exchange_round(
 def _stop_waiting(peer: ExchangePeer, state: pb.RoundState, done: set[str]) -> None:
     """Stops this node's shards of the round waiting for the participants the plan lists
     as gone (left, expired) or withdrawn, once each (`done` holds those excluded)."""
-    reasons = {node_id: "left the run" for node_id in state.plan.gone}
+    reasons = {node_id: DEPARTED for node_id in state.plan.gone}
     reasons.update((w.node_id, w.reason) for w in state.plan.withdrawn)
     for node_id in sorted(set(reasons) - done):
         peer.exclude(state.round, node_id, reasons[node_id])

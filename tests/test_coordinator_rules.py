@@ -70,7 +70,7 @@ def test_skipped_and_reassigned_shards_are_recorded() -> None:
     assert record["contributors"] == {} and record["excluded"] == {"a": "every shard was skipped"}
 
 
-def test_a_withdrawal_counts_only_where_the_plan_lists_it() -> None:
+def test_a_withdrawal_or_departure_counts_only_where_the_plan_lists_it() -> None:
     # c withdrew (Coordinator.Withdraw): both owners leave it out, a fault, not a loss.
     why = "withdrew: training diverged (NaN or Inf in the weights)"
     p = plan(["a", "b"], ["a", "b", "c"], withdrawn={"c": why})
@@ -87,10 +87,15 @@ def test_a_withdrawal_counts_only_where_the_plan_lists_it() -> None:
         0: ("a", held(("a", 10), ("b", 10), ("c", 10))),
         1: ("b", held(("a", 10), ("b", 10))),
     }
-    record = rounds.commit_record(0, p, reports, 0, 1, 0, exclusions={1: {"c": why}})
-    assert record["contributors"] == {"a": 10, "b": 10}
-    assert record["excluded"] == {"c": "shard 1: missing"}
-    assert record["lost"] == {"c": ["b"]}
+    for made_up in (why, "left the run"):
+        record = rounds.commit_record(0, p, reports, 0, 1, 0, exclusions={1: {"c": made_up}})
+        assert record["contributors"] == {"a": 10, "b": 10}
+        assert record["excluded"] == {"c": "shard 1: missing"}
+        assert record["lost"] == {"c": ["b"]}
+    # A departure the plan lists (c's lease expired during the exchange) is a fault.
+    p = plan(["a", "b"], ["a", "b", "c"], gone=["c"])
+    record = rounds.commit_record(0, p, reports, 0, 1, 0, exclusions={1: {"c": "left the run"}})
+    assert record["excluded"] == {"c": "shard 1: left the run"} and record["lost"] == {}
 
 
 def test_an_owner_barred_for_a_false_report_is_out_of_the_round_everywhere() -> None:

@@ -45,6 +45,10 @@ EVIDENCE_ROUNDS = 2
 # Exclusion reasons that start with this mark an offence (a poisoned contribution), not
 # a fault such as a missed deadline: the coordinator bans repeat offenders.
 REJECTED = "rejected"
+# The two faults a reducer may claim only where the round's plan backs them
+# (ExchangePlan.gone, ExchangePlan.withdrawn); any other such claim is a lost contribution.
+DEPARTED = "left the run"
+WITHDREW = "withdrew: "  # followed by the node's reason (Coordinator.Withdraw)
 
 
 class ExchangeAbort(Exception):
