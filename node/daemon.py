@@ -444,10 +444,11 @@ class NodeDaemon:
                     # This round diverged, or round r−1 could not be sent and this one
                     # trained on top of it: withdraw from it, still reduce our shards and
                     # take its mean (now: the restart above starts from the θ after it).
-                    because = f"training diverged ({DIVERGED_WEIGHTS})"
-                    if delta is not None:
-                        because = "it trained on top of the diverged round"
-                        self._event(f"round {current.round}: not contributing: {because}")
+                    if delta is None:
+                        self._exchange_and_apply(current.round, None, tokens)
+                        continue
+                    because = "it trained on top of the diverged round"
+                    self._event(f"round {current.round}: not contributing: {because}")
                     self._exchange_and_apply(current.round, None, tokens, because)
                     continue
                 # The replica keeps this round's progress (−Δ) on top of the new θ.

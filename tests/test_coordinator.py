@@ -161,21 +161,29 @@ def _delta(node: Node, numel: int, round_: int) -> torch.Tensor:
     return payload_of(seed, numel) * 1e-2
 
 
-def run_round(nodes: list[Node], tokens: list[int], numel: int):
-    """Every node trains (reports tokens), then exchanges; returns the outcomes."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def close_round(nodes: list[Node], tokens: list[int], round_: int | None = None):
+    """Waits for round `round_` (default: the current one) to train, has every node
+    report its tokens, and returns the round's state once it is exchanging."""
     state = wait_for(
-        lambda: (s := nodes[0].client.get_round()).phase == "training" and s, 30, "a round"
+        lambda: (s := nodes[0].client.get_round(round_)).phase == "training" and s,
+        30,
+        "a round",
     )
     for node, n in zip(nodes, tokens, strict=True):
         lease = node.client.acquire_lease()
         node.client.report_tokens(state.round, lease.file, n, done=True)
-    state = wait_for(
+    return wait_for(
         lambda: (s := nodes[0].client.get_round(state.round)).phase == "exchange" and s,
         30,
         "the round to close",
     )
+
+
+def run_round(nodes: list[Node], tokens: list[int], numel: int):
+    """Every node trains (reports tokens), then exchanges; returns the outcomes."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    state = close_round(nodes, tokens)
     spec = spec_from_state(nodes[0].run_id, state)
 
     def one(index: int):
@@ -633,18 +641,7 @@ def test_a_participant_that_withdraws_is_not_waited_for(serve, reachable: bool) 
 
     # A round every participant withdraws from (they all diverged): it commits at once
     # with nobody in it, and nothing is missing: no mean moved anything.
-    state = wait_for(
-        lambda: (s := nodes[0].client.get_round(state.round + 1)).phase == "training" and s,
-        30,
-        "the next round",
-    )
-    for node in nodes:
-        node.client.report_tokens(state.round, node.client.acquire_lease().file, 100, True)
-    state = wait_for(
-        lambda: (s := nodes[0].client.get_round(state.round)).phase == "exchange" and s,
-        30,
-        "the close",
-    )
+    state = close_round(nodes, [100] * 3, state.round + 1)
     for node in nodes:
         node.client.withdraw(state.round, reason)
 
