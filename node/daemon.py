@@ -295,7 +295,11 @@ class NodeDaemon:
         self._follows_contributors = self.config.follows_contributors()
         if self.options.node_group is not None:
             self.inner: InnerLoop = ShardedInnerLoop(
-                self.options.node_group, model_cfg, self.train_cfg, self.config.run.seed
+                self.options.node_group,
+                model_cfg,
+                self.train_cfg,
+                self.config.run.seed,
+                self._follows_contributors,
             )
         else:
             model = build_model(model_cfg, seed=self.config.run.seed, device=self.device)

@@ -6,8 +6,9 @@ Under torchrun only rank 0 talks to the network: it runs the whole daemon (join,
 exchange, outer step) and drives the other ranks through a small command protocol of
 collectives on a gloo group: SETUP (the run's model and inner-optimizer settings as
 JSON), DATA (a leased shard's path in the shared work dir), LOAD (θ into the sharded
-model), SCHEDULE (the learning rate's position), STEP (one inner optimizer step), GATHER
-(the full parameters back to rank 0), STOP. The inner model is sharded with FSDP
+model), SCHEDULE (the learning rate's position), MOMENTS (the batch the inner AdamW's
+second moment assumes), STEP (one inner optimizer step), GATHER (the full parameters
+back to rank 0), RESET (forget the optimizer's state), STOP. The inner model is sharded with FSDP
 (`fully_shard` per decoder layer, then the root); every rank trains on its own windows
 of the leased shard, so one inner step of a W-rank node consumes W × batch_tokens
 tokens, and the node's contribution is weighted by them like any other node's. On a
@@ -36,7 +37,7 @@ from starling.diloco import flatten_parameters, load_flat_parameters
 from starling.model import ModelConfig, build_model
 from starling.train import InnerTrainer, StepStats, TrainConfig
 
-SETUP, DATA, LOAD, STEP, GATHER, STOP, SCHEDULE, RESET = range(1, 9)
+SETUP, DATA, LOAD, STEP, GATHER, STOP, SCHEDULE, RESET, MOMENTS = range(1, 10)
 
 
 class InnerLoop(Protocol):
@@ -171,7 +172,8 @@ def _sharded_replica(setup: dict[str, Any], device: torch.device) -> tuple[nn.Mo
         fully_shard(layer)
     fully_shard(model)
     train_cfg = replace(TrainConfig(), **setup["train"])
-    return model, InnerTrainer(model, train_cfg, device)
+    batch_scaled = bool(setup["batch_scaled"])
+    return model, InnerTrainer(model, train_cfg, device, batch_scaled, sharded=True)
 
 
 def _full_state_options(cpu_offload: bool = False, broadcast_from_rank0: bool = False) -> Any:
@@ -188,26 +190,30 @@ class ShardedInnerLoop:
     works with and the full state dict FSDP loads and gathers."""
 
     def __init__(
-        self, group: NodeGroup, model_cfg: ModelConfig, train_cfg: TrainConfig, seed: int
+        self,
+        group: NodeGroup,
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        seed: int,
+        batch_scaled: bool = False,
     ) -> None:
+        """`batch_scaled`: as InnerTrainer's (set_moment_batches will follow the run)."""
         if train_cfg.optimizer == "muon":
             # Muon orthogonalizes whole matrices, and each rank holds only a shard of them.
             raise ValueError(
                 '[train] optimizer = "muon" is not supported on a node sharded by '
                 "torchrun: join this run with one process per node"
             )
-        if train_cfg.moment_batches != 1:
-            # BatchScaledAdamW differentiates each micro-batch's two halves apart with
-            # autograd.grad, which bypasses FSDP's gradient reduce-scatter.
-            raise ValueError(
-                "[train] moment_batches > 1 is not supported on a node sharded by "
-                "torchrun: join this run with one process per node"
-            )
         self.channel = group
         self.world = group.world
         device = group.device
         train = {**train_cfg.to_dict(), "device": device.type}
-        setup = {"model": model_cfg.to_dict(), "train": train, "seed": seed}
+        setup = {
+            "model": model_cfg.to_dict(),
+            "train": train,
+            "seed": seed,
+            "batch_scaled": batch_scaled,
+        }
         self.channel.send(SETUP, setup)
         self.model, self.trainer = _sharded_replica(setup, device)
         self.cfg = self.trainer.cfg
@@ -236,7 +242,9 @@ class ShardedInnerLoop:
         self.trainer.steps_done = step
 
     def set_moment_batches(self, batches: float) -> float:
-        return 1.0  # plain AdamW: the halves' autograd.grad would bypass FSDP's reduce
+        self.channel.send(MOMENTS, {"batches": batches})
+        self.trainer.set_moment_batches(batches)
+        return batches
 
     def step(self) -> StepStats:
         assert self.batches is not None, "set_data first"
@@ -264,9 +272,12 @@ def _shard_batches(cfg: TrainConfig, path: str, dtype: str, seed: int) -> Sequen
     return SequenceBatcher([tokens], cfg.seq_len, cfg.micro_batch_size, seed)
 
 
-def _rank_batches(cfg: TrainConfig, path: str, dtype: str, seed: int) -> SequenceBatcher:
-    """This rank's windows of the shard: its own shuffle (seed, rank)."""
-    return _shard_batches(cfg, path, dtype, seed * 1009 + dist.get_rank())
+def _rank_batches(
+    cfg: TrainConfig, path: str, dtype: str, seed: int, rank: int | None = None
+) -> SequenceBatcher:
+    """A rank's windows of the shard (default: this rank's): its own shuffle (seed, rank)."""
+    rank = dist.get_rank() if rank is None else rank
+    return _shard_batches(cfg, path, dtype, seed * 1009 + rank)
 
 
 def run_follower(channel: NodeGroup) -> None:
@@ -297,6 +308,9 @@ def run_follower(channel: NodeGroup) -> None:
         elif command == RESET:
             assert trainer is not None
             trainer.reset_optimizer()
+        elif command == MOMENTS:
+            assert trainer is not None
+            trainer.set_moment_batches(float(payload["batches"]))
         elif command == STEP:
             assert trainer is not None and batches is not None
             channel.mean(trainer.step(batches).loss)

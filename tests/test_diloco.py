@@ -258,6 +258,27 @@ def test_rounds_can_close_on_a_token_budget(pydoc_dir: Path) -> None:
     assert result["tokens"] == 8 * (3 + 2) * 256  # the slow worker rounds 1.5 steps to 2
 
 
+def test_a_round_some_workers_miss_lasts_longer_for_the_rest_on_a_token_budget(
+    pydoc_dir: Path,
+) -> None:
+    # 2 workers of 256 tokens a step and a budget of 3,072 tokens: 6 steps each, or 12
+    # for the one left when the other misses the round, as a run's round closes only on
+    # its budget. With fixed H the same draws (the seed's) lose those tokens.
+    budget = simulate(pydoc_dir, round_tokens=3072, dropout=0.5)
+    assert budget["inner_steps"] == 6 and budget["rounds"] == 4
+    assert budget["tokens"] == 4 * 3072
+    assert simulate(pydoc_dir, dropout=0.5)["tokens"] < 4 * 3072
+    assert budget["final_val_loss"] < budget["initial_val_loss"] - 0.5
+
+
+def test_a_round_every_worker_would_miss_is_drawn_again(pydoc_dir: Path) -> None:
+    # At p = 0.9 both of 2 workers miss a round 81% of the time; a run's round waits for
+    # a node, so every one of the 4 rounds is trained, by one worker or both.
+    result = simulate(pydoc_dir, dropout=0.9)
+    assert result["rounds"] == 4 and result["tokens"] >= 4 * 6 * 256
+    assert result["final_val_loss"] < result["initial_val_loss"] - 0.5
+
+
 def test_round_lengths_split_the_steps_by_their_weights() -> None:
     assert round_lengths(600, 20, [1.0] * 600) == [30] * 20
     cosine = TrainConfig(steps=600, warmup_steps=0, batch_tokens=512, seq_len=64, schedule="cosine")

@@ -545,9 +545,9 @@ def test_a_multi_process_node_trains_fsdp_shards_under_torchrun(e2e) -> None:
         tokens = commits[round_]["contributors"]
         assert tokens == {ids["single"]: 3 * 512, ids["fsdp"]: 2 * 3 * 512}
     # The run's default: a node's AdamW assumes the batch of the round's contributors
-    # (two here); a sharded node keeps plain AdamW (FSDP reduces its gradients).
+    # (two here), a sharded node's too (its ranks' halves reduced by FSDP).
     assert summaries["single"]["moment_batches"] == 2.0
-    assert summaries["fsdp"]["moment_batches"] == 1.0
+    assert summaries["fsdp"]["moment_batches"] == 2.0
     single, fsdp = run.fingerprints("single"), run.fingerprints("fsdp")
     assert sorted(fsdp) == [0, 1, 2]
     assert_agree(single, fsdp)

@@ -101,3 +101,66 @@ def test_token_reports_are_paced_and_lose_nothing() -> None:
     assert sum(tokens for _, tokens, _ in sent) == 200 * 512
     assert len(sent) <= 10  # 200 steps in a few milliseconds: batched
     assert sent[-1][2] is True and not any(done for _, _, done in sent[:-1])
+
+
+def test_a_sharded_node_preconditions_like_one_process_on_its_whole_batch(tmp_path: Path) -> None:
+    """A node of two ranks under torchrun (FSDP, gloo) whose inner AdamW assumes 4
+    batches steps as one process does on the node's whole batch, where each half of
+    that batch is both ranks' halves together: its halves are the node's, reduced across
+    the ranks, not each rank's own (autograd.grad would bypass FSDP's reduce)."""
+    import subprocess
+    import sys
+
+    from node.distributed import _rank_batches
+    from starling.diloco import flatten_parameters
+
+    from .sharded_steps import MODEL, SEED, TRAIN
+
+    shard = tmp_path / "shard.bin"
+    np.random.default_rng(0).integers(0, 256, 8192, dtype=np.uint16).tofile(shard)
+    steps, batches = 3, 4.0
+
+    def sharded(moment_batches: float) -> torch.Tensor:
+        out = tmp_path / f"sharded-{moment_batches}.npy"
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        launched = subprocess.run(
+            [*torchrun, "--nproc-per-node", "2", str(Path(__file__).parent / "sharded_steps.py"),
+             str(shard), str(out), str(steps), str(moment_batches)],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        return torch.from_numpy(np.load(out, allow_pickle=False))
+
+    def one_process(moment_batches: float) -> torch.Tensor:
+        # Each step's 8 rows: rank 0's first half, rank 1's first half, then the seconds.
+        ranks = [_rank_batches(TRAIN, str(shard), "uint16", SEED, rank) for rank in range(2)]
+
+        def whole() -> object:
+            while True:
+                (x0, y0), (x1, y1) = next(ranks[0]), next(ranks[1])
+                yield (
+                    torch.cat([x0[:2], x1[:2], x0[2:], x1[2:]]),
+                    torch.cat([y0[:2], y1[:2], y0[2:], y1[2:]]),
+                )
+
+        cfg = TrainConfig(**{**TRAIN.to_dict(), "batch_tokens": 512, "micro_batch_size": 8})
+        model = build_model(MODEL, seed=0, device=torch.device("cpu"))
+        trainer = InnerTrainer(model, cfg, torch.device("cpu"), batch_scaled=moment_batches > 0)
+        if moment_batches > 0:
+            trainer.set_moment_batches(moment_batches)
+        node_batches = whole()
+        for _ in range(steps):
+            trainer.step(node_batches)  # type: ignore[arg-type]
+        return flatten_parameters(model)
+
+    theta = flatten_parameters(build_model(MODEL, seed=0, device=torch.device("cpu")))
+
+    def apart(a: torch.Tensor, b: torch.Tensor) -> float:
+        """How far update a is from update b, relative to b's norm."""
+        return float(((a - theta) - (b - theta)).norm() / (b - theta).norm())
+
+    expected, plain = one_process(batches), one_process(0)
+    # 2.6e-7 apart here (the ranks' reduce sums in another order); plain AdamW too.
+    assert apart(sharded(batches), expected) < 1e-4
+    assert apart(sharded(0), plain) < 1e-4
+    assert apart(plain, expected) > 0.1  # 0.46: the discount moves the update

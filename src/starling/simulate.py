@@ -144,10 +144,12 @@ class SimConfig:
     outer: OuterConfig = field(default_factory=OuterConfig)
     feedback_decay: float = 1.0  # error feedback's β (codecs.ErrorFeedback)
     # Rounds close on a global token budget instead of a fixed H, when set: the fastest
-    # worker's H is the fewest steps at which all workers together reach the budget.
+    # worker's H is the fewest steps at which all workers together reach the budget, and
+    # in a round that some workers miss the others train longer, as in a run.
     round_tokens: int | None = None
     speeds: tuple[float, ...] = ()  # relative speeds in (0, 1]; empty: all equal
-    dropout: float = 0.0  # probability that a worker misses a round
+    # The probability that a worker misses a round (a round none trains is drawn again).
+    dropout: float = 0.0
     overlap: bool = False
     # Round lengths: 0, every round H steps; p > 0, round r spans an equal share of
     # Σ lr_multiplier(step)^p over the run (lr_following_ends), so rounds are short while the
@@ -418,6 +420,15 @@ class Simulation:
             for spec, ranges in self.fragment_ranges
         ]
 
+    def _present(self, rng: random.Random) -> list[int]:
+        """The workers that train a round: each misses it with probability `dropout`. A
+        round that every worker would miss is drawn again: a run's round closes only
+        once a node trains it, so it waits for one and the schedule does not move."""
+        while True:
+            present = [i for i in range(self.cfg.workers) if rng.random() >= self.cfg.dropout]
+            if present:
+                return present
+
     def _diloco(self, progress: ProgressFn | None) -> SimResult:
         cfg = self.cfg
         speeds = cfg.speeds or (1.0,) * cfg.workers
@@ -455,14 +466,23 @@ class Simulation:
             syncing = [f for f in fragments if f.syncs(r, rounds)]
             deltas: list[list[torch.Tensor]] = [[] for _ in fragments]
             token_weights: list[list[int]] = [[] for _ in fragments]
+            present = self._present(rng)
+            # `length` is the round's share of the run's schedule, in steps of the fastest
+            # worker with every worker present. A round that closes on a token budget
+            # closes once the workers present reach it: as in a run, the rest train
+            # longer to make up for the missing, and the schedule advances by the
+            # budget's tokens. A round of fixed H closes after H steps whoever missed it.
+            worker_length = length
+            if cfg.round_tokens is not None:
+                worker_length = math.ceil(length * sum(speeds) / sum(speeds[i] for i in present))
             for i, replica in enumerate(replicas):
-                if rng.random() < cfg.dropout:
+                if i not in present:
                     # Missed the round: it trains nothing, and what it trained since a
                     # syncing fragment's last sync is discarded below.
                     for f in syncing:
                         f.tokens[i] = 0
                     continue
-                h = max(1, round(length * speeds[i]))
+                h = max(1, round(worker_length * speeds[i]))
                 # Every worker's inner schedule follows the run's progress (the fastest
                 # worker's step count), not its own: a slow worker decays on time too.
                 trainers[i].steps_done = steps_done

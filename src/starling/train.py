@@ -386,13 +386,17 @@ class InnerTrainer:
         cfg: TrainConfig,
         device: torch.device,
         batch_scaled: bool = False,
+        sharded: bool = False,
     ) -> None:
         """`batch_scaled`: use BatchScaledAdamW even while cfg.moment_batches is 1, so
         that set_moment_batches can change it later (a run's node follows the number of
-        contributors to each round)."""
+        contributors to each round). `sharded`: the model is sharded by FSDP, whose
+        hooks reduce each backward pass's gradient across the ranks; the two halves a
+        BatchScaledAdamW needs are then differentiated by .backward(), which runs them."""
         self.model = model
         self.cfg = cfg
         self.device = device
+        self.sharded = sharded
         self.optimizer: torch.optim.Optimizer
         if batch_scaled and cfg.micro_batch_size < 2:
             raise ValueError("a batch-scaled AdamW needs micro_batch_size ≥ 2 (two halves)")
@@ -468,7 +472,9 @@ class InnerTrainer:
             for _ in range(accumulation)
         )
         halves: list[list[torch.Tensor]] = []
-        if isinstance(self.optimizer, BatchScaledAdamW):
+        if isinstance(self.optimizer, BatchScaledAdamW) and self.sharded:
+            loss_sum, tokens, halves = self._backward_halves_by_passes(micro_batches, accumulation)
+        elif isinstance(self.optimizer, BatchScaledAdamW):
             loss_sum, tokens, halves = self._backward_halves(micro_batches, accumulation)
         else:
             loss_sum, tokens = self._backward(micro_batches, accumulation)
@@ -536,6 +542,37 @@ class InnerTrainer:
         first_half, second_half = halves
         for p, first, second in zip(params, first_half, second_half, strict=True):
             p.grad = (first + second) / 2
+        return loss_sum, tokens, [params, first_half, second_half]
+
+    def _backward_halves_by_passes(
+        self, micro_batches: Iterator[tuple[torch.Tensor, ...]], accumulation: int
+    ) -> tuple[torch.Tensor, int, list[list[torch.Tensor]]]:
+        """As _backward_halves, by .backward() in two passes (the first halves of every
+        micro-batch, then the second halves), for a model sharded by FSDP: its hooks
+        reduce each pass's gradient across the node's ranks, so each half is the node's
+        (every rank's first halves together), as its whole batch is. autograd.grad would
+        bypass the hooks and leave each rank its own unreduced gradient."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        batches = list(micro_batches)
+        loss_sum = torch.zeros((), device=self.device)
+        halves: list[list[torch.Tensor]] = []
+        for first in (True, False):
+            for inputs, targets in batches:
+                cut = inputs.shape[0] // 2
+                rows = slice(0, cut) if first else slice(cut, None)
+                loss = self._loss(inputs[rows], targets[rows])
+                (loss / accumulation).backward()
+                loss_sum += loss.detach() / 2
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                raise RuntimeError("a parameter got no gradient from half a batch")
+            halves.append([g for g in grads if g is not None])
+            for p in params:
+                p.grad = None
+        first_half, second_half = halves
+        for p, first_grad, second_grad in zip(params, first_half, second_half, strict=True):
+            p.grad = (first_grad + second_grad) / 2
+        tokens = sum(targets.numel() for _, targets in batches)
         return loss_sum, tokens, [params, first_half, second_half]
 
     @torch.no_grad()
