@@ -74,6 +74,12 @@ def main() -> None:
     parser.add_argument(
         "--overlap-codecs", default="int4", help="also run these with the one-round-delayed update"
     )
+    parser.add_argument(
+        "--overlap-steps",
+        type=int,
+        help="the overlapped rows' mean arrives after this many inner steps of the next "
+        "round (default: at its end)",
+    )
     parser.add_argument("--data", default="embedded")
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--seq-len", type=int, default=64)
@@ -207,6 +213,7 @@ def main() -> None:
                 feedback_decay=args.feedback_decay,
                 model=args.model,
                 overlap=overlap,
+                overlap_steps=args.overlap_steps if overlap else None,
                 sync_power=args.sync_power,
                 embedding_rounds=args.embedding_rounds,
                 embedding_codec=args.embedding_codec,
@@ -240,6 +247,7 @@ def main() -> None:
             "strategy": r.strategy,
             "codec": r.codec,
             "overlap": r.overlap,
+            "overlap_steps": args.overlap_steps if r.overlap else None,
             "inner_steps": r.inner_steps,
             "lr": lr_of[kind_of(r)],
             "moment_batches": moments_of[kind_of(r)],

@@ -25,7 +25,11 @@ grows with the round's length (the payload is the same), the report also gives t
 inner steps per round a GPU needs for 95%.
 
 With --overlap every node trains round r+1 while round r is exchanged and applied
-(one-step-delayed outer updates), which hides the exchange behind compute.
+(one-step-delayed outer updates), which hides the exchange behind compute, and folds
+round r's mean in as soon as it is applied: each node reports after how many inner
+steps of the next round it did (folded_at_step; null: at the round's close), and the
+overall gpu_overlap_steps is that on the GPU (the mean exchange over a GPU inner step,
+rounded up): `starling simulate --overlap --overlap-steps N` says what it costs.
 
 The last output line is a JSON object {"config", "nodes": [...], "overall": {...}}.
 """
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -202,6 +207,7 @@ def steps_for(target: float, step_s: float, exposed_s: float, exchange_s: float,
 
 def summarize(per_node: list[list[dict]], numel: int, args: argparse.Namespace) -> dict:
     gpu_tps = args.gpu_tokens_per_s or args.gpu_mfu * RTX_4090_BF16_FLOPS / (6 * numel)
+    gpu_step_s = BATCH_TOKENS / gpu_tps  # one inner step (the run's batch) on the GPU
     nodes = []
     for index, rounds in enumerate(per_node):
         # Whole periods: from each round's first inner step to the next one's, so the
@@ -216,7 +222,6 @@ def summarize(per_node: list[list[dict]], numel: int, args: argparse.Namespace) 
             "exposed_s": exposed / len(rounds),
             "exchange_s": exchange / len(rounds),
         }
-        gpu_step_s = BATCH_TOKENS / gpu_tps  # one inner step (the run's batch) on the GPU
         gpu_steps = args.gpu_inner_steps or args.inner_steps
         nodes.append(
             {
@@ -236,8 +241,10 @@ def summarize(per_node: list[list[dict]], numel: int, args: argparse.Namespace) 
                     0.95, gpu_step_s, **per_round, overlap=args.overlap
                 ),
                 "bytes_sent_per_round": int(statistics.fmean(r["bytes_sent"] for r in rounds)),
+                "folded_at_step": [r.get("folded_at_step") for r in rounds],
             }
         )
+    mean_exchange_s = statistics.fmean(n["exchange_s"] / n["rounds"] for n in nodes)
     tokens_per_step = BATCH_TOKENS
     gpu_steps = args.gpu_inner_steps or args.inner_steps
     return {
@@ -260,6 +267,7 @@ def summarize(per_node: list[list[dict]], numel: int, args: argparse.Namespace) 
             ),
             "parameters": numel,
             "overlap": args.overlap,
+            "gpu_overlap_steps": math.ceil(mean_exchange_s / gpu_step_s) if args.overlap else None,
         },
     }
 

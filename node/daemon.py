@@ -387,10 +387,11 @@ class NodeDaemon:
 
     def _loop_overlapped(self) -> None:
         """One-step-delayed outer updates: round r's exchange and outer step run in a
-        worker while round r+1 trains; when r+1 closes, the replica keeps its own
-        progress of r+1 on top of the new global state (as `starling simulate --overlap`
-        does). Nothing but the wait for the round to close sits between two rounds'
-        inner steps."""
+        worker while round r+1 trains. As soon as they are done, the replica folds the
+        new global state in between two inner steps of r+1, keeping its own progress of
+        r+1 on top of it (at the close of r+1 if they end later), as `starling simulate
+        --overlap --overlap-steps τ` does with an exchange of τ steps. Nothing but the
+        wait for the round to close sits between two rounds' inner steps."""
         anchor = self.state.params.clone()
         self.inner.load(anchor)
         pending: tuple[int, Future[Any]] | None = None
@@ -402,6 +403,13 @@ class NodeDaemon:
                 _, future = pending
                 pending = None
                 future.result()
+
+        def arrived() -> bool:
+            """Round r−1's mean is in θ and round r can fold it in: its exchange ended
+            well and left nothing to restart from."""
+            if pending is None or not pending[1].done():
+                return False
+            return pending[1].exception() is None and not self._restart_wanted.is_set()
 
         try:
             while not self.stop_event.is_set():
@@ -439,7 +447,7 @@ class NodeDaemon:
                 if current.phase != "training":
                     self._wait_for_change(current)
                     continue
-                trained = self._train(current, anchor=anchor)
+                trained = self._train(current, anchor, arrived)
                 if trained is None:
                     continue
                 delta, tokens = trained
@@ -501,11 +509,17 @@ class NodeDaemon:
         return lease
 
     def _train(
-        self, state: pb.RoundState, anchor: torch.Tensor | None = None
+        self,
+        state: pb.RoundState,
+        anchor: torch.Tensor | None = None,
+        arrived: Callable[[], bool] | None = None,
     ) -> tuple[torch.Tensor | None, int] | None:
         """Inner steps until the round closes, from θ (or, in overlap mode, from where
         the replica is, measuring Δ from `anchor`); returns (Δ, weight) or None when the
-        round closed before this node trained anything. Δ is None when training
+        round closed before this node trained anything. In overlap mode, once
+        `arrived()` says the previous round's mean is applied to θ, the replica folds it
+        in between two steps: its progress since `anchor` on top of the new θ, which
+        this round's Δ is then measured from. Δ is None when training
         diverged (the round is then sat out: see _diverged). The weight is the tokens the
         coordinator counted for this node, not those it trained: steps taken after the
         round closed reach no report, and a header declaring more than the count is
@@ -550,6 +564,9 @@ class NodeDaemon:
                 self._pass_tokens += stats.tokens
                 loss_sum += stats.loss
                 steps_done += 1
+                if anchor is not None and arrived is not None and arrived():
+                    arrived = None
+                    anchor = self._fold(state.round, anchor, steps_done)
                 done = not budget_mode and steps_done >= steps
                 reporter.add(lease.file, stats.tokens, done)
                 elapsed = time.monotonic() - started
@@ -582,6 +599,17 @@ class NodeDaemon:
             self._diverged(state.round, DIVERGED_WEIGHTS)
             return None, weight
         return delta, weight
+
+    def _fold(self, round_: int, anchor: torch.Tensor, steps_done: int) -> torch.Tensor:
+        """The previous round's mean, now in θ, folded into the replica that trained
+        `steps_done` steps of round `round_` from `anchor`: it goes on from θ plus that
+        progress, and θ is the anchor its Δ is measured from. The sooner the mean is
+        folded in, the less it trains on a stale θ (`starling simulate --overlap-steps`)."""
+        trained = self.inner.flat() - anchor
+        anchor = self.state.params.clone()
+        self.inner.load(anchor + trained)
+        self._timings[round_]["folded_at_step"] = steps_done
+        return anchor
 
     def _diverged(self, round_: int, why: str) -> None:
         """Training diverged (an unstable lr, a faulty GPU): sit this round out (the

@@ -34,6 +34,7 @@ def test_convergence_benchmark_reports_each_strategy_at_its_own_lr(pydoc_dir: Pa
         ("diloco", "int4", True),
     ]
     assert [r["lr"] for r in rows] == [2e-3, 5e-3, 5e-3, 4e-3]
+    assert [r["overlap_steps"] for r in rows] == [None] * 4  # a whole round late
     # DiLoCo workers' AdamW assumes DDP's batch (--workers × theirs) unless told.
     assert [r["moment_batches"] for r in rows] == [1.0, 2.0, 2.0, 2.0]
     assert len({r["tokens"] for r in rows}) == 1  # the same token budget for every row
@@ -75,6 +76,7 @@ def test_convergence_benchmark_rejects_bad_options(pydoc_dir: Path) -> None:
         (("--fragment", "mlp"), "give PATTERN@EVERY"),
         (("--fragment", "mlp@2"), "do not combine with overlap"),  # --overlap-codecs int4
         (("--fragment", "decoder@2", "--overlap-codecs", ""), "matches no parameter"),
+        (("--overlap-steps", "0"), "overlap steps must be ≥ 1"),  # --overlap-codecs int4
     ]:
         run = bench("--data", str(pydoc_dir), *args, "--json")
         assert run.returncode == 2, (args, run.stderr[-2000:])

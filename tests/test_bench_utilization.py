@@ -49,5 +49,7 @@ def test_utilization_benchmark_reports_per_node_figures() -> None:
         # A GPU computes faster, so the same exposed time weighs more.
         assert node["gpu_equivalent_utilization"] < node["utilization"]
         assert node["bytes_sent_per_round"] > 0
+        assert node["folded_at_step"] == [None]  # no overlap: nothing to fold in
     assert report["overall"]["parameters"] > 1_000_000
     assert report["overall"]["overlap"] is False
+    assert report["overall"]["gpu_overlap_steps"] is None

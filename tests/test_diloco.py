@@ -387,6 +387,25 @@ def test_one_worker_with_embedding_rounds_is_still_plain_training(pydoc_dir: Pat
     assert abs(pushed["final_val_loss"] - plain["final_val_loss"]) > 1e-2
 
 
+def test_a_mean_that_arrives_mid_round_is_folded_into_the_replicas(pydoc_dir: Path) -> None:
+    # One worker, fp32, outer lr 1 without momentum: θ trails the replica by a round, and
+    # folding the mean in (its progress kept on top) moves nothing, whenever it arrives.
+    degenerate = dict(workers=1, codec="fp32", outer=OuterConfig(lr=1.0, momentum=0.0))
+    plain = simulate(pydoc_dir, **degenerate, inner_steps=24)  # one round: plain AdamW
+    for steps in (None, 1, 5):
+        folded = simulate(pydoc_dir, **degenerate, overlap=True, overlap_steps=steps)
+        assert folded["rounds"] == 4
+        assert abs(folded["final_val_loss"] - plain["final_val_loss"]) < 1e-5, steps
+    # Two workers: a mean that arrives after all 6 steps of the next round is the whole
+    # round late of the default; one that arrives after 1 is another run.
+    late = simulate(pydoc_dir, overlap=True)
+    at_end = simulate(pydoc_dir, overlap=True, overlap_steps=6)
+    early = simulate(pydoc_dir, overlap=True, overlap_steps=1)
+    assert abs(at_end["final_val_loss"] - late["final_val_loss"]) < 1e-4
+    assert abs(early["final_val_loss"] - late["final_val_loss"]) > 1e-3
+    assert early["final_val_loss"] < early["initial_val_loss"] - 0.5
+
+
 def test_fragments_by_name_sync_on_their_own_rounds(pydoc_dir: Path) -> None:
     from starling.codecs import make_codec
 
@@ -546,6 +565,8 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
         (["--fragment", "mlp(@2"], "bad pattern"),
         (["--fragment", "mlp@2@int3"], "unknown codec"),
         (["--fragment", "mlp@2", "--overlap"], "do not combine with overlap"),
+        (["--overlap-steps", "3"], "only with overlap"),
+        (["--overlap", "--overlap-steps", "0"], "overlap steps must be ≥ 1"),
         (["--fragment", "mlp@2", "--fragment", "mlp@3"], "matches no parameter"),
         (["--fragment", "decoder@2"], "matches no parameter"),
         (["--device", "tpu"], "device must be one of"),

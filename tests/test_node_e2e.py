@@ -377,9 +377,12 @@ def test_node_and_demo_bad_input_is_one_error_line(args: list[str], message: str
 
 
 def test_overlapped_rounds_train_while_the_previous_round_exchanges(e2e) -> None:
-    run = e2e(overlap=True)
+    # 40 inner steps a round, each followed by a rest of 9 times its length (a tenth of
+    # the node's time trains): a round lasts seconds, the exchange on loopback a tenth
+    # of one, so each node folds round r's mean in early in round r+1.
+    run = e2e(overlap=True, inner_steps=40)
     for name in ("a", "b"):
-        run.join(name, "--max-rounds", "4")
+        run.join(name, "--max-rounds", "4", "--compute-share", "0.1")
     for name in ("a", "b"):
         assert run.nodes[name].wait(240) == 0, run.log(name)
     log = (run.root / "coordinator.log").read_text()
@@ -390,6 +393,12 @@ def test_overlapped_rounds_train_while_the_previous_round_exchanges(e2e) -> None
     assert_agree(first, second)
     for name in ("a", "b"):
         assert json.loads((run.root / name / "summary.json").read_text())["rounds_contributed"] == 4
+        (timings,) = (run.root / name).glob("runs/*/rounds.jsonl")
+        rounds = [json.loads(line) for line in timings.read_text().splitlines()]
+        folded = {r["round"]: r.get("folded_at_step") for r in rounds}
+        # Round 0 had no mean to wait for; the others took theirs between two steps.
+        assert folded[0] is None, folded
+        assert any(step is not None and step < 40 for step in folded.values()), folded
 
 
 def test_a_slow_node_trains_fewer_steps_and_weighs_by_its_tokens(e2e) -> None:

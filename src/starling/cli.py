@@ -438,6 +438,13 @@ def simulate_command(
     overlap: Annotated[
         bool, typer.Option("--overlap/--no-overlap", help="One-round-delayed outer update.")
     ] = False,
+    overlap_steps: Annotated[
+        int | None,
+        typer.Option(
+            help="With --overlap: the previous round's mean arrives after this many inner "
+            "steps of the next (default: at its end, a whole round late)."
+        ),
+    ] = None,
     sync_power: Annotated[
         float,
         typer.Option(
@@ -513,6 +520,7 @@ def simulate_command(
             "--speeds": bool(speeds),
             "--dropout": dropout != 0.0,
             "--overlap": overlap,
+            "--overlap-steps": overlap_steps is not None,
             "--sync-power": sync_power != 0.0,
             "--embedding-rounds": embedding_rounds != 1,
             "--embedding-codec": embedding_codec is not None,
@@ -537,6 +545,7 @@ def simulate_command(
         speeds=speed_values,
         dropout=dropout,
         overlap=overlap,
+        overlap_steps=overlap_steps,
         sync_power=sync_power,
         embedding_rounds=embedding_rounds,
         embedding_codec=embedding_codec,
@@ -603,7 +612,11 @@ def simulate_command(
             "optimizer": train_cfg.optimizer,
             "moment_batches": train_cfg.moment_batches,
         }
-        print(json_line({**summary, **extra, "sync_power": sync_power}))
+        print(
+            json_line(
+                {**summary, **extra, "sync_power": sync_power, "overlap_steps": overlap_steps}
+            )
+        )
 
 
 # ------------------------------------------------------------------------- status

@@ -151,6 +151,11 @@ class SimConfig:
     # The probability that a worker misses a round (a round none trains is drawn again).
     dropout: float = 0.0
     overlap: bool = False
+    # With overlap: the inner steps of round r after which round r−1's mean arrives and is
+    # folded into each worker's replica (its progress since the round began kept on top
+    # of the new θ). None: at the end of round r, a whole round late. A run folds a mean
+    # in as soon as its exchange ends, so τ is the exchange's duration in inner steps.
+    overlap_steps: int | None = None
     # Round lengths: 0, every round H steps; p > 0, round r spans an equal share of
     # Σ lr_multiplier(step)^p over the run (lr_following_ends), so rounds are short while the
     # inner lr is high (workers drift apart fastest) and long as it decays. The number of
@@ -192,6 +197,8 @@ class SimConfig:
             raise ValueError("round tokens must be positive")
         if not 0 <= self.dropout < 1:
             raise ValueError("dropout must be in [0, 1)")
+        if self.overlap_steps is not None and (self.overlap_steps < 1 or not self.overlap):
+            raise ValueError("overlap steps must be ≥ 1, and only with overlap")
         make_codec(self.codec)  # fail early on a bad codec
         if not 0 < self.feedback_decay <= 1:
             raise ValueError("feedback decay must be in (0, 1]")
@@ -475,18 +482,39 @@ class Simulation:
             worker_length = length
             if cfg.round_tokens is not None:
                 worker_length = math.ceil(length * sum(speeds) / sum(speeds[i] for i in present))
+            # Overlap with `overlap_steps`: round r−1's means reach every worker after that
+            # many of this round's steps; θ moves now, and each replica folds it in then.
+            folded: torch.Tensor | None = None
+            if cfg.overlap_steps is not None and pending:
+                for k, mean in pending.items():
+                    fragments[k].outer_step(state, mean, cfg.outer)
+                pending = {}
+                folded = state.params.clone()
             for i, replica in enumerate(replicas):
                 if i not in present:
                     # Missed the round: it trains nothing, and what it trained since a
                     # syncing fragment's last sync is discarded below.
                     for f in syncing:
                         f.tokens[i] = 0
+                    if folded is not None:  # it still takes the new θ
+                        anchors[i] = folded.clone()
+                        load_flat_parameters(replica, anchors[i])
                     continue
                 h = max(1, round(worker_length * speeds[i]))
+                fold_at = h if folded is None else min(h, cfg.overlap_steps or h)
                 # Every worker's inner schedule follows the run's progress (the fastest
                 # worker's step count), not its own: a slow worker decays on time too.
                 trainers[i].steps_done = steps_done
-                worker_tokens = sum(trainers[i].step(batchers[i]).tokens for _ in range(h))
+                worker_tokens = sum(trainers[i].step(batchers[i]).tokens for _ in range(fold_at))
+                if folded is not None:
+                    # Its progress since the round began, on top of the new θ; this
+                    # round's pseudo-gradient is measured from there.
+                    trained = flatten_parameters(replica) - anchors[i]
+                    anchors[i] = folded.clone()
+                    load_flat_parameters(replica, folded + trained)
+                worker_tokens += sum(
+                    trainers[i].step(batchers[i]).tokens for _ in range(h - fold_at)
+                )
                 tokens += worker_tokens
                 local = flatten_parameters(replica)
                 if not bool(torch.isfinite(local).all()):
@@ -533,6 +561,9 @@ class Simulation:
                 pending = means
                 for i, replica in enumerate(replicas):
                     local = flatten_parameters(replica)
+                    if cfg.overlap_steps is not None:
+                        anchors[i] = local  # it carries on; the next mean is folded mid-round
+                        continue
                     anchors[i] = state.params + (local - anchors[i])
                     load_flat_parameters(replica, anchors[i])
             else:
