@@ -267,7 +267,9 @@ def summarize(per_node: list[list[dict]], numel: int, args: argparse.Namespace) 
             ),
             "parameters": numel,
             "overlap": args.overlap,
-            "gpu_overlap_steps": math.ceil(mean_exchange_s / gpu_step_s) if args.overlap else None,
+            "gpu_overlap_steps": max(1, math.ceil(mean_exchange_s / gpu_step_s))
+            if args.overlap
+            else None,
         },
     }
 

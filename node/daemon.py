@@ -405,11 +405,16 @@ class NodeDaemon:
                 future.result()
 
         def arrived() -> bool:
-            """Round r−1's mean is in θ and round r can fold it in: its exchange ended
-            well and left nothing to restart from."""
-            if pending is None or not pending[1].done():
+            """Round r−1's mean is in θ and round r can fold it in, nothing left to
+            restart from. θ is whole once state_round passes r−1 (_apply and _take_state
+            set it last); the exchange worker may still be reporting the fingerprint or
+            uploading a checkpoint, which only read θ."""
+            if pending is None or self._restart_wanted.is_set():
                 return False
-            return pending[1].exception() is None and not self._restart_wanted.is_set()
+            round_, future = pending
+            if future.done():
+                return future.exception() is None
+            return self.state_round > round_
 
         try:
             while not self.stop_event.is_set():
@@ -449,6 +454,9 @@ class NodeDaemon:
                     continue
                 trained = self._train(current, anchor, arrived)
                 if trained is None:
+                    # Closed before we trained: round r−1's exchange must land before the
+                    # catch-up check above can see which means we lack.
+                    settle()
                     continue
                 delta, tokens = trained
                 settle()  # round r−1's mean, exchanged and applied while this round trained

@@ -219,6 +219,7 @@ class ShardedInnerLoop:
         self.cfg = self.trainer.cfg
         self.mirror = build_model(model_cfg, seed=seed, device=torch.device("cpu"))
         self.batches: SequenceBatcher | None = None
+        self._moment_batches: float | None = None  # set_moment_batches's, sent at a step
 
     def set_data(self, path: Path, dtype: str, seed: int) -> None:
         self.channel.send(DATA, {"path": str(path), "dtype": dtype, "seed": seed})
@@ -242,12 +243,18 @@ class ShardedInnerLoop:
         self.trainer.steps_done = step
 
     def set_moment_batches(self, batches: float) -> float:
-        self.channel.send(MOMENTS, {"batches": batches})
-        self.trainer.set_moment_batches(batches)
+        # In overlap mode this comes from the exchange worker, while the training thread
+        # may be inside a collective with the other ranks: the ranks hear it before the
+        # next step, from the thread that steps (commands never interleave).
+        self._moment_batches = batches
         return batches
 
     def step(self) -> StepStats:
         assert self.batches is not None, "set_data first"
+        wanted = self._moment_batches  # read once: a newer value waits for the next step
+        if wanted is not None and wanted != self.trainer.moment_batches:
+            self.channel.send(MOMENTS, {"batches": wanted})
+            self.trainer.set_moment_batches(wanted)
         self.channel.send(STEP)
         stats = self.trainer.step(self.batches)
         # Every rank trained its own micro-batches: the node's step is all of them.

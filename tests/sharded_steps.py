@@ -19,8 +19,10 @@ from starling.train import TrainConfig
 
 # The layout tests/test_node_inner.py rebuilds in one process: keep the two in step.
 MODEL = ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, n_kv_heads=2)
+# Two micro-batches of 4 sequences a step on each rank: each half of the node's batch is
+# accumulated over them before FSDP reduces it.
 TRAIN = TrainConfig(
-    steps=100, batch_tokens=256, micro_batch_size=4, seq_len=64, lr=3e-3, warmup_steps=0
+    steps=100, batch_tokens=512, micro_batch_size=4, seq_len=64, lr=3e-3, warmup_steps=0
 )
 SEED = 1
 

@@ -534,11 +534,14 @@ def test_a_torchrun_node_whose_training_diverges_restarts_every_rank(e2e) -> Non
     assert_agree(run.fingerprints("a"), run.fingerprints("diverging"))
 
 
-def test_a_multi_process_node_trains_fsdp_shards_under_torchrun(e2e) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_multi_process_node_trains_fsdp_shards_under_torchrun(e2e, overlap: bool) -> None:
     # A two-rank node (torchrun, FSDP with gloo on this CPU) beside a one-process node:
     # only its rank 0 talks to the network; each rank trains its own micro-batches, so
-    # it brings twice the tokens per inner step, and every state agrees.
-    run = e2e()
+    # it brings twice the tokens per inner step, and every state agrees. With overlap
+    # its exchange worker sets the AdamW's batch while the training thread drives the
+    # ranks: the ranks must hear it between two steps, never inside one.
+    run = e2e(overlap=overlap)
     run.join("single", "--max-rounds", "3")
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
     run.join("fsdp", "--max-rounds", "3", launcher=(*torchrun, "-m", "starling"))

@@ -132,18 +132,19 @@ def test_a_sharded_node_preconditions_like_one_process_on_its_whole_batch(tmp_pa
         return torch.from_numpy(np.load(out, allow_pickle=False))
 
     def one_process(moment_batches: float) -> torch.Tensor:
-        # Each step's 8 rows: rank 0's first half, rank 1's first half, then the seconds.
+        # Each step's 16 rows: the first halves of both ranks' two micro-batches of 4,
+        # then their second halves.
         ranks = [_rank_batches(TRAIN, str(shard), "uint16", SEED, rank) for rank in range(2)]
 
         def whole() -> object:
             while True:
-                (x0, y0), (x1, y1) = next(ranks[0]), next(ranks[1])
-                yield (
-                    torch.cat([x0[:2], x1[:2], x0[2:], x1[2:]]),
-                    torch.cat([y0[:2], y1[:2], y0[2:], y1[2:]]),
+                micro = [next(ranks[rank]) for rank in range(2) for _ in range(2)]
+                yield tuple(
+                    torch.cat([part[:2] for part in parts] + [part[2:] for part in parts])
+                    for parts in zip(*micro, strict=True)
                 )
 
-        cfg = TrainConfig(**{**TRAIN.to_dict(), "batch_tokens": 512, "micro_batch_size": 8})
+        cfg = TrainConfig(**{**TRAIN.to_dict(), "batch_tokens": 1024, "micro_batch_size": 16})
         model = build_model(MODEL, seed=0, device=torch.device("cpu"))
         trainer = InnerTrainer(model, cfg, torch.device("cpu"), batch_scaled=moment_batches > 0)
         if moment_batches > 0:
@@ -164,3 +165,32 @@ def test_a_sharded_node_preconditions_like_one_process_on_its_whole_batch(tmp_pa
     assert apart(sharded(batches), expected) < 1e-4
     assert apart(sharded(0), plain) < 1e-4
     assert apart(plain, expected) > 0.1  # 0.46: the discount moves the update
+
+
+def test_a_folded_mean_keeps_the_replicas_progress_on_top_of_the_new_theta(
+    tmp_path: Path,
+) -> None:
+    """Overlap: round r−1's mean reaches θ while round r trains. The node folds it in
+    between two steps: the replica goes on from θ plus what it trained since `anchor`,
+    and round r's Δ (θ minus the replica at the close) is measured from θ."""
+    from node.daemon import NodeDaemon
+    from starling.diloco import GlobalState
+
+    shard = tmp_path / "shard.bin"
+    np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint16).tofile(shard)
+    cfg = TrainConfig(steps=100, batch_tokens=256, micro_batch_size=4, seq_len=64, lr=1e-3)
+    model_cfg = ModelConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=2)
+    model = build_model(model_cfg, seed=0, device=torch.device("cpu"))
+    inner = LocalInnerLoop(model, InnerTrainer(model, cfg, torch.device("cpu")), cfg)
+    inner.set_data(shard, "uint16", seed=1)
+    anchor = inner.flat()
+    for _ in range(2):
+        inner.step()
+    trained = inner.flat() - anchor
+    theta = anchor + 0.01 * torch.randn(anchor.shape, generator=torch.Generator().manual_seed(0))
+    daemon = NodeDaemon.__new__(NodeDaemon)  # only what _fold touches
+    daemon.inner, daemon.state, daemon._timings = inner, GlobalState(theta), {7: {}}
+    new_anchor = daemon._fold(7, anchor, steps_done=2)
+    assert torch.equal(new_anchor, theta) and new_anchor is not daemon.state.params
+    assert torch.equal(inner.flat(), theta + trained)
+    assert daemon._timings[7]["folded_at_step"] == 2

@@ -501,7 +501,11 @@ class Simulation:
                         load_flat_parameters(replica, anchors[i])
                     continue
                 h = max(1, round(worker_length * speeds[i]))
-                fold_at = h if folded is None else min(h, cfg.overlap_steps or h)
+                # τ is a time, counted in the fastest worker's steps: a slower worker has
+                # taken fewer of its own by then (none, perhaps).
+                fold_at = h
+                if folded is not None and cfg.overlap_steps is not None:
+                    fold_at = min(h, round(cfg.overlap_steps * speeds[i]))
                 # Every worker's inner schedule follows the run's progress (the fastest
                 # worker's step count), not its own: a slow worker decays on time too.
                 trainers[i].steps_done = steps_done
