@@ -145,6 +145,10 @@ class NodeDaemon:
         # loop restarts the replica from θ with a fresh optimizer before the next round.
         self._restart_wanted = threading.Event()
         self._diverged_lock = threading.Lock()
+        # Held while θ changes in place (_apply's outer step) and while the training
+        # thread copies it to fold a mean in (_fold): in overlap mode the exchange worker
+        # may be catching up, after a resync, while the next round trains.
+        self._theta_lock = threading.Lock()
         self._last_commit: tuple[int, set[str]] | None = None  # round, its contributors
         self._fingerprint_reports = 0  # fingerprints reported so far
         # (round, fingerprint) of our last report that came in before a majority agreed
@@ -614,7 +618,8 @@ class NodeDaemon:
         progress, and θ is the anchor its Δ is measured from. The sooner the mean is
         folded in, the less it trains on a stale θ (`starling simulate --overlap-steps`)."""
         trained = self.inner.flat() - anchor
-        anchor = self.state.params.clone()
+        with self._theta_lock:
+            anchor = self.state.params.clone()
         self.inner.load(anchor + trained)
         self._timings[round_]["folded_at_step"] = steps_done
         return anchor
@@ -740,12 +745,13 @@ class NodeDaemon:
         self._set_phase("applying")
         self.run_tokens += commit.tokens
         if commit.contributors:
-            before = self.state.copy()
-            self.state.outer_step(mean, self.config.outer_config())
-            for shard in skipped:  # a skipped shard's slice of θ does not move
-                start, end = bounds[shard], bounds[shard + 1]
-                self.state.params[start:end] = before.params[start:end]
-                self.state.momentum[start:end] = before.momentum[start:end]
+            with self._theta_lock:
+                before = self.state.copy()
+                self.state.outer_step(mean, self.config.outer_config())
+                for shard in skipped:  # a skipped shard's slice of θ does not move
+                    start, end = bounds[shard], bounds[shard + 1]
+                    self.state.params[start:end] = before.params[start:end]
+                    self.state.momentum[start:end] = before.momentum[start:end]
         self.state_round = round_ + 1
         fingerprint = self.state.fingerprint()
         self.peer.set_state(self.state_round, self.state.params, self.state.momentum)

@@ -173,6 +173,8 @@ def test_a_folded_mean_keeps_the_replicas_progress_on_top_of_the_new_theta(
     """Overlap: round r−1's mean reaches θ while round r trains. The node folds it in
     between two steps: the replica goes on from θ plus what it trained since `anchor`,
     and round r's Δ (θ minus the replica at the close) is measured from θ."""
+    import threading
+
     from node.daemon import NodeDaemon
     from starling.diloco import GlobalState
 
@@ -190,6 +192,7 @@ def test_a_folded_mean_keeps_the_replicas_progress_on_top_of_the_new_theta(
     theta = anchor + 0.01 * torch.randn(anchor.shape, generator=torch.Generator().manual_seed(0))
     daemon = NodeDaemon.__new__(NodeDaemon)  # only what _fold touches
     daemon.inner, daemon.state, daemon._timings = inner, GlobalState(theta), {7: {}}
+    daemon._theta_lock = threading.Lock()
     new_anchor = daemon._fold(7, anchor, steps_done=2)
     assert torch.equal(new_anchor, theta) and new_anchor is not daemon.state.params
     assert torch.equal(inner.flat(), theta + trained)
