@@ -197,13 +197,9 @@ class ShardedInnerLoop:
         seed: int,
         batch_scaled: bool = False,
     ) -> None:
-        """`batch_scaled`: as InnerTrainer's (set_moment_batches will follow the run)."""
-        if train_cfg.optimizer == "muon":
-            # Muon orthogonalizes whole matrices, and each rank holds only a shard of them.
-            raise ValueError(
-                '[train] optimizer = "muon" is not supported on a node sharded by '
-                "torchrun: join this run with one process per node"
-            )
+        """`batch_scaled`: as InnerTrainer's (set_moment_batches will follow the run).
+        Muon trains here too: each rank gathers a matrix whole to orthogonalize it
+        (starling.train._orthogonalize_whole)."""
         self.channel = group
         self.world = group.world
         device = group.device

@@ -1,13 +1,15 @@
 """Inner steps of a node sharded by torchrun: `python -m torch.distributed.run
---standalone --nproc-per-node W tests/sharded_steps.py SHARD OUT STEPS BATCHES` has rank
-0 drive a ShardedInnerLoop (the others run_follower, as under `starling node join`)
-through STEPS inner steps on SHARD (uint16 tokens) with the inner AdamW's second moment
-assuming BATCHES batches (0: plain AdamW), then write θ to OUT as a .npy of float32."""
+--standalone --nproc-per-node W tests/sharded_steps.py SHARD OUT STEPS BATCHES
+OPTIMIZER` has rank 0 drive a ShardedInnerLoop (the others run_follower, as under
+`starling node join`) through STEPS inner steps on SHARD (uint16 tokens) with OPTIMIZER
+(adamw or muon), the inner AdamW's second moment assuming BATCHES batches (0: plain
+AdamW), then write θ to OUT as a .npy of float32."""
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +30,20 @@ SEED = 1
 
 
 def main() -> None:
-    shard, out, steps, batches = (
+    shard, out, steps, batches, optimizer = (
         Path(sys.argv[1]),
         Path(sys.argv[2]),
         int(sys.argv[3]),
         float(sys.argv[4]),
+        sys.argv[5],
     )
     group = NodeGroup(torch.device("cpu"))
     try:
         if group.rank != 0:
             run_follower(group)
             return
-        inner = ShardedInnerLoop(group, MODEL, TRAIN, seed=0, batch_scaled=batches > 0)
+        train = replace(TRAIN, optimizer=optimizer)
+        inner = ShardedInnerLoop(group, MODEL, train, seed=0, batch_scaled=batches > 0)
         if batches > 0:
             inner.set_moment_batches(batches)
         inner.set_data(shard, "uint16", SEED)

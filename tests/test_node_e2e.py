@@ -38,6 +38,7 @@ batch_tokens = 512
 micro_batch_size = 8
 lr = 0.003
 warmup_steps = 2
+optimizer = "{optimizer}"
 
 [checkpoints]
 every = {every}
@@ -64,6 +65,7 @@ class Run:
         round_tokens: int = 0,
         extra_toml: str = "",
         inner_steps: int = 3,
+        optimizer: str = "adamw",
     ):
         from .coordinator_support import CORPUS
 
@@ -79,6 +81,7 @@ class Run:
                 overlap="true" if overlap else "false",
                 round_tokens=round_tokens,
                 inner_steps=inner_steps,
+                optimizer=optimizer,
             )
             + extra_toml
         )
@@ -534,14 +537,17 @@ def test_a_torchrun_node_whose_training_diverges_restarts_every_rank(e2e) -> Non
     assert_agree(run.fingerprints("a"), run.fingerprints("diverging"))
 
 
-@pytest.mark.parametrize("overlap", [False, True])
-def test_a_multi_process_node_trains_fsdp_shards_under_torchrun(e2e, overlap: bool) -> None:
+@pytest.mark.parametrize("overlap, optimizer", [(False, "adamw"), (True, "adamw"), (False, "muon")])
+def test_a_multi_process_node_trains_fsdp_shards_under_torchrun(
+    e2e, overlap: bool, optimizer: str
+) -> None:
     # A two-rank node (torchrun, FSDP with gloo on this CPU) beside a one-process node:
     # only its rank 0 talks to the network; each rank trains its own micro-batches, so
     # it brings twice the tokens per inner step, and every state agrees. With overlap
     # its exchange worker sets the AdamW's batch while the training thread drives the
-    # ranks: the ranks must hear it between two steps, never inside one.
-    run = e2e(overlap=overlap)
+    # ranks: the ranks must hear it between two steps, never inside one. With Muon each
+    # rank gathers the hidden matrices whole to orthogonalize them.
+    run = e2e(overlap=overlap, optimizer=optimizer)
     run.join("single", "--max-rounds", "3")
     torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
     run.join("fsdp", "--max-rounds", "3", launcher=(*torchrun, "-m", "starling"))
@@ -558,8 +564,8 @@ def test_a_multi_process_node_trains_fsdp_shards_under_torchrun(e2e, overlap: bo
         assert tokens == {ids["single"]: 3 * 512, ids["fsdp"]: 2 * 3 * 512}
     # The run's default: a node's AdamW assumes the batch of the round's contributors
     # (two here), a sharded node's too (its ranks' halves reduced by FSDP).
-    assert summaries["single"]["moment_batches"] == 2.0
-    assert summaries["fsdp"]["moment_batches"] == 2.0
+    for summary in summaries.values():
+        assert summary["moment_batches"] == 2.0 and summary["optimizer"] == optimizer
     single, fsdp = run.fingerprints("single"), run.fingerprints("fsdp")
     assert sorted(fsdp) == [0, 1, 2]
     assert_agree(single, fsdp)

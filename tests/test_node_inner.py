@@ -103,68 +103,98 @@ def test_token_reports_are_paced_and_lose_nothing() -> None:
     assert sent[-1][2] is True and not any(done for _, _, done in sent[:-1])
 
 
-def test_a_sharded_node_preconditions_like_one_process_on_its_whole_batch(tmp_path: Path) -> None:
-    """A node of two ranks under torchrun (FSDP, gloo) whose inner AdamW assumes 4
-    batches steps as one process does on the node's whole batch, where each half of
-    that batch is both ranks' halves together: its halves are the node's, reduced across
-    the ranks, not each rank's own (autograd.grad would bypass FSDP's reduce)."""
+def _sharded_steps(
+    tmp_path: Path, shard: Path, steps: int, moment_batches: float, optimizer: str
+) -> torch.Tensor:
+    """θ after `steps` inner steps of a node of two ranks under torchrun (FSDP, gloo)."""
     import subprocess
     import sys
 
+    out = tmp_path / f"sharded-{optimizer}-{moment_batches}.npy"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    launched = subprocess.run(
+        [*torchrun, "--nproc-per-node", "2", str(Path(__file__).parent / "sharded_steps.py"),
+         str(shard), str(out), str(steps), str(moment_batches), optimizer],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    return torch.from_numpy(np.load(out, allow_pickle=False))
+
+
+def _one_process_steps(
+    shard: Path, steps: int, moment_batches: float, optimizer: str
+) -> torch.Tensor:
+    """θ after the same steps in one process on the node's whole batch: each step's 16
+    rows are the first halves of both ranks' two micro-batches of 4, then their second
+    halves."""
     from node.distributed import _rank_batches
     from starling.diloco import flatten_parameters
 
     from .sharded_steps import MODEL, SEED, TRAIN
 
+    ranks = [_rank_batches(TRAIN, str(shard), "uint16", SEED, rank) for rank in range(2)]
+
+    def whole() -> object:
+        while True:
+            micro = [next(ranks[rank]) for rank in range(2) for _ in range(2)]
+            yield tuple(
+                torch.cat([part[:2] for part in parts] + [part[2:] for part in parts])
+                for parts in zip(*micro, strict=True)
+            )
+
+    cfg = TrainConfig(
+        **{**TRAIN.to_dict(), "batch_tokens": 1024, "micro_batch_size": 16, "optimizer": optimizer}
+    )
+    model = build_model(MODEL, seed=0, device=torch.device("cpu"))
+    trainer = InnerTrainer(model, cfg, torch.device("cpu"), batch_scaled=moment_batches > 0)
+    if moment_batches > 0:
+        trainer.set_moment_batches(moment_batches)
+    node_batches = whole()
+    for _ in range(steps):
+        trainer.step(node_batches)  # type: ignore[arg-type]
+    return flatten_parameters(model)
+
+
+def _apart(a: torch.Tensor, b: torch.Tensor) -> float:
+    """How far update a is from update b (both from the test model's θ₀), relative to
+    b's norm."""
+    from starling.diloco import flatten_parameters
+
+    from .sharded_steps import MODEL
+
+    theta = flatten_parameters(build_model(MODEL, seed=0, device=torch.device("cpu")))
+    return float(((a - theta) - (b - theta)).norm() / (b - theta).norm())
+
+
+def test_a_sharded_node_preconditions_like_one_process_on_its_whole_batch(tmp_path: Path) -> None:
+    """A node of two ranks under torchrun (FSDP, gloo) whose inner AdamW assumes 4
+    batches steps as one process does on the node's whole batch, where each half of
+    that batch is both ranks' halves together: its halves are the node's, reduced across
+    the ranks, not each rank's own (autograd.grad would bypass FSDP's reduce)."""
     shard = tmp_path / "shard.bin"
     np.random.default_rng(0).integers(0, 256, 8192, dtype=np.uint16).tofile(shard)
     steps, batches = 3, 4.0
-
-    def sharded(moment_batches: float) -> torch.Tensor:
-        out = tmp_path / f"sharded-{moment_batches}.npy"
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-        launched = subprocess.run(
-            [*torchrun, "--nproc-per-node", "2", str(Path(__file__).parent / "sharded_steps.py"),
-             str(shard), str(out), str(steps), str(moment_batches)],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert launched.returncode == 0, launched.stderr[-3000:]
-        return torch.from_numpy(np.load(out, allow_pickle=False))
-
-    def one_process(moment_batches: float) -> torch.Tensor:
-        # Each step's 16 rows: the first halves of both ranks' two micro-batches of 4,
-        # then their second halves.
-        ranks = [_rank_batches(TRAIN, str(shard), "uint16", SEED, rank) for rank in range(2)]
-
-        def whole() -> object:
-            while True:
-                micro = [next(ranks[rank]) for rank in range(2) for _ in range(2)]
-                yield tuple(
-                    torch.cat([part[:2] for part in parts] + [part[2:] for part in parts])
-                    for parts in zip(*micro, strict=True)
-                )
-
-        cfg = TrainConfig(**{**TRAIN.to_dict(), "batch_tokens": 1024, "micro_batch_size": 16})
-        model = build_model(MODEL, seed=0, device=torch.device("cpu"))
-        trainer = InnerTrainer(model, cfg, torch.device("cpu"), batch_scaled=moment_batches > 0)
-        if moment_batches > 0:
-            trainer.set_moment_batches(moment_batches)
-        node_batches = whole()
-        for _ in range(steps):
-            trainer.step(node_batches)  # type: ignore[arg-type]
-        return flatten_parameters(model)
-
-    theta = flatten_parameters(build_model(MODEL, seed=0, device=torch.device("cpu")))
-
-    def apart(a: torch.Tensor, b: torch.Tensor) -> float:
-        """How far update a is from update b, relative to b's norm."""
-        return float(((a - theta) - (b - theta)).norm() / (b - theta).norm())
-
-    expected, plain = one_process(batches), one_process(0)
+    expected = _one_process_steps(shard, steps, batches, "adamw")
+    plain = _one_process_steps(shard, steps, 0, "adamw")
     # 2.6e-7 apart here (the ranks' reduce sums in another order); plain AdamW too.
-    assert apart(sharded(batches), expected) < 1e-4
-    assert apart(sharded(0), plain) < 1e-4
-    assert apart(plain, expected) > 0.1  # 0.46: the discount moves the update
+    assert _apart(_sharded_steps(tmp_path, shard, steps, batches, "adamw"), expected) < 1e-4
+    assert _apart(_sharded_steps(tmp_path, shard, steps, 0, "adamw"), plain) < 1e-4
+    assert _apart(plain, expected) > 0.1  # 0.46: the discount moves the update
+
+
+def test_a_sharded_node_trains_muon_as_one_process_on_its_whole_batch(tmp_path: Path) -> None:
+    """Muon orthogonalizes whole matrices, where each rank of a node sharded by FSDP
+    holds a block of rows: every rank gathers the matrix, orthogonalizes it and keeps
+    its block. Two ranks then step as one process on the node's whole batch (Muon on the
+    hidden matrices, the batch-scaled AdamW on the rest); a rank that orthogonalized only
+    its own block would move each matrix another way."""
+    shard = tmp_path / "shard.bin"
+    np.random.default_rng(0).integers(0, 256, 8192, dtype=np.uint16).tofile(shard)
+    steps, batches = 3, 4.0
+    expected = _one_process_steps(shard, steps, batches, "muon")
+    adamw = _one_process_steps(shard, steps, batches, "adamw")
+    assert _apart(_sharded_steps(tmp_path, shard, steps, batches, "muon"), expected) < 1e-4
+    assert _apart(adamw, expected) > 0.1  # Muon moves the hidden matrices its own way
 
 
 def test_a_folded_mean_keeps_the_replicas_progress_on_top_of_the_new_theta(

@@ -60,8 +60,8 @@ def test_wsd_is_flat_then_decays_over_its_tail() -> None:
         ),
         ({"optimizer": "sgd"}, "optimizer must be one of adamw, muon"),
         (
-            {"optimizer": "muon", "micro_batch_size": 1, "batch_tokens": 256},
-            "optimizer muon splits each micro-batch in two",
+            {"optimizer": "muon", "moment_batches": 2, "micro_batch_size": 1},
+            "micro batch size must be ≥ 2",
         ),
     ],
 )
@@ -285,6 +285,32 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest() -> None:
         else:
             torch.testing.assert_close(param, adamw[name], rtol=1e-4, atol=1e-4)
     assert hidden == 4 * 7  # q, k, v, o, gate, up, down in each of the tiny preset's 4 layers
+
+
+def test_muon_trains_on_micro_batches_of_one_sequence() -> None:
+    """A micro-batch of one sequence cannot be halved: Muon then steps with plain AdamW
+    on its AdamW part, as a batch of four sequences in one pass does at one batch."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randint(0, 256, (4, 17), generator=gen) for _ in range(3)]
+    cfg = exact_step_config(batch_tokens=64, micro_batch_size=4, steps=3, optimizer="muon")
+
+    def trained(micro_batch_size: int) -> list[torch.Tensor]:
+        model = build_model(model_config("tiny", vocab_size=256), seed=2)
+        trainer = InnerTrainer(model, replace(cfg, micro_batch_size=micro_batch_size), CPU)
+        for batch in batches:
+            rows = batch.split(micro_batch_size)
+            trainer.step(iter([(part[:, :-1], part[:, 1:]) for part in rows]))
+        return [p.detach().clone() for p in model.parameters()]
+
+    one_sequence, whole = trained(1), trained(4)
+    initial = list(build_model(model_config("tiny", vocab_size=256), seed=2).parameters())
+    for a, b, start in zip(one_sequence, whole, initial, strict=True):
+        assert not torch.equal(b, start)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    model = build_model(model_config("tiny", vocab_size=256), seed=2)
+    trainer = InnerTrainer(model, replace(cfg, micro_batch_size=1, batch_tokens=16), CPU)
+    with pytest.raises(ValueError, match="micro_batch_size ≥ 2"):
+        trainer.set_moment_batches(2.0)
 
 
 def test_muon_follows_the_number_of_batches_on_its_adamw_part() -> None:

@@ -51,7 +51,7 @@ class TrainConfig:
     # (4.5e-3), both about −5%: the ratio between them stays 1.08×. The runs' screen
     # works on Muon's updates (bench/chaos.py --optimizer muon: 80/80 sign-flipped
     # caught, 0 of 240 honest cut), but runs keep AdamW: every tuned lr and figure is
-    # AdamW's, and torchrun-sharded nodes and micro-batches of 1 cannot train Muon.
+    # AdamW's.
     optimizer: str = "adamw"
     # 0.99: each DiLoCo worker's AdamW sees a batch K times smaller than DDP's, and a
     # longer memory of squared gradients follows its noise less. On the tiny preset (4
@@ -108,10 +108,6 @@ class TrainConfig:
             (
                 self.optimizer in OPTIMIZERS,
                 f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}",
-            ),
-            (
-                self.optimizer != "muon" or self.micro_batch_size >= 2,
-                "optimizer muon splits each micro-batch in two: micro batch size must be ≥ 2",
             ),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.device in DEVICES, f"device must be one of {', '.join(DEVICES)}"),
@@ -269,7 +265,9 @@ class BatchScaledAdamW(torch.optim.Optimizer):
     def step_with_halves(self, halves_product: dict[torch.Tensor, torch.Tensor]) -> None:
         """One step from each parameter's `.grad` (the whole batch's, clipped) and
         `halves_product[p]` = g_a ⊙ g_b of the batch's two halves (clipped alike), given
-        for every parameter that AdamW steps (MuonAdamW's matrices need none)."""
+        for every parameter that AdamW steps (MuonAdamW's matrices need none). At one
+        batch (plain AdamW) the product is not used and may be left out: a MuonAdamW
+        on micro-batches of one sequence, which cannot be halved."""
         for group in self.param_groups:
             self._step_group(group, halves_product)
 
@@ -292,7 +290,10 @@ class BatchScaledAdamW(torch.optim.Optimizer):
             m, v, signal = state["exp_avg"], state["exp_avg_sq"], state["exp_avg_halves"]
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            signal.mul_(beta2).add_(halves_product[p], alpha=1 - beta2)
+            if p in halves_product:
+                signal.mul_(beta2).add_(halves_product[p], alpha=1 - beta2)
+            elif share != 1:
+                raise ValueError("a batch-scaled step needs each parameter's halves' product")
             v_hat = v / (1 - beta2**t)
             signal_hat = torch.minimum(signal.clamp(min=0) / (1 - beta2**t), v_hat)
             denominator = (v_hat * share).add_(signal_hat, alpha=1 - share).sqrt_().add_(eps)
@@ -362,10 +363,26 @@ class MuonAdamW(BatchScaledAdamW):
                 state["momentum_buffer"] = torch.zeros_like(p)
             buffer = state["momentum_buffer"]
             buffer.mul_(self.momentum).add_(p.grad)
-            update = orthogonalize(p.grad + self.momentum * buffer)
+            update = _orthogonalize_whole(p.grad + self.momentum * buffer)
             if decay:
                 p.mul_(1 - lr * decay)
             p.add_(update * (0.2 * max(p.shape) ** 0.5), alpha=-lr)
+
+
+def _orthogonalize_whole(matrix: torch.Tensor) -> torch.Tensor:
+    """orthogonalize(matrix), for a matrix sharded by FSDP too (a DTensor, each rank
+    holding a block of its rows): Newton–Schulz needs the whole matrix, so every rank
+    gathers it, orthogonalizes it and keeps its own block of the result. The node's
+    ranks repeat each other's work on the matrices (small next to a step's forward and
+    backward passes) for one all-gather of each matrix a step, about what FSDP's own
+    forward pass costs; a rank holds one whole matrix at a time."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(matrix, DTensor):
+        return orthogonalize(matrix)
+    whole = orthogonalize(matrix.full_tensor())
+    # src_data_rank=None: each rank cuts its block from its own copy, no communication.
+    return distribute_tensor(whole, matrix.device_mesh, matrix.placements, src_data_rank=None)
 
 
 @dataclass(frozen=True)
@@ -445,6 +462,8 @@ class InnerTrainer:
             raise ValueError("set_moment_batches needs a trainer built with batch_scaled=True")
         if not batches >= 1:
             raise ValueError(f"moment batches must be ≥ 1, got {batches}")
+        if batches != 1 and self.cfg.micro_batch_size < 2:
+            raise ValueError("moment batches > 1 needs micro_batch_size ≥ 2 (two halves)")
         self.optimizer.batches = float(batches)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
@@ -471,10 +490,13 @@ class InnerTrainer:
             tuple(t.to(self.device, non_blocking=True) for t in next(batches))
             for _ in range(accumulation)
         )
-        halves: list[list[torch.Tensor]] = []
-        if isinstance(self.optimizer, BatchScaledAdamW) and self.sharded:
+        # A micro-batch of one sequence has no halves: only a MuonAdamW at one batch
+        # (plain AdamW on its AdamW part) steps without them.
+        halved = isinstance(self.optimizer, BatchScaledAdamW) and self.cfg.micro_batch_size >= 2
+        halves: list[list[torch.Tensor]] = [[], [], []]
+        if halved and self.sharded:
             loss_sum, tokens, halves = self._backward_halves_by_passes(micro_batches, accumulation)
-        elif isinstance(self.optimizer, BatchScaledAdamW):
+        elif halved:
             loss_sum, tokens, halves = self._backward_halves(micro_batches, accumulation)
         else:
             loss_sum, tokens = self._backward(micro_batches, accumulation)
