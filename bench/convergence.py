@@ -41,9 +41,8 @@ from starling.simulate import (
     plot,
     simulation_lr,
     simulation_moment_batches,
-    simulation_warmup,
 )
-from starling.train import OPTIMIZERS, SCHEDULES, TrainConfig
+from starling.train import OPTIMIZERS, SCHEDULES, TrainConfig, default_warmup
 
 ALL_CODECS = "fp32,bf16,int8,int4,int2,topk,hivemind-fp16,hivemind-uint8"
 
@@ -166,7 +165,7 @@ def main() -> None:
     if args.moment_batches is None:
         args.moment_batches = simulation_moment_batches("diloco", args.workers)
     if args.warmup_steps is None:
-        args.warmup_steps = simulation_warmup(args.steps)
+        args.warmup_steps = default_warmup(args.steps)
     if args.threads:
         torch.set_num_threads(args.threads)
 

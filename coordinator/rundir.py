@@ -63,7 +63,9 @@ def init_run(
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> dict[str, Any]:
     """Creates the run directory; refuses one that already holds a run. Returns a
-    summary (run id, parameters, tokens, checkpoint 0's hash and fingerprint)."""
+    summary (run id, parameters, tokens, checkpoint 0's hash and fingerprint). The
+    run.toml it writes names the inner warmup (RunConfig.with_warmup_pinned)."""
+    config = config.with_warmup_pinned()
     if (run_dir / DB_FILE).exists() or (run_dir / CONFIG_FILE).exists():
         raise RunDirError(f"{run_dir} already holds a run (found {CONFIG_FILE} / {DB_FILE})")
     if run_dir.exists() and any(run_dir.iterdir()):

@@ -809,7 +809,7 @@ class NodeDaemon:
             "bytes_sent": self.status.bytes_sent,
             "bytes_received": self.status.bytes_received,
             "compute_s": self.status.compute_s,
-            "optimizer": self.train_cfg.optimizer,
+            "optimizer": self.config.train_config().optimizer,
             "moment_batches": self.status.moment_batches,
             "diverged_rounds": self.status.diverged_rounds,
             "wall_s": time.monotonic() - self.started,

@@ -19,8 +19,9 @@ from starling.model import ModelConfig
 from starling.node.distributed import NodeGroup, ShardedInnerLoop, run_follower
 from starling.train import TrainConfig
 
-# The layout tests/test_node_inner.py rebuilds in one process: keep the two in step.
-MODEL = ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, n_kv_heads=2)
+# The layout tests/test_node_inner.py rebuilds in one process: keep the two in step. An
+# odd MLP width: the gate and up matrices' 37 rows split unevenly over two ranks (19, 18).
+MODEL = ModelConfig(vocab_size=256, dim=32, n_layers=2, n_heads=2, n_kv_heads=2, ffn_dim=37)
 # Two micro-batches of 4 sequences a step on each rank: each half of the node's batch is
 # accumulated over them before FSDP reduces it.
 TRAIN = TrainConfig(

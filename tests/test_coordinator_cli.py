@@ -189,3 +189,22 @@ def test_the_run_config_round_trips_through_toml() -> None:
     # A micro-batch of one sequence has no halves: plain AdamW, not an error.
     single = RunConfig.from_toml("[train]\nmicro_batch_size = 1\nbatch_tokens = 256\n")
     assert not single.follows_contributors()
+
+
+def test_a_run_warms_up_as_the_simulator_does_from_its_creation(run_dir: Path) -> None:
+    """The lr schedule spans the run's target tokens. Unless [train] warmup_steps is
+    given, `coordinator init` writes into the run's run.toml a warmup over the first
+    quarter of it, as `starling simulate` warms up over a quarter of its steps; a run
+    whose run.toml names none (made before) keeps TrainConfig's 50 steps."""
+    config = RunConfig.from_toml("[run]\ntarget_tokens = 8_192_000\n[train]\nbatch_tokens = 8192\n")
+    assert (config.inner_schedule().steps, config.inner_schedule().warmup_steps) == (1000, 50)
+    pinned = config.with_warmup_pinned()
+    assert pinned.train["warmup_steps"] == 250 and pinned.inner_schedule().warmup_steps == 250
+    assert RunConfig.from_toml(pinned.to_toml()) == pinned
+    given = RunConfig.from_toml(
+        "[run]\ntarget_tokens = 8_192_000\n[train]\nbatch_tokens = 8192\nwarmup_steps = 40\n"
+    )
+    assert given.with_warmup_pinned() == given
+    # The fixture's run: 1,000,000 target tokens in steps of 8,192 (122), no warmup given.
+    written = RunConfig.load(run_dir / "run.toml")
+    assert written.inner_schedule().steps == 122 and written.train["warmup_steps"] == 30

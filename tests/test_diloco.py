@@ -23,9 +23,14 @@ from starling.simulate import (
     SimConfig,
     Simulation,
     simulation_lr,
-    simulation_warmup,
 )
-from starling.train import InnerTrainer, TrainConfig, lr_multiplier, round_lengths
+from starling.train import (
+    InnerTrainer,
+    TrainConfig,
+    default_warmup,
+    lr_multiplier,
+    round_lengths,
+)
 
 from .conftest import run_cli
 
@@ -527,8 +532,8 @@ def test_simulate_cli_takes_each_strategys_tuned_lr_unless_given(pydoc_dir: Path
     assert summary("--overlap")["lr"] == SIMULATION_LR["tiny"]["diloco-overlap"] == 3e-3
     assert summary("--lr", "1e-3")["lr"] == 1e-3
     # Warmup over a quarter of the steps, then warmup-stable-decay, unless told.
-    assert (default["warmup_steps"], default["schedule"]) == (simulation_warmup(2), "wsd")
-    assert simulation_warmup(600) == 150
+    assert (default["warmup_steps"], default["schedule"]) == (default_warmup(2), "wsd")
+    assert default_warmup(600) == 150
     told = summary("--warmup-steps", "1", "--schedule", "cosine")
     assert (told["warmup_steps"], told["schedule"]) == (1, "cosine")
     # AdamW unless told; Muon trains to another state from the same start.

@@ -176,9 +176,11 @@ def test_a_sharded_node_preconditions_like_one_process_on_its_whole_batch(tmp_pa
     steps, batches = 3, 4.0
     expected = _one_process_steps(shard, steps, batches, "adamw")
     plain = _one_process_steps(shard, steps, 0, "adamw")
-    # 2.6e-7 apart here (the ranks' reduce sums in another order); plain AdamW too.
-    assert _apart(_sharded_steps(tmp_path, shard, steps, batches, "adamw"), expected) < 1e-4
-    assert _apart(_sharded_steps(tmp_path, shard, steps, 0, "adamw"), plain) < 1e-4
+    # 6.0e-6 apart here, plain AdamW 9.9e-5: the ranks' reduce sums in another order, and
+    # AdamW's first steps (≈ g/|g|) magnify that where a gradient is near zero, in one
+    # coordinate of the embedding here. Halves each rank took alone: 0.1 or more.
+    assert _apart(_sharded_steps(tmp_path, shard, steps, batches, "adamw"), expected) < 1e-3
+    assert _apart(_sharded_steps(tmp_path, shard, steps, 0, "adamw"), plain) < 1e-3
     assert _apart(plain, expected) > 0.1  # 0.46: the discount moves the update
 
 
@@ -193,7 +195,8 @@ def test_a_sharded_node_trains_muon_as_one_process_on_its_whole_batch(tmp_path: 
     steps, batches = 3, 4.0
     expected = _one_process_steps(shard, steps, batches, "muon")
     adamw = _one_process_steps(shard, steps, batches, "adamw")
-    assert _apart(_sharded_steps(tmp_path, shard, steps, batches, "muon"), expected) < 1e-4
+    # 8.5e-6 apart here; each rank orthogonalizing only its own block: 0.14 (even blocks).
+    assert _apart(_sharded_steps(tmp_path, shard, steps, batches, "muon"), expected) < 1e-3
     assert _apart(adamw, expected) > 0.1  # Muon moves the hidden matrices its own way
 
 

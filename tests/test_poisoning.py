@@ -73,6 +73,11 @@ def test_a_sign_flipping_node_is_excluded_every_round_then_banned(e2e) -> None: 
     assert (state, offences) == ("banned", 3) and reason.startswith("rejected in 3 rounds")
     assert_agree(run.fingerprints("a"), run.fingerprints("b"))
     assert_agree(run.fingerprints("a"), run.fingerprints("c"))
+    # Started again with its identity, it is refused at the join itself, before it
+    # fetched anything: the same message and exit code, no traceback.
+    assert run.join("mallory").wait(120) == 3, run.log("mallory")
+    assert "refused by the coordinator: this node is banned" in run.log("mallory")
+    assert "Traceback" not in run.log("mallory")
 
 
 def test_a_rejected_node_does_not_close_the_next_round_with_its_tokens(e2e) -> None:  # noqa: F811

@@ -499,9 +499,8 @@ def simulate_command(
         plot,
         simulation_lr,
         simulation_moment_batches,
-        simulation_warmup,
     )
-    from .train import TrainConfig
+    from .train import TrainConfig, default_warmup
 
     try:
         speed_values = tuple(float(x) for x in speeds.split(",")) if speeds else ()
@@ -559,7 +558,7 @@ def simulate_command(
         micro_batch_size=batch_size,
         seq_len=seq_len,
         lr=simulation_lr(model, strategy, overlap) if lr is None else lr,
-        warmup_steps=simulation_warmup(steps) if warmup_steps is None else warmup_steps,
+        warmup_steps=default_warmup(steps) if warmup_steps is None else warmup_steps,
         schedule=schedule or TrainConfig.schedule,
         decay_fraction=TrainConfig.decay_fraction if decay_fraction is None else decay_fraction,
         beta2=TrainConfig.beta2 if beta2 is None else beta2,

@@ -27,7 +27,7 @@ from typing import Any
 from .codecs import HARDWARE_DEPENDENT, make_codec
 from .diloco import DEFAULT_CODEC, DEFAULT_INNER_STEPS, OuterConfig
 from .model import PRESETS, ModelConfig, model_config
-from .train import TrainConfig
+from .train import TrainConfig, default_warmup
 
 JOIN_POLICIES = ("open", "token")
 # [train] moment_batches = "contributors" (the default): each node's inner AdamW assumes
@@ -237,6 +237,18 @@ class RunConfig:
         every node whatever its speed."""
         base = self.train_config()
         return replace(base, steps=max(1, self.run.target_tokens // base.batch_tokens))
+
+    def with_warmup_pinned(self) -> RunConfig:
+        """This config with its warmup written into [train]: where none is given, the
+        first quarter of the run's schedule, as `starling simulate` warms up over a
+        quarter of its steps (starling.train.default_warmup). `coordinator init` writes
+        it into the run's run.toml, so that a run's schedule is fixed when it is created:
+        a run whose run.toml names no warmup (created before 2026-12-07) keeps
+        TrainConfig's 50 steps on every node, whatever the node's version."""
+        if "warmup_steps" in self.train:
+            return self
+        warmup = default_warmup(self.inner_schedule().steps)
+        return replace(self, train={**self.train, "warmup_steps": warmup})
 
     # --- TOML ---------------------------------------------------------------------
 

@@ -70,20 +70,6 @@ SIMULATION_LR: dict[str, dict[str, float]] = {
 }
 
 
-# Warmup steps `starling simulate` and the bench use unless told: a quarter of the steps,
-# then TrainConfig's schedule (WSD). On the bench's setup (tiny, 4 workers, 600 steps,
-# each strategy at its best lr) the two took DDP from 3.9278 (30 warmup steps, cosine) to
-# 3.7621 and DiLoCo int2 at H = 30 from 4.1774 to 4.0560: DDP gains more, so the 30-step
-# cosine baseline flattered DiLoCo. DDP alone does a little better with 100 warmup steps
-# (3.7534), DiLoCo worse (4.0695). docs/benchmarks.md "Convergence per byte" has the sweep.
-SIMULATION_WARMUP_SHARE = 1 / 4
-
-
-def simulation_warmup(steps: int) -> int:
-    """Warmup steps `starling simulate` and the bench use when none are given."""
-    return round(steps * SIMULATION_WARMUP_SHARE)
-
-
 def simulation_moment_batches(strategy: str, workers: int) -> float:
     """TrainConfig.moment_batches for `starling simulate` and the bench when none is
     given: a DiLoCo worker's AdamW assumes the K-worker batch DDP steps on."""

@@ -25,6 +25,22 @@ OPTIMIZERS = ("adamw", "muon")
 PRECISIONS = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
+# Warmup steps `starling simulate`, the bench and runs use unless told: a quarter of the
+# schedule's steps, then its decay (WSD by default); TrainConfig's own default (50) is
+# `starling train`'s. On the bench's setup (tiny, 4 workers, 600 steps, each strategy at
+# its best lr) the two took DDP from 3.9278 (30 warmup steps, cosine) to 3.7621 and
+# DiLoCo int2 at H = 30 from 4.1774 to 4.0560: DDP gains more, so the 30-step cosine
+# baseline flattered DiLoCo. DDP alone does a little better with 100 warmup steps
+# (3.7534), DiLoCo worse (4.0695). DiLoCo int4 at H = 30 (shuffled shards): 12 warmup
+# steps 4.1133, 50 4.0793, 75 4.0586, 150 4.0605. A run's is written into its run.toml
+# when it is made (RunConfig.with_warmup_pinned). docs/benchmarks.md "The schedule".
+WARMUP_SHARE = 1 / 4
+
+
+def default_warmup(steps: int) -> int:
+    """Warmup steps of a `steps`-step schedule when none are given (WARMUP_SHARE)."""
+    return round(steps * WARMUP_SHARE)
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -268,6 +284,10 @@ class BatchScaledAdamW(torch.optim.Optimizer):
         for every parameter that AdamW steps (MuonAdamW's matrices need none). At one
         batch (plain AdamW) the product is not used and may be left out: a MuonAdamW
         on micro-batches of one sequence, which cannot be halved."""
+        if self.batches != 1:
+            adamw = [p for g in self.param_groups if not g.get("muon") for p in g["params"]]
+            if any(p.grad is not None and p not in halves_product for p in adamw):
+                raise ValueError("a batch-scaled step needs each parameter's halves' product")
         for group in self.param_groups:
             self._step_group(group, halves_product)
 
@@ -290,10 +310,8 @@ class BatchScaledAdamW(torch.optim.Optimizer):
             m, v, signal = state["exp_avg"], state["exp_avg_sq"], state["exp_avg_halves"]
             m.lerp_(p.grad, 1 - beta1)
             v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-            if p in halves_product:
+            if p in halves_product:  # absent only at one batch (step_with_halves)
                 signal.mul_(beta2).add_(halves_product[p], alpha=1 - beta2)
-            elif share != 1:
-                raise ValueError("a batch-scaled step needs each parameter's halves' product")
             v_hat = v / (1 - beta2**t)
             signal_hat = torch.minimum(signal.clamp(min=0) / (1 - beta2**t), v_hat)
             denominator = (v_hat * share).add_(signal_hat, alpha=1 - share).sqrt_().add_(eps)
@@ -348,6 +366,18 @@ class MuonAdamW(BatchScaledAdamW):
 
     momentum = 0.95  # μ, Muon's default
 
+    def __init__(
+        self,
+        params: list[dict[str, Any]],
+        lr: float,
+        betas: tuple[float, float],
+        batches: float,
+        sharded: bool = False,
+    ) -> None:
+        """`sharded`: the matrices are FSDP's DTensors (orthogonalize_sharded)."""
+        super().__init__(params, lr, betas, batches)
+        self.orthogonalize = orthogonalize_sharded if sharded else orthogonalize
+
     def _step_group(
         self, group: dict[str, Any], halves_product: dict[torch.Tensor, torch.Tensor]
     ) -> None:
@@ -363,26 +393,26 @@ class MuonAdamW(BatchScaledAdamW):
                 state["momentum_buffer"] = torch.zeros_like(p)
             buffer = state["momentum_buffer"]
             buffer.mul_(self.momentum).add_(p.grad)
-            update = _orthogonalize_whole(p.grad + self.momentum * buffer)
+            update = self.orthogonalize(p.grad + self.momentum * buffer)
             if decay:
                 p.mul_(1 - lr * decay)
             p.add_(update * (0.2 * max(p.shape) ** 0.5), alpha=-lr)
 
 
-def _orthogonalize_whole(matrix: torch.Tensor) -> torch.Tensor:
-    """orthogonalize(matrix), for a matrix sharded by FSDP too (a DTensor, each rank
-    holding a block of its rows): Newton–Schulz needs the whole matrix, so every rank
-    gathers it, orthogonalizes it and keeps its own block of the result. The node's
-    ranks repeat each other's work on the matrices (small next to a step's forward and
+def orthogonalize_sharded(matrix: torch.Tensor) -> torch.Tensor:
+    """orthogonalize(matrix) for a matrix sharded by FSDP (a DTensor, each rank holding
+    a block of its rows): Newton–Schulz needs the whole matrix, so every rank gathers
+    it, orthogonalizes it and keeps its own block of the result. The node's ranks
+    repeat each other's work on the matrices (small next to a step's forward and
     backward passes) for one all-gather of each matrix a step, about what FSDP's own
     forward pass costs; a rank holds one whole matrix at a time."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate
 
-    if not isinstance(matrix, DTensor):
-        return orthogonalize(matrix)
-    whole = orthogonalize(matrix.full_tensor())
-    # src_data_rank=None: each rank cuts its block from its own copy, no communication.
-    return distribute_tensor(whole, matrix.device_mesh, matrix.placements, src_data_rank=None)
+    assert isinstance(matrix, DTensor), "a sharded model's matrices are DTensors"
+    mesh = matrix.device_mesh
+    whole = DTensor.from_local(orthogonalize(matrix.full_tensor()), mesh, [Replicate()] * mesh.ndim)
+    # Replicated to sharded: each rank cuts its own block, with no communication.
+    return whole.redistribute(mesh, matrix.placements)
 
 
 @dataclass(frozen=True)
@@ -423,6 +453,7 @@ class InnerTrainer:
                 lr=cfg.lr,
                 betas=(cfg.beta1, cfg.beta2),
                 batches=cfg.moment_batches,
+                sharded=sharded,
             )
         elif cfg.moment_batches == 1 and not batch_scaled:
             self.optimizer = torch.optim.AdamW(
