@@ -469,6 +469,13 @@ class InnerTrainer:
                 betas=(cfg.beta1, cfg.beta2),
                 batches=cfg.moment_batches,
             )
+        # Chosen once: whether a step differentiates its batch's halves apart (a
+        # BatchScaledAdamW needs their product; a micro-batch of one sequence has none,
+        # and only a MuonAdamW at one batch steps without them), and which parameters
+        # Muon steps on the gradient alone (they need no product).
+        self.halved = isinstance(self.optimizer, BatchScaledAdamW) and cfg.micro_batch_size >= 2
+        groups = self.optimizer.param_groups
+        self.muon_ids = {id(p) for group in groups if group.get("muon") for p in group["params"]}
         self.steps_done = 0
         self.amp_dtype = autocast_dtype(device, cfg.precision)
         self.forward: Callable[[torch.Tensor], torch.Tensor] = (
@@ -521,13 +528,10 @@ class InnerTrainer:
             tuple(t.to(self.device, non_blocking=True) for t in next(batches))
             for _ in range(accumulation)
         )
-        # A micro-batch of one sequence has no halves: only a MuonAdamW at one batch
-        # (plain AdamW on its AdamW part) steps without them.
-        halved = isinstance(self.optimizer, BatchScaledAdamW) and self.cfg.micro_batch_size >= 2
         halves: list[list[torch.Tensor]] = [[], [], []]
-        if halved and self.sharded:
+        if self.halved and self.sharded:
             loss_sum, tokens, halves = self._backward_halves_by_passes(micro_batches, accumulation)
-        elif halved:
+        elif self.halved:
             loss_sum, tokens, halves = self._backward_halves(micro_batches, accumulation)
         else:
             loss_sum, tokens = self._backward(micro_batches, accumulation)
@@ -537,14 +541,11 @@ class InnerTrainer:
             # clip_grad_norm_'s own coefficient, squared: the halves' product scales as g².
             clip = min(1.0, max_norm / (float(grad_norm) + 1e-6))
             params, first_half, second_half = halves
-            # Muon's matrices step on the gradient alone: their product is not needed.
-            groups = self.optimizer.param_groups
-            muon = {id(p) for group in groups if group.get("muon") for p in group["params"]}
             self.optimizer.step_with_halves(
                 {
                     p: first.mul_(second).mul_(clip * clip)
                     for p, first, second in zip(params, first_half, second_half, strict=True)
-                    if id(p) not in muon
+                    if id(p) not in self.muon_ids
                 }
             )
         else:
