@@ -199,7 +199,7 @@ class ShardedInnerLoop:
     ) -> None:
         """`batch_scaled`: as InnerTrainer's (set_moment_batches will follow the run).
         Muon trains here too: each rank gathers a matrix whole to orthogonalize it
-        (starling.train._orthogonalize_whole)."""
+        (starling.train.orthogonalize_sharded)."""
         self.channel = group
         self.world = group.world
         device = group.device

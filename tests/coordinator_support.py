@@ -88,9 +88,13 @@ def copy_run(template: Path, target: Path, **sections: dict[str, Any]) -> Path:
     import tomllib
 
     data = tomllib.loads((target / CONFIG_FILE).read_text())
+    # The warmup init pinned is a quarter of the template's schedule: pinned again for
+    # the copy's (its target tokens or batch may differ), unless the copy gives one.
+    data.get("train", {}).pop("warmup_steps", None)
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
-    (target / CONFIG_FILE).write_text(RunConfig.from_dict(data).to_toml())
+    config = RunConfig.from_dict(data).with_warmup_pinned()
+    (target / CONFIG_FILE).write_text(config.to_toml())
     return target
 
 

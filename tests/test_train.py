@@ -59,10 +59,6 @@ def test_wsd_is_flat_then_decays_over_its_tail() -> None:
             "micro batch size must be ≥ 2",
         ),
         ({"optimizer": "sgd"}, "optimizer must be one of adamw, muon"),
-        (
-            {"optimizer": "muon", "moment_batches": 2, "micro_batch_size": 1},
-            "micro batch size must be ≥ 2",
-        ),
     ],
 )
 def test_bad_train_configs_say_what_to_do(kwargs: dict, message: str) -> None:
@@ -302,6 +298,7 @@ def test_muon_trains_on_micro_batches_of_one_sequence() -> None:
             trainer.step(iter([(part[:, :-1], part[:, 1:]) for part in rows]))
         return [p.detach().clone() for p in model.parameters()]
 
+    assert TrainConfig(optimizer="muon", micro_batch_size=1, batch_tokens=256).optimizer == "muon"
     one_sequence, whole = trained(1), trained(4)
     initial = list(build_model(model_config("tiny", vocab_size=256), seed=2).parameters())
     for a, b, start in zip(one_sequence, whole, initial, strict=True):
@@ -311,6 +308,23 @@ def test_muon_trains_on_micro_batches_of_one_sequence() -> None:
     trainer = InnerTrainer(model, replace(cfg, micro_batch_size=1, batch_tokens=16), CPU)
     with pytest.raises(ValueError, match="micro_batch_size ≥ 2"):
         trainer.set_moment_batches(2.0)
+
+
+def test_a_batch_scaled_step_without_the_halves_product_changes_nothing() -> None:
+    """Past one batch every parameter AdamW steps needs its halves' product: a step
+    without them is refused before any group (Muon's first) has moved a weight."""
+    cfg = TrainConfig(batch_tokens=64, micro_batch_size=4, seq_len=16, optimizer="muon")
+    model = build_model(model_config("tiny", vocab_size=256), seed=2)
+    trainer = InnerTrainer(model, cfg, CPU)
+    trainer.set_moment_batches(2.0)
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert isinstance(trainer.optimizer, MuonAdamW)
+    with pytest.raises(ValueError, match="halves' product"):
+        trainer.optimizer.step_with_halves({})
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not trainer.optimizer.state
 
 
 def test_muon_follows_the_number_of_batches_on_its_adamw_part() -> None:

@@ -528,6 +528,7 @@ class InnerTrainer:
             tuple(t.to(self.device, non_blocking=True) for t in next(batches))
             for _ in range(accumulation)
         )
+        # [parameters, first halves' gradients, second halves']: none unless halved.
         halves: list[list[torch.Tensor]] = [[], [], []]
         if self.halved and self.sharded:
             loss_sum, tokens, halves = self._backward_halves_by_passes(micro_batches, accumulation)
