@@ -315,7 +315,7 @@ def test_a_batch_scaled_step_without_the_halves_product_changes_nothing() -> Non
     without them is refused before any group (Muon's first) has moved a weight."""
     cfg = TrainConfig(batch_tokens=64, micro_batch_size=4, seq_len=16, optimizer="muon")
     model = build_model(model_config("tiny", vocab_size=256), seed=2)
-    trainer = InnerTrainer(model, cfg, CPU)
+    trainer = InnerTrainer(model, cfg, CPU, batch_scaled=True)
     trainer.set_moment_batches(2.0)
     for p in model.parameters():
         p.grad = torch.ones_like(p)
@@ -328,12 +328,20 @@ def test_a_batch_scaled_step_without_the_halves_product_changes_nothing() -> Non
 
 
 def test_muon_follows_the_number_of_batches_on_its_adamw_part() -> None:
+    """Built batch-scaled, a MuonAdamW halves every step's batch and follows the
+    number of batches; built for one batch, it does not halve (it needs no product)
+    and refuses to follow."""
     cfg = TrainConfig(batch_tokens=64, micro_batch_size=4, seq_len=16, optimizer="muon")
     model = build_model(model_config("tiny", vocab_size=256), seed=2)
-    trainer = InnerTrainer(model, cfg, CPU)
-    assert trainer.moment_batches == 1
+    trainer = InnerTrainer(model, cfg, CPU, batch_scaled=True)
+    assert trainer.moment_batches == 1 and trainer.halved
     trainer.set_moment_batches(4.0)
     assert trainer.moment_batches == 4.0
+    one_batch = InnerTrainer(model, cfg, CPU)
+    assert not one_batch.halved and trainer.halved
+    with pytest.raises(ValueError, match="batch_scaled=True"):
+        one_batch.set_moment_batches(4.0)
+    assert InnerTrainer(model, replace(cfg, moment_batches=4.0), CPU).halved
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

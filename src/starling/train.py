@@ -470,10 +470,15 @@ class InnerTrainer:
                 batches=cfg.moment_batches,
             )
         # Chosen once: whether a step differentiates its batch's halves apart (a
-        # BatchScaledAdamW needs their product; a micro-batch of one sequence has none,
-        # and only a MuonAdamW at one batch steps without them), and which parameters
-        # Muon steps on the gradient alone (they need no product).
-        self.halved = isinstance(self.optimizer, BatchScaledAdamW) and cfg.micro_batch_size >= 2
+        # BatchScaledAdamW needs their product unless it stays at one batch: a MuonAdamW
+        # not told to follow the contributors, or on micro-batches of one sequence, which
+        # have no halves; halving cost its steps 9% on this CPU, bench/throughput.py), and
+        # which parameters Muon steps on the gradient alone (they need no product).
+        self.halved = (
+            isinstance(self.optimizer, BatchScaledAdamW)
+            and cfg.micro_batch_size >= 2
+            and (batch_scaled or cfg.moment_batches != 1)
+        )
         groups = self.optimizer.param_groups
         self.muon_ids = {id(p) for group in groups if group.get("muon") for p in group["params"]}
         self.steps_done = 0
@@ -502,6 +507,8 @@ class InnerTrainer:
             raise ValueError(f"moment batches must be ≥ 1, got {batches}")
         if batches != 1 and self.cfg.micro_batch_size < 2:
             raise ValueError("moment batches > 1 needs micro_batch_size ≥ 2 (two halves)")
+        if batches != 1 and not self.halved:  # a MuonAdamW built for one batch
+            raise ValueError("set_moment_batches needs a trainer built with batch_scaled=True")
         self.optimizer.batches = float(batches)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
