@@ -809,7 +809,9 @@ class NodeDaemon:
             "bytes_sent": self.status.bytes_sent,
             "bytes_received": self.status.bytes_received,
             "compute_s": self.status.compute_s,
-            "optimizer": self.config.train_config().optimizer,
+            # The optimizer built, not the config's word for it (a node that never
+            # joined built none).
+            "optimizer": self.inner.optimizer_name() if hasattr(self, "inner") else None,
             "moment_batches": self.status.moment_batches,
             "diverged_rounds": self.status.diverged_rounds,
             "wall_s": time.monotonic() - self.started,

@@ -61,6 +61,9 @@ class InnerLoop(Protocol):
 
     def step(self) -> StepStats: ...
 
+    def optimizer_name(self) -> str:
+        """What the inner steps run ("adamw" or "muon"), read off the optimizer built."""
+
     def flat(self) -> torch.Tensor: ...
 
     def close(self) -> None: ...
@@ -93,6 +96,9 @@ class LocalInnerLoop:
     def step(self) -> StepStats:
         assert self.batches is not None, "set_data first"
         return self.trainer.step(self.batches)
+
+    def optimizer_name(self) -> str:
+        return self.trainer.optimizer_name
 
     def flat(self) -> torch.Tensor:
         return flatten_parameters(self.model)
@@ -256,6 +262,9 @@ class ShardedInnerLoop:
         # Every rank trained its own micro-batches: the node's step is all of them.
         loss = self.channel.mean(stats.loss)
         return replace(stats, loss=loss, tokens=stats.tokens * self.world)
+
+    def optimizer_name(self) -> str:
+        return self.trainer.optimizer_name  # rank 0's; every rank built the same one
 
     def flat(self) -> torch.Tensor:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict

@@ -488,6 +488,11 @@ class InnerTrainer:
         )
 
     @property
+    def optimizer_name(self) -> str:
+        """What its steps run, read off the optimizer it built: "muon" or "adamw"."""
+        return "muon" if isinstance(self.optimizer, MuonAdamW) else "adamw"
+
+    @property
     def moment_batches(self) -> float:
         """The batch, in steps' batches, that the inner AdamW's second moment assumes."""
         if isinstance(self.optimizer, BatchScaledAdamW):
@@ -505,9 +510,9 @@ class InnerTrainer:
             raise ValueError("set_moment_batches needs a trainer built with batch_scaled=True")
         if not batches >= 1:
             raise ValueError(f"moment batches must be ≥ 1, got {batches}")
-        if batches != 1 and self.cfg.micro_batch_size < 2:
-            raise ValueError("moment batches > 1 needs micro_batch_size ≥ 2 (two halves)")
-        if batches != 1 and not self.halved:  # a MuonAdamW built for one batch
+        if batches != 1 and not self.halved:  # its steps have no halves' product
+            if self.cfg.micro_batch_size < 2:
+                raise ValueError("moment batches > 1 needs micro_batch_size ≥ 2 (two halves)")
             raise ValueError("set_moment_batches needs a trainer built with batch_scaled=True")
         self.optimizer.batches = float(batches)
 
@@ -545,7 +550,7 @@ class InnerTrainer:
             loss_sum, tokens = self._backward(micro_batches, accumulation)
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        if isinstance(self.optimizer, BatchScaledAdamW):
+        if isinstance(self.optimizer, BatchScaledAdamW):  # its product, or {} if not halved
             # clip_grad_norm_'s own coefficient, squared: the halves' product scales as g².
             clip = min(1.0, max_norm / (float(grad_norm) + 1e-6))
             params, first_half, second_half = halves
