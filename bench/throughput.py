@@ -7,7 +7,9 @@ The goal (issue 6) is ratio >= 0.97: our loop adds no overhead a user would noti
 `--optimizer muon` times MuonAdamW against torch.optim.Muon on the hidden matrices and
 AdamW on the rest, and orthogonalize_share is the part of our median step spent in
 Newton–Schulz (every hidden matrix orthogonalized once, timed alone; null for AdamW):
-its cost does not shrink with the step's tokens.
+its cost does not shrink with the step's tokens. torch.optim.Muon always runs
+Newton–Schulz in bf16, ours in the step's precision (`--precision bf16`: bf16 autocast
+for both loops, and our Newton–Schulz in bf16).
 
     python bench/throughput.py --model tiny --steps 20 --json
     python bench/throughput.py --model 125m --optimizer muon --json
@@ -24,6 +26,7 @@ import torch
 
 from starling.model import build_model, model_config
 from starling.train import (
+    PRECISIONS,
     InnerTrainer,
     TrainConfig,
     autocast_dtype,
@@ -74,11 +77,12 @@ def time_orthogonalize(preset: str, cfg: TrainConfig, device: torch.device, step
     """Median seconds to orthogonalize every hidden matrix once, as a Muon step does."""
     model = build_model(model_config(preset, max_seq_len=cfg.seq_len), seed=0, device=device)
     matrices = [torch.randn_like(p) for p in muon_param_groups(model, 0.0)[0]["params"]]
+    dtype = autocast_dtype(device, cfg.precision) or torch.float32  # as MuonAdamW's
     times = []
     for _ in range(steps + 1):  # the first is a warm-up
         start = time.perf_counter()
         for matrix in matrices:
-            orthogonalize(matrix)
+            orthogonalize(matrix, dtype=dtype)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -125,6 +129,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"])
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="auto: bf16 autocast on CUDA; bf16 also runs our Newton–Schulz in bf16",
+    )
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs of each loop")
     parser.add_argument("--json", action="store_true", help="only the JSON line")
     args = parser.parse_args()
@@ -137,6 +147,7 @@ def main() -> None:
         steps=args.steps + 1,
         device=args.device,
         optimizer=args.optimizer,
+        precision=args.precision,
     )
     device = select_device(cfg.device)
     ours: list[float] = []
@@ -150,6 +161,7 @@ def main() -> None:
         "device": str(device),
         "batch_tokens": cfg.batch_tokens,
         "optimizer": cfg.optimizer,
+        "precision": cfg.precision,
         "steps_timed": len(ours),
         "starling_tokens_per_s": cfg.batch_tokens / statistics.median(ours),
         "bare_tokens_per_s": cfg.batch_tokens / statistics.median(bare),

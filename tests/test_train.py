@@ -223,8 +223,11 @@ def test_a_trainer_can_follow_a_changing_number_of_batches() -> None:
         InnerTrainer(plain, replace(cfg, micro_batch_size=1, batch_tokens=16), CPU, True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(96, 96), (256, 96), (96, 256), (7, 300)])
-def test_orthogonalize_pushes_every_singular_value_toward_one(shape: tuple[int, int]) -> None:
+def test_orthogonalize_pushes_every_singular_value_toward_one(
+    shape: tuple[int, int], dtype: torch.dtype
+) -> None:
     gen = torch.Generator().manual_seed(7)
     # Singular values spread over four orders of magnitude, as a gradient's are.
     u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=gen))
@@ -232,7 +235,8 @@ def test_orthogonalize_pushes_every_singular_value_toward_one(shape: tuple[int, 
     rank = min(shape)
     spread = torch.logspace(0, -4, rank)
     matrix = u[:, :rank] @ torch.diag(spread) @ v[:, :rank].T * 3.0
-    result = orthogonalize(matrix)
+    result = orthogonalize(matrix, dtype=dtype)
+    # Products in bf16 (8 bits of mantissa) keep the band: the result comes back fp32.
     assert result.shape == matrix.shape and result.dtype == torch.float32
     singular = torch.linalg.svdvals(result)
     # Five quintic iterations leave every value down to a hundredth of the largest in
@@ -281,6 +285,31 @@ def test_muon_steps_the_hidden_matrices_and_adamw_the_rest() -> None:
         else:
             torch.testing.assert_close(param, adamw[name], rtol=1e-4, atol=1e-4)
     assert hidden == 4 * 7  # q, k, v, o, gate, up, down in each of the tiny preset's 4 layers
+
+
+def test_muon_orthogonalizes_in_the_steps_precision() -> None:
+    """Newton–Schulz's products run in bf16 where the step's run under bf16 autocast
+    (CUDA by default, or asked for), in fp32 otherwise; the bf16 step points the fp32
+    one's way. (Orthogonalizing lifts a gradient's weakest directions, rounding's
+    included: on one step the two differ by about 16% of their norm.)"""
+    cfg = exact_step_config(batch_tokens=64, micro_batch_size=4, steps=1, optimizer="muon")
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, 256, (4, 17), generator=gen)
+    moved = []
+    for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = build_model(model_config("tiny", vocab_size=256), seed=2)
+        trainer = InnerTrainer(model, replace(cfg, precision=precision), CPU)
+        assert isinstance(trainer.optimizer, MuonAdamW)
+        assert trainer.optimizer.orthogonalize_dtype == dtype
+        before = model.layers[0].mlp.up_proj.weight.detach().clone()
+        trainer.step(iter([(tokens[:, :-1], tokens[:, 1:])]))
+        moved.append(model.layers[0].mlp.up_proj.weight.detach() - before)
+    fp32_step, bf16_step = moved
+    cosine = float((bf16_step * fp32_step).sum() / (bf16_step.norm() * fp32_step.norm()))
+    assert 0.95 < cosine < 1, cosine
+    auto_on_cpu = InnerTrainer(build_model(model_config("tiny", vocab_size=256)), cfg, CPU)
+    assert isinstance(auto_on_cpu.optimizer, MuonAdamW)
+    assert auto_on_cpu.optimizer.orthogonalize_dtype == torch.float32
 
 
 def test_muon_trains_on_micro_batches_of_one_sequence() -> None:
