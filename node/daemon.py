@@ -811,7 +811,7 @@ class NodeDaemon:
             "compute_s": self.status.compute_s,
             # The optimizer built, not the config's word for it (a node that never
             # joined built none).
-            "optimizer": self.inner.optimizer_name() if hasattr(self, "inner") else None,
+            "optimizer": self.inner.optimizer_name if hasattr(self, "inner") else None,
             "moment_batches": self.status.moment_batches,
             "diverged_rounds": self.status.diverged_rounds,
             "wall_s": time.monotonic() - self.started,

@@ -61,8 +61,10 @@ class InnerLoop(Protocol):
 
     def step(self) -> StepStats: ...
 
+    @property
     def optimizer_name(self) -> str:
         """What the inner steps run ("adamw" or "muon"), read off the optimizer built."""
+        ...
 
     def flat(self) -> torch.Tensor: ...
 
@@ -97,6 +99,7 @@ class LocalInnerLoop:
         assert self.batches is not None, "set_data first"
         return self.trainer.step(self.batches)
 
+    @property
     def optimizer_name(self) -> str:
         return self.trainer.optimizer_name
 
@@ -263,6 +266,7 @@ class ShardedInnerLoop:
         loss = self.channel.mean(stats.loss)
         return replace(stats, loss=loss, tokens=stats.tokens * self.world)
 
+    @property
     def optimizer_name(self) -> str:
         return self.trainer.optimizer_name  # rank 0's; every rank built the same one
 

@@ -332,8 +332,7 @@ def orthogonalize(
     result by about a tenth of its norm, within the iteration's own spread, and bf16
     products run many times faster on GPUs and on CPUs with AMX)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = matrix.to(dtype)
-    x = x / (x.norm() + 1e-7)  # spectral norm ≤ Frobenius norm ≤ 1
+    x = (matrix / (matrix.norm() + 1e-7)).to(dtype)  # spectral norm ≤ Frobenius norm ≤ 1
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T  # iterate on the smaller Gram matrix x·xᵀ
